@@ -1,0 +1,118 @@
+//! Counters: one for every drop reason and every decision, read by the metrics endpoint.
+
+use ringlb_wire::MalformedReason;
+
+/// Why a packet was dropped. Hot-path failures are this `Copy` value, counted, never logged
+/// per packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Shorter than its headers say.
+    Truncated,
+    /// Bad IP version, IHL, total length or header checksum.
+    BadIpHeader,
+    /// Bad TCP header (e.g. data offset out of range).
+    BadTransportHeader,
+    /// An IP fragment: ringlb never depends on fragmentation.
+    Fragment,
+    /// Not TCP, UDP or ICMP.
+    UnsupportedProtocol,
+    /// Inner destination is not the VIP.
+    NotVip,
+    /// Carrier packet whose outer source is not a cluster member.
+    NotMember,
+    /// Carrier datagram that is not a valid outer packet.
+    BadCarrierHeader,
+    /// Sending on the carrier failed (e.g. buffer full, no route).
+    CarrierSendError,
+    /// Writing into the TUN failed.
+    TunWriteError,
+    /// Larger than the path can carry without fragmentation.
+    TooBig,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 11] = [
+        DropReason::Truncated,
+        DropReason::BadIpHeader,
+        DropReason::BadTransportHeader,
+        DropReason::Fragment,
+        DropReason::UnsupportedProtocol,
+        DropReason::NotVip,
+        DropReason::NotMember,
+        DropReason::BadCarrierHeader,
+        DropReason::CarrierSendError,
+        DropReason::TunWriteError,
+        DropReason::TooBig,
+    ];
+
+    /// Metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Truncated => "truncated",
+            DropReason::BadIpHeader => "bad_ip_header",
+            DropReason::BadTransportHeader => "bad_transport_header",
+            DropReason::Fragment => "fragment",
+            DropReason::UnsupportedProtocol => "unsupported_protocol",
+            DropReason::NotVip => "not_vip",
+            DropReason::NotMember => "not_member",
+            DropReason::BadCarrierHeader => "bad_carrier_header",
+            DropReason::CarrierSendError => "carrier_send_error",
+            DropReason::TunWriteError => "tun_write_error",
+            DropReason::TooBig => "too_big",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl From<MalformedReason> for DropReason {
+    fn from(r: MalformedReason) -> Self {
+        match r {
+            MalformedReason::Truncated => DropReason::Truncated,
+            MalformedReason::BadIpHeader => DropReason::BadIpHeader,
+            MalformedReason::BadTransportHeader => DropReason::BadTransportHeader,
+            MalformedReason::Fragment => DropReason::Fragment,
+            MalformedReason::UnsupportedProtocol => DropReason::UnsupportedProtocol,
+        }
+    }
+}
+
+/// Monotonic counters of one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    drops: [u64; DropReason::ALL.len()],
+    /// Packets from the TUN handed back to the local kernel.
+    pub delivered_local: u64,
+    /// Packets from the TUN sent to a peer.
+    pub forwarded: u64,
+    /// Carrier packets accepted and delivered locally.
+    pub decapsulated: u64,
+    /// New flows placed on this node.
+    pub placed_local: u64,
+    /// New flows placed on a peer.
+    pub placed_peer: u64,
+    /// Flows of unknown origin (non-SYN, e.g. after a restart) placed by consistent hash.
+    pub placed_by_hash_fallback: u64,
+    /// SYNs whose MSS was lowered to fit the carrier.
+    pub mss_clamped: u64,
+    pub flows_created: u64,
+    pub flows_expired: u64,
+    /// Flows pushed out because the table was full.
+    pub flows_evicted: u64,
+}
+
+impl Counters {
+    pub fn count_drop(&mut self, reason: DropReason) {
+        self.drops[reason.index()] += 1;
+    }
+
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}

@@ -1,0 +1,27 @@
+//! ringlb's sans-IO core: everything that decides, nothing that touches the world.
+//!
+//! A [`Node`] answers each packet with a [`Verdict`] (deliver locally, forward to a peer, or
+//! drop with a [`DropReason`]) and keeps the [`FlowTable`] that pins a connection to the node
+//! chosen for its first packet. New flows are placed by a [`Policy`] over a view of the
+//! members and their load.
+//!
+//! Deliberately not here: sockets, TUN devices, clocks, threads, hidden randomness. Time comes
+//! in as a [`Timestamp`] argument and randomness from a seeded [`Rng`] held in the state, so a
+//! whole cluster of cores can run inside one deterministic test.
+#![forbid(unsafe_code)]
+
+mod counters;
+mod flow_table;
+mod members;
+mod node;
+mod placement;
+mod rng;
+mod time;
+
+pub use counters::{Counters, DropReason};
+pub use flow_table::{FlowConfig, FlowState, FlowTable, Insert};
+pub use members::{Member, MemberState, Members, NodeId};
+pub use node::{Node, NodeConfig, Verdict};
+pub use placement::{Candidate, Placement, Policy};
+pub use rng::Rng;
+pub use time::Timestamp;

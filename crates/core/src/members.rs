@@ -1,0 +1,137 @@
+//! The cluster as this node sees it: who the members are, where they live, whether they may
+//! take new flows, and how loaded they are.
+
+use std::net::IpAddr;
+
+use hashbrown::HashMap;
+
+/// Index of a member in [`Members`]. Ids are never reused while the process runs, so a flow
+/// pinned to an id keeps meaning the same member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u16);
+
+impl NodeId {
+    pub fn index(self) -> usize {
+        usize::from(self.0)
+    }
+}
+
+/// What a member may be asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberState {
+    /// Takes new flows and serves its pinned ones.
+    Alive,
+    /// Might be down: takes no new flows, keeps its pinned ones until confirmed dead.
+    Suspect,
+    /// Leaving on purpose: takes no new flows, serves its pinned ones to the end.
+    Draining,
+    /// Gone: takes nothing.
+    Dead,
+}
+
+impl MemberState {
+    pub fn takes_new_flows(self) -> bool {
+        self == MemberState::Alive
+    }
+}
+
+/// One member of the cluster, this node included.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub name: String,
+    /// Underlay address carrier packets are sent to and accepted from.
+    pub addr: IpAddr,
+    /// Relative capacity; 0 means "forwards only, serves nothing".
+    pub weight: f64,
+    pub state: MemberState,
+    /// Stable per-name hash, so all nodes rank members alike in consistent hashing.
+    pub(crate) name_hash: u64,
+}
+
+impl Member {
+    pub fn new(name: impl Into<String>, addr: IpAddr, weight: f64) -> Self {
+        let name = name.into();
+        let name_hash = name_hash(&name);
+        Member { name, addr, weight, state: MemberState::Alive, name_hash }
+    }
+}
+
+fn name_hash(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Errors when building the member list.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MembersError {
+    #[error("member name {0:?} appears twice")]
+    DuplicateName(String),
+    #[error("member address {0} appears twice")]
+    DuplicateAddr(IpAddr),
+    #[error("more than 65535 members")]
+    TooMany,
+}
+
+/// The member list, indexed by [`NodeId`] and by underlay address.
+#[derive(Debug, Clone)]
+pub struct Members {
+    list: Vec<Member>,
+    by_addr: HashMap<IpAddr, NodeId, foldhash::fast::FixedState>,
+}
+
+impl Members {
+    pub fn new(members: impl IntoIterator<Item = Member>) -> Result<Self, MembersError> {
+        let mut m = Members { list: Vec::new(), by_addr: HashMap::with_hasher(foldhash::fast::FixedState::default()) };
+        for member in members {
+            m.add(member)?;
+        }
+        Ok(m)
+    }
+
+    /// Appends a member and returns its id.
+    pub fn add(&mut self, member: Member) -> Result<NodeId, MembersError> {
+        if self.list.iter().any(|m| m.name == member.name) {
+            return Err(MembersError::DuplicateName(member.name));
+        }
+        if self.by_addr.contains_key(&member.addr) {
+            return Err(MembersError::DuplicateAddr(member.addr));
+        }
+        let id = NodeId(u16::try_from(self.list.len()).map_err(|_| MembersError::TooMany)?);
+        self.by_addr.insert(member.addr, id);
+        self.list.push(member);
+        Ok(id)
+    }
+
+    pub fn get(&self, id: NodeId) -> Option<&Member> {
+        self.list.get(id.index())
+    }
+
+    pub fn get_mut(&mut self, id: NodeId) -> Option<&mut Member> {
+        self.list.get_mut(id.index())
+    }
+
+    pub fn by_addr(&self, addr: IpAddr) -> Option<NodeId> {
+        self.by_addr.get(&addr).copied()
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<NodeId> {
+        self.iter().find(|(_, m)| m.name == name).map(|(id, _)| id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (NodeId, &Member)> {
+        // The constructor guarantees at most 65536 entries, so the index fits.
+        self.list.iter().enumerate().map(|(i, m)| (NodeId(u16::try_from(i).unwrap_or(u16::MAX)), m))
+    }
+}

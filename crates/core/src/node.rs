@@ -1,0 +1,377 @@
+//! The per-node state machine: packets in, verdicts out.
+
+use std::net::IpAddr;
+
+use ringlb_wire::{clamp_tcp_mss, classify, FlowKey, PacketMeta, L4};
+
+use crate::placement::Placement;
+use crate::{
+    Candidate, Counters, DropReason, FlowConfig, FlowState, FlowTable, Members, NodeId, Policy, Rng, Timestamp,
+};
+
+/// What the IO layer must do with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Hand the packet to the local kernel (write it back into the TUN).
+    Deliver,
+    /// Send the packet over the carrier to a peer.
+    Forward {
+        peer: NodeId,
+        /// The peer's underlay address.
+        addr: IpAddr,
+        /// Stable hash of the flow, for the carrier's outer source port.
+        flow_hash: u64,
+    },
+    Drop(DropReason),
+}
+
+/// Static facts a node needs to decide.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's entry in the member list.
+    pub local: NodeId,
+    /// The service address every member owns.
+    pub vip: IpAddr,
+    /// MTU of the TUN device; forwarded SYNs get their MSS clamped to fit it.
+    pub tun_mtu: u16,
+    pub flows: FlowConfig,
+    pub policy: Policy,
+    /// Seeds the placement RNG and the flow-table hash key.
+    pub seed: u64,
+}
+
+/// One ringlb node's decisions. See the crate documentation.
+#[derive(Debug)]
+pub struct Node {
+    config: NodeConfig,
+    members: Members,
+    flows: FlowTable,
+    rng: Rng,
+    counters: Counters,
+    /// Packets forwarded, by peer.
+    forwarded_to: Vec<u64>,
+    /// Reused for every placement, so placing allocates nothing.
+    candidates: Vec<Candidate>,
+}
+
+impl Node {
+    /// `config.local` must name an entry of `members`.
+    pub fn new(config: NodeConfig, members: Members) -> Self {
+        assert!(members.get(config.local).is_some(), "local node {:?} is not a member", config.local);
+        let mut rng = Rng::seed(config.seed);
+        let flows = FlowTable::new(config.flows.clone(), rng.next_u64());
+        Node {
+            forwarded_to: vec![0; members.len()],
+            candidates: Vec::with_capacity(members.len()),
+            config,
+            members,
+            flows,
+            rng,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    pub fn members(&self) -> &Members {
+        &self.members
+    }
+
+    pub fn flows(&self) -> &FlowTable {
+        &self.flows
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Packets forwarded to `peer` so far.
+    pub fn forwarded_to(&self, peer: NodeId) -> u64 {
+        self.forwarded_to.get(peer.index()).copied().unwrap_or(0)
+    }
+
+    /// Counts a drop the IO layer saw (send or write failures, bad outer headers).
+    pub fn count_drop(&mut self, reason: DropReason) {
+        self.counters.count_drop(reason);
+    }
+
+    fn drop(&mut self, reason: DropReason) -> Verdict {
+        self.counters.count_drop(reason);
+        Verdict::Drop(reason)
+    }
+
+    /// A packet read from the TUN: a client's packet for the VIP entering the cluster here.
+    ///
+    /// May rewrite the packet in place (MSS clamping of forwarded SYNs).
+    pub fn on_tun_packet(&mut self, now: Timestamp, pkt: &mut [u8]) -> Verdict {
+        let meta = match classify(pkt) {
+            Ok(m) => m,
+            Err(e) => return self.drop(e.into()),
+        };
+        if meta.key.dst != self.config.vip {
+            return self.drop(DropReason::NotVip);
+        }
+        let target = match meta.l4 {
+            // ICMP has no ports to pin; every member owns the VIP, so answer here.
+            L4::Icmp => self.config.local,
+            _ => self.flow_target(now, &meta),
+        };
+        if target == self.config.local {
+            self.counters.delivered_local += 1;
+            return Verdict::Deliver;
+        }
+        if meta.is_tcp_syn() && clamp_tcp_mss(pkt, self.max_mss()) {
+            self.counters.mss_clamped += 1;
+        }
+        let Some(addr) = self.members.get(target).map(|m| m.addr) else {
+            // Unreachable: flows only ever name members. Serve rather than lose the packet.
+            self.counters.delivered_local += 1;
+            return Verdict::Deliver;
+        };
+        self.counters.forwarded += 1;
+        self.forwarded_to[target.index()] += 1;
+        Verdict::Forward { peer: target, addr, flow_hash: meta.key.stable_hash() }
+    }
+
+    /// A carrier packet from `outer_src` whose payload is `inner`: a flow another entry placed
+    /// here. Accepted only from members and only for the VIP.
+    pub fn on_carrier_packet(&mut self, outer_src: IpAddr, inner: &[u8]) -> Verdict {
+        match self.members.by_addr(outer_src) {
+            Some(id) if id != self.config.local => {}
+            _ => return self.drop(DropReason::NotMember),
+        }
+        let meta = match classify(inner) {
+            Ok(m) => m,
+            Err(e) => return self.drop(e.into()),
+        };
+        if meta.key.dst != self.config.vip {
+            return self.drop(DropReason::NotVip);
+        }
+        self.counters.decapsulated += 1;
+        Verdict::Deliver
+    }
+
+    /// When [`Node::handle_timeout`] next has work.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.flows.next_expiry()
+    }
+
+    /// Expires idle flows.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        let n = self.flows.expire(now);
+        self.counters.flows_expired += n as u64;
+    }
+
+    fn max_mss(&self) -> u16 {
+        // IPv4 + TCP headers without options; options shrink the payload further by themselves.
+        self.config.tun_mtu.saturating_sub(40)
+    }
+
+    /// The node serving `meta`'s flow, creating the flow if it is new.
+    fn flow_target(&mut self, now: Timestamp, meta: &PacketMeta) -> NodeId {
+        let key = meta.key;
+        if let Some(h) = self.flows.find(&key) {
+            let next = next_state(self.flows.state(h), meta.l4);
+            self.flows.touch(h, now, next);
+            return self.flows.target(h);
+        }
+        let (state, by_policy) = match meta.l4 {
+            L4::Tcp(f) if f.syn && !f.ack => (FlowState::TcpHandshake, true),
+            L4::Tcp(f) if f.fin || f.rst => (FlowState::TcpClosing, false),
+            L4::Tcp(_) => (FlowState::TcpEstablished, false),
+            _ => (FlowState::Udp, true),
+        };
+        let target = self.place(&key, by_policy);
+        let ins = self.flows.insert(now, key, target, state);
+        self.counters.flows_created += 1;
+        if ins.evicted.is_some() {
+            self.counters.flows_evicted += 1;
+        }
+        target
+    }
+
+    fn place(&mut self, key: &FlowKey, by_policy: bool) -> NodeId {
+        self.candidates.clear();
+        for (id, m) in self.members.iter() {
+            self.candidates.push(Candidate {
+                id,
+                weight: m.weight,
+                load: f64::from(self.flows.flows_on(id)),
+                eligible: m.state.takes_new_flows(),
+                name_hash: m.name_hash,
+            });
+        }
+        let local = self.config.local.index();
+        let placement = if by_policy {
+            self.config.policy.place(key, &self.candidates, local, &mut self.rng)
+        } else {
+            self.counters.placed_by_hash_fallback += 1;
+            crate::placement::consistent_hash(key, &self.candidates)
+        };
+        let target = match placement {
+            Placement::Chosen(id) => id,
+            Placement::NoCandidate => self.config.local,
+        };
+        if target == self.config.local {
+            self.counters.placed_local += 1;
+        } else {
+            self.counters.placed_peer += 1;
+        }
+        target
+    }
+}
+
+/// The TCP state machine as seen from the client's side of the connection only (replies
+/// bypass the entry, so it never sees the server's packets).
+fn next_state(current: FlowState, l4: L4) -> FlowState {
+    match l4 {
+        L4::Tcp(f) if f.rst || f.fin => FlowState::TcpClosing,
+        // A new SYN on a lingering tuple starts a new connection to the same node.
+        L4::Tcp(f) if f.syn && !f.ack => FlowState::TcpHandshake,
+        L4::Tcp(_) if current == FlowState::TcpClosing => FlowState::TcpClosing,
+        L4::Tcp(_) => FlowState::TcpEstablished,
+        _ => current,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Member, MemberState};
+    use ringlb_wire::build::{tcp_v4, udp_v4};
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    const VIP: [u8; 4] = [10, 200, 0, 10];
+    const CLIENT: [u8; 4] = [10, 78, 0, 100];
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const FIN_ACK: u8 = 0x11;
+
+    fn ip(a: [u8; 4]) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(a))
+    }
+
+    fn node(policy: Policy) -> Node {
+        let members = Members::new((1..=3).map(|i| Member::new(format!("n{i}"), ip([10, 77, 0, i]), 1.0))).unwrap();
+        Node::new(
+            NodeConfig {
+                local: NodeId(0),
+                vip: ip(VIP),
+                tun_mtu: 1472,
+                flows: FlowConfig::default(),
+                policy,
+                seed: 42,
+            },
+            members,
+        )
+    }
+
+    fn at(ms: u64) -> Timestamp {
+        Timestamp::from_duration(Duration::from_millis(ms))
+    }
+
+    fn syn(port: u16) -> Vec<u8> {
+        tcp_v4(CLIENT, VIP, port, 80, SYN, &[2, 4, 0x05, 0xb4])
+    }
+
+    fn target(v: Verdict) -> Option<NodeId> {
+        match v {
+            Verdict::Deliver => Some(NodeId(0)),
+            Verdict::Forward { peer, .. } => Some(peer),
+            Verdict::Drop(_) => None,
+        }
+    }
+
+    #[test]
+    fn later_packets_follow_the_first() {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.1 });
+        let mut placed = Vec::new();
+        for port in 1000..1030 {
+            placed.push(target(n.on_tun_packet(at(0), &mut syn(port))).unwrap());
+        }
+        assert!(placed.contains(&NodeId(1)) && placed.contains(&NodeId(2)));
+        for (i, port) in (1000..1030).enumerate() {
+            for flags in [ACK, ACK, FIN_ACK, ACK] {
+                let v = n.on_tun_packet(at(10), &mut tcp_v4(CLIENT, VIP, port, 80, flags, &[]));
+                assert_eq!(target(v), Some(placed[i]), "port {port} moved");
+            }
+        }
+        assert_eq!(n.counters().flows_created, 30);
+    }
+
+    #[test]
+    fn forwarded_syns_are_clamped_local_ones_not() {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.1 });
+        let mut first = syn(1);
+        assert_eq!(n.on_tun_packet(at(0), &mut first), Verdict::Deliver);
+        assert_eq!(u16::from_be_bytes([first[42], first[43]]), 1460);
+        let mut second = syn(2);
+        assert!(matches!(n.on_tun_packet(at(0), &mut second), Verdict::Forward { .. }));
+        assert_eq!(u16::from_be_bytes([second[42], second[43]]), 1432);
+        assert_eq!(n.counters().mss_clamped, 1);
+    }
+
+    #[test]
+    fn flows_expire_and_closing_lingers() {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.1 });
+        n.on_tun_packet(at(0), &mut syn(7));
+        n.on_tun_packet(at(1), &mut tcp_v4(CLIENT, VIP, 7, 80, ACK, &[]));
+        n.on_tun_packet(at(2), &mut tcp_v4(CLIENT, VIP, 7, 80, FIN_ACK, &[]));
+        assert_eq!(n.poll_timeout(), Some(at(10_002)));
+        n.handle_timeout(at(10_001));
+        assert_eq!(n.flows().len(), 1);
+        n.handle_timeout(at(10_002));
+        assert_eq!(n.flows().len(), 0);
+        assert_eq!(n.counters().flows_expired, 1);
+    }
+
+    #[test]
+    fn unknown_mid_stream_packets_use_the_hash_fallback() {
+        let mut a = node(Policy::PowerOfTwo { margin: 0.1 });
+        let mut b = node(Policy::ConsistentHash);
+        for port in 0..50 {
+            let ta = target(a.on_tun_packet(at(0), &mut tcp_v4(CLIENT, VIP, port, 80, ACK, &[])));
+            let tb = target(b.on_tun_packet(at(0), &mut tcp_v4(CLIENT, VIP, port, 80, SYN, &[])));
+            assert_eq!(ta, tb, "fallback must agree with consistent hashing");
+        }
+        assert_eq!(a.counters().placed_by_hash_fallback, 50);
+    }
+
+    #[test]
+    fn drops_are_counted_by_reason() {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.1 });
+        let good = udp_v4(CLIENT, VIP, 5000, 53, b"q");
+        let other_dst = udp_v4(CLIENT, [10, 200, 0, 11], 5000, 53, b"q");
+        let mut bad_ihl = good.clone();
+        bad_ihl[0] = 0x41;
+        let cases: Vec<(Vec<u8>, DropReason)> = vec![
+            (good[..12].to_vec(), DropReason::Truncated),
+            (bad_ihl, DropReason::BadIpHeader),
+            (other_dst.clone(), DropReason::NotVip),
+        ];
+        for (mut pkt, reason) in cases {
+            assert_eq!(n.on_tun_packet(at(0), &mut pkt.clone()), Verdict::Drop(reason));
+            assert_eq!(n.on_carrier_packet(ip([10, 77, 0, 2]), &pkt), Verdict::Drop(reason));
+            assert_eq!(n.counters().drops(reason), 2);
+            pkt.clear();
+        }
+        assert_eq!(n.on_carrier_packet(ip([10, 77, 0, 9]), &good), Verdict::Drop(DropReason::NotMember));
+        assert_eq!(n.on_carrier_packet(ip([10, 77, 0, 1]), &good), Verdict::Drop(DropReason::NotMember), "self");
+        assert_eq!(n.on_carrier_packet(ip([10, 77, 0, 3]), &good), Verdict::Deliver);
+        assert_eq!(n.counters().decapsulated, 1);
+    }
+
+    #[test]
+    fn dead_peers_get_no_new_flows() {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.0 });
+        if let Some(m) = n.members.get_mut(NodeId(2)) {
+            m.state = MemberState::Dead;
+        }
+        for port in 0..100 {
+            assert_ne!(target(n.on_tun_packet(at(0), &mut syn(port))), Some(NodeId(2)));
+        }
+    }
+}
