@@ -1,6 +1,7 @@
 //! RFC 2003 IP-in-IP: an outer IPv4 header, protocol 4, in front of the inner packet.
 
 use std::net::Ipv4Addr;
+use std::ops::Range;
 
 use crate::MalformedReason;
 
@@ -30,9 +31,10 @@ pub fn write_outer(out: &mut [u8; OUTER_LEN], src: Ipv4Addr, dst: Ipv4Addr, inne
 
 /// Strips the outer header of a received IP-in-IP packet.
 ///
-/// Returns the outer source (who sent it, to be checked against the members) and the inner
-/// packet. The inner packet itself is not checked here: [`crate::classify`] does that.
-pub fn decap(pkt: &[u8]) -> Result<(Ipv4Addr, &[u8]), MalformedReason> {
+/// Returns the outer source (who sent it, to be checked against the members) and where the
+/// inner packet lies in `pkt`. The inner packet itself is not checked here: [`crate::classify`]
+/// does that.
+pub fn decap(pkt: &[u8]) -> Result<(Ipv4Addr, Range<usize>), MalformedReason> {
     if pkt.len() < OUTER_LEN {
         return Err(MalformedReason::Truncated);
     }
@@ -48,7 +50,7 @@ pub fn decap(pkt: &[u8]) -> Result<(Ipv4Addr, &[u8]), MalformedReason> {
         return Err(MalformedReason::BadIpHeader);
     }
     let src = Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
-    Ok((src, &pkt[ihl..total]))
+    Ok((src, ihl..total))
 }
 
 #[cfg(test)]
@@ -71,7 +73,8 @@ mod tests {
             pkt.extend_from_slice(&inner);
             // The outer header is valid IPv4 on its own: checksum folds to zero.
             prop_assert_eq!(crate::checksum::finish(crate::checksum::add(0, &pkt[..OUTER_LEN])), 0);
-            let (from, got) = decap(&pkt).unwrap();
+            let (from, range) = decap(&pkt).unwrap();
+            let got = &pkt[range];
             prop_assert_eq!(from, Ipv4Addr::from(src));
             prop_assert_eq!(got, &inner[..]);
             let meta = crate::classify(got).unwrap();
@@ -80,7 +83,7 @@ mod tests {
 
         #[test]
         fn decap_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
-            let _ = decap(&bytes).map(|(_, inner)| crate::classify(inner));
+            let _ = decap(&bytes).map(|(_, inner)| crate::classify(&bytes[inner]));
         }
     }
 

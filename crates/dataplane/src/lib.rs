@@ -1,0 +1,19 @@
+//! ringlb's data plane: the IO around `ringlb-core`.
+//!
+//! - [`steering`]: `ringlb setup` / `teardown`: sysctls, the VIP on `lo`, the policy rule that
+//!   sends VIP traffic arriving on the underlay into the TUN; all recorded and restored.
+//! - [`tun`]: the daemon-owned TUN device and the route into it.
+//! - [`carrier`]: the two ways to reach a peer: IP-in-UDP (default, no privilege) and RFC 2003
+//!   IP-in-IP on a raw socket.
+//! - [`driver`]: the loop that reads packets, asks the core, and carries out its verdicts.
+//!
+//! Deliberately not here: decisions (they are the core's), config parsing and the CLI (the
+//! binary's). This is the only crate with `unsafe`, and only for socket options socket2 lacks.
+
+pub mod carrier;
+pub mod driver;
+pub mod steering;
+pub mod tun;
+
+pub use carrier::{Carrier, CarrierKind};
+pub use driver::{Driver, Snapshot};

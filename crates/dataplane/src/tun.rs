@@ -1,0 +1,35 @@
+//! The daemon-owned TUN device that VIP traffic is routed into.
+
+use std::io;
+use std::net::IpAddr;
+
+use tun_rs::{AsyncDevice, DeviceBuilder};
+
+use crate::steering::{ip, write_sysctl, SteeringError};
+
+/// Creates the TUN device (non-persistent: it vanishes with the process), then routes table
+/// `table` into it. Needs CAP_NET_ADMIN.
+///
+/// The device carries the VIP as its address too: the kernel accepts a packet written into a
+/// TUN only when loose reverse-path filtering can see an IPv4 address on it.
+pub fn open(name: &str, mtu: u16, vip: IpAddr, table: u32) -> Result<AsyncDevice, SteeringError> {
+    let IpAddr::V4(vip4) = vip else { return Err(SteeringError::Ipv6(vip)) };
+    let dev = DeviceBuilder::new()
+        .name(name)
+        .mtu(mtu)
+        .ipv4(vip4, 32, None)
+        .tx_queue_len(10_000)
+        .build_async()
+        .map_err(|source| SteeringError::Io { path: format!("/dev/net/tun ({name})").into(), source })?;
+    write_sysctl(&format!("net/ipv4/conf/{name}/rp_filter"), "2")?;
+    let _ = write_sysctl(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1");
+    ip(&["route", "replace", "default", "dev", name, "table", &table.to_string()])?;
+    Ok(dev)
+}
+
+/// Largest packet the TUN hands over (no offload yet: one MTU-sized packet per read).
+pub const MAX_PACKET: usize = 65_535;
+
+pub(crate) fn is_transient(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+}

@@ -1,0 +1,419 @@
+//! Configuration: figment layers `defaults → TOML file → RINGLB_ env (split "__") → CLI flags`,
+//! then validation that names every bad key and value before the process exits.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use ringlb_dataplane::CarrierKind;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    #[serde(default)]
+    pub tun: TunSection,
+    #[serde(default)]
+    pub carrier: CarrierSection,
+    #[serde(default)]
+    pub steering: SteeringSection,
+    #[serde(default)]
+    pub flows: FlowsSection,
+    #[serde(default)]
+    pub placement: PlacementSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// Every member of the cluster, this node included.
+    pub members: Vec<MemberEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// This node's name; must be one of `members`.
+    pub name: String,
+    /// The service address every member owns.
+    pub vip: IpAddr,
+    /// Interface client traffic and carrier packets arrive on.
+    pub underlay_interface: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunSection {
+    pub name: String,
+    /// Defaults to the underlay MTU minus the carrier's overhead.
+    pub mtu: Option<u16>,
+}
+
+impl Default for TunSection {
+    fn default() -> Self {
+        TunSection { name: "ring0".into(), mtu: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CarrierSection {
+    pub kind: CarrierKind,
+    /// UDP port carrier packets are sent to and received on.
+    pub port: u16,
+    /// Number of sending sockets; the outer source port is chosen among them by flow hash.
+    pub source_ports: usize,
+}
+
+impl Default for CarrierSection {
+    fn default() -> Self {
+        CarrierSection { kind: CarrierKind::Udp, port: 6635, source_ports: 8 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SteeringSection {
+    pub table: u32,
+    pub rule_pref: u32,
+    pub local_pref: u32,
+    pub state_dir: PathBuf,
+}
+
+impl Default for SteeringSection {
+    fn default() -> Self {
+        SteeringSection { table: 100, rule_pref: 100, local_pref: 200, state_dir: "/run/ringlb".into() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowsSection {
+    pub max: usize,
+    #[serde(with = "humantime_serde")]
+    pub tcp_handshake_idle: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tcp_established_idle: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tcp_closing_linger: Duration,
+    #[serde(with = "humantime_serde")]
+    pub udp_idle: Duration,
+}
+
+impl Default for FlowsSection {
+    fn default() -> Self {
+        let d = ringlb_core::FlowConfig::default();
+        FlowsSection {
+            max: d.max_flows,
+            tcp_handshake_idle: d.tcp_handshake_idle,
+            tcp_established_idle: d.tcp_established_idle,
+            tcp_closing_linger: d.tcp_closing_linger,
+            udp_idle: d.udp_idle,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    PowerOfTwo,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementSection {
+    pub policy: PolicyKind,
+    /// How far above the cluster's utilisation a node still serves locally (0.1 = 10 %).
+    pub margin: f64,
+    /// Seed of the placement RNG; random when unset.
+    pub seed: Option<u64>,
+}
+
+impl Default for PlacementSection {
+    fn default() -> Self {
+        PlacementSection { policy: PolicyKind::PowerOfTwo, margin: 0.1, seed: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Where `/metrics` and `/status` are served.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection { listen: SocketAddr::from(([127, 0, 0, 1], 9090)) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberEntry {
+    pub name: String,
+    /// Underlay address.
+    pub addr: IpAddr,
+    /// Relative capacity; 0 = forwards only.
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Values given on the command line; unset ones leave the lower layers alone.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeOverrides>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub carrier: Option<CarrierOverrides>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub underlay_interface: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CarrierOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+/// Loads and validates the configuration. The error lists every problem found.
+pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, String> {
+    let mut fig = Figment::new();
+    if let Some(file) = file {
+        if !file.exists() {
+            return Err(format!("config file {} does not exist", file.display()));
+        }
+        fig = fig.merge(Toml::file(file));
+    }
+    fig = fig.merge(Env::prefixed("RINGLB_").split("__").ignore(&["config"])).merge(Serialized::defaults(overrides));
+    let config: Config =
+        fig.extract().map_err(|e| e.into_iter().map(|e| describe(&fig, &e)).collect::<Vec<_>>().join("\n"))?;
+    let problems = config.problems();
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems.into_iter().map(|p| format!("config error: {p}")).collect::<Vec<_>>().join("\n"))
+    }
+}
+
+/// One figment error as `config error: KEY = VALUE: PROBLEM (in SOURCE)`.
+fn describe(fig: &Figment, e: &figment::Error) -> String {
+    use figment::error::Kind;
+    let mut key = e.path.join(".");
+    if let Kind::UnknownField(field, _) = &e.kind {
+        key = if key.is_empty() { field.clone() } else { format!("{key}.{field}") };
+    }
+    let value = fig.find_value(&key).ok().map(|v| match v {
+        figment::value::Value::String(_, s) => format!(" = {s:?}"),
+        other => match other.to_num_lossy() {
+            Some(n) => format!(" = {n:?}"),
+            None => String::new(),
+        },
+    });
+    let source = e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
+    format!("config error: {key}{}: {}{source}", value.unwrap_or_default(), e.kind)
+}
+
+impl Config {
+    /// Everything wrong with the values, each naming its key.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !matches!(self.node.vip, IpAddr::V4(_)) {
+            p.push(format!("node.vip = {:?}: only IPv4 VIPs are supported so far", self.node.vip.to_string()));
+        } else if self.node.vip.is_unspecified() || self.node.vip.is_multicast() {
+            p.push(format!("node.vip = {:?}: not a unicast address", self.node.vip.to_string()));
+        }
+        if self.node.underlay_interface.is_empty() {
+            p.push("node.underlay_interface = \"\": must name an interface".into());
+        }
+        if self.members.is_empty() {
+            p.push("members: at least this node must be listed".into());
+        } else if !self.members.iter().any(|m| m.name == self.node.name) {
+            p.push(format!("node.name = {:?}: not among members", self.node.name));
+        }
+        for (i, m) in self.members.iter().enumerate() {
+            if !m.weight.is_finite() || m.weight < 0.0 {
+                p.push(format!("members[{i}].weight = {}: must be a finite number >= 0", m.weight));
+            }
+            if self.members[..i].iter().any(|o| o.name == m.name) {
+                p.push(format!("members[{i}].name = {:?}: duplicate", m.name));
+            }
+            if self.members[..i].iter().any(|o| o.addr == m.addr) {
+                p.push(format!("members[{i}].addr = {:?}: duplicate", m.addr.to_string()));
+            }
+            if m.addr == self.node.vip {
+                p.push(format!("members[{i}].addr = {:?}: the VIP cannot be an underlay address", m.addr.to_string()));
+            }
+        }
+        if self.tun.name.is_empty() || self.tun.name.len() > 15 {
+            p.push(format!("tun.name = {:?}: must be 1 to 15 characters", self.tun.name));
+        }
+        if let Some(mtu) = self.tun.mtu {
+            if mtu < 576 {
+                p.push(format!("tun.mtu = {mtu}: must be at least 576"));
+            }
+        }
+        if self.carrier.port == 0 {
+            p.push("carrier.port = 0: must be a port number".into());
+        }
+        if !(1..=64).contains(&self.carrier.source_ports) {
+            p.push(format!("carrier.source_ports = {}: must be 1 to 64", self.carrier.source_ports));
+        }
+        if self.steering.rule_pref == 0 || self.steering.rule_pref >= self.steering.local_pref {
+            p.push(format!(
+                "steering.rule_pref = {}: must be above 0 and below steering.local_pref ({})",
+                self.steering.rule_pref, self.steering.local_pref
+            ));
+        }
+        if matches!(self.steering.table, 0 | 253..=255) {
+            p.push(format!("steering.table = {}: reserved table", self.steering.table));
+        }
+        if !(1..=(1 << 31)).contains(&self.flows.max) {
+            p.push(format!("flows.max = {}: must be 1 to 2^31", self.flows.max));
+        }
+        for (key, d) in [
+            ("flows.tcp_handshake_idle", self.flows.tcp_handshake_idle),
+            ("flows.tcp_established_idle", self.flows.tcp_established_idle),
+            ("flows.tcp_closing_linger", self.flows.tcp_closing_linger),
+            ("flows.udp_idle", self.flows.udp_idle),
+        ] {
+            if d.is_zero() {
+                p.push(format!("{key} = \"0s\": must be longer than zero"));
+            }
+        }
+        if !self.placement.margin.is_finite() || self.placement.margin < 0.0 {
+            p.push(format!("placement.margin = {}: must be a finite number >= 0", self.placement.margin));
+        }
+        p
+    }
+
+    /// Checks what only the running host can tell: that the underlay interface exists.
+    pub fn check_host(&self) -> Result<(), String> {
+        let ifname = &self.node.underlay_interface;
+        if Path::new("/sys/class/net").join(ifname).exists() {
+            Ok(())
+        } else {
+            Err(format!("config error: node.underlay_interface = {ifname:?}: no such interface on this host"))
+        }
+    }
+
+    pub fn local_member(&self) -> Option<&MemberEntry> {
+        self.members.iter().find(|m| m.name == self.node.name)
+    }
+
+    pub fn steering(&self) -> ringlb_dataplane::steering::SteeringConfig {
+        ringlb_dataplane::steering::SteeringConfig {
+            vip: self.node.vip,
+            underlay: self.node.underlay_interface.clone(),
+            table: self.steering.table,
+            rule_pref: self.steering.rule_pref,
+            local_pref: self.steering.local_pref,
+            state_dir: self.steering.state_dir.clone(),
+        }
+    }
+
+    pub fn flow_config(&self) -> ringlb_core::FlowConfig {
+        ringlb_core::FlowConfig {
+            max_flows: self.flows.max,
+            tcp_handshake_idle: self.flows.tcp_handshake_idle,
+            tcp_established_idle: self.flows.tcp_established_idle,
+            tcp_closing_linger: self.flows.tcp_closing_linger,
+            udp_idle: self.flows.udp_idle,
+        }
+    }
+
+    pub fn policy(&self) -> ringlb_core::Policy {
+        match self.placement.policy {
+            PolicyKind::PowerOfTwo => ringlb_core::Policy::PowerOfTwo { margin: self.placement.margin },
+            PolicyKind::ConsistentHash => ringlb_core::Policy::ConsistentHash,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [node]
+        name = "n1"
+        vip = "10.200.0.10"
+        underlay_interface = "eth0"
+        [[members]]
+        name = "n1"
+        addr = "10.77.0.1"
+        [[members]]
+        name = "n2"
+        addr = "10.77.0.2"
+        weight = 2
+    "#;
+
+    fn check(toml: &str, env: &[(&str, &str)], want: Result<(), &[&str]>) {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("ringlb.toml", toml)?;
+            for (k, v) in env {
+                jail.set_env(k, v);
+            }
+            let got = load(Some(Path::new("ringlb.toml")), &Overrides::default());
+            match (&got, want) {
+                (Ok(_), Ok(())) => {}
+                (Err(msg), Err(needles)) => {
+                    for n in needles {
+                        assert!(msg.contains(n), "error {msg:?} lacks {n:?}");
+                    }
+                }
+                _ => panic!("got {got:?}, want {want:?}"),
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn good_config_loads_with_defaults() {
+        check(GOOD, &[], Ok(()));
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("ringlb.toml", GOOD)?;
+            jail.set_env("RINGLB_FLOWS__UDP_IDLE", "5s");
+            let c = load(Some(Path::new("ringlb.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.flows.udp_idle, Duration::from_secs(5), "env layer");
+            assert_eq!(c.carrier.kind, CarrierKind::Udp);
+            assert_eq!(c.members[1].weight, 2.0);
+            let cli =
+                Overrides { carrier: Some(CarrierOverrides { kind: Some("ipip".into()) }), ..Overrides::default() };
+            let c = load(Some(Path::new("ringlb.toml")), &cli).unwrap();
+            assert_eq!(c.carrier.kind, CarrierKind::Ipip, "cli layer");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_name_key_and_value() {
+        check(&GOOD.replace("10.200.0.10", "10.200.0.300"), &[], Err(&["node.vip", "10.200.0.300"]));
+        check(&format!("{GOOD}\n[placement]\nbogus = 1\n"), &[], Err(&["bogus"]));
+        check(
+            &GOOD.replace("name = \"n1\"\n        vip", "name = \"n9\"\n        vip"),
+            &[],
+            Err(&["node.name", "n9"]),
+        );
+        check(&GOOD.replace("weight = 2", "weight = -2"), &[], Err(&["members[1].weight", "-2"]));
+        check(GOOD, &[("RINGLB_CARRIER__KIND", "gre")], Err(&["carrier.kind", "gre"]));
+        check(
+            GOOD,
+            &[("RINGLB_FLOWS__UDP_IDLE", "0s"), ("RINGLB_CARRIER__PORT", "0")],
+            Err(&["flows.udp_idle", "carrier.port"]),
+        );
+    }
+}
