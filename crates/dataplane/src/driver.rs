@@ -6,17 +6,17 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use ringlb_core::{Counters, DropReason, MemberState, Node, Timestamp, Verdict};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot};
 use tun_rs::AsyncDevice;
 
 use crate::carrier::{Carrier, RecvError};
 use crate::tun::{is_transient, MAX_PACKET};
 
-/// How often flows are expired and the snapshot is refreshed.
+/// How often idle flows are expired.
 const TICK: Duration = Duration::from_millis(250);
 
-/// A copy of the node's state for the metrics and status endpoints, refreshed every tick so
-/// that readers never touch the packet loop.
+/// A copy of the node's state for the metrics and status endpoints. The packet loop makes one
+/// when asked through a [`SnapshotRequests`] handle, so readers never share state with it.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub counters: Counters,
@@ -64,7 +64,20 @@ pub struct Driver {
     tun: AsyncDevice,
     carrier: Carrier,
     origin: Instant,
-    snapshot: watch::Sender<Snapshot>,
+    requests: mpsc::Receiver<oneshot::Sender<Snapshot>>,
+}
+
+/// Asks the packet loop for a fresh [`Snapshot`].
+#[derive(Debug, Clone)]
+pub struct SnapshotRequests(mpsc::Sender<oneshot::Sender<Snapshot>>);
+
+impl SnapshotRequests {
+    /// `None` when the packet loop has stopped.
+    pub async fn get(&self) -> Option<Snapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(tx).await.ok()?;
+        rx.await.ok()
+    }
 }
 
 impl std::fmt::Debug for Driver {
@@ -77,12 +90,13 @@ enum Event {
     Tun(io::Result<usize>),
     Carrier(Result<crate::carrier::Received, RecvError>),
     Tick,
+    Snapshot(oneshot::Sender<Snapshot>),
 }
 
 impl Driver {
-    pub fn new(node: Node, tun: AsyncDevice, carrier: Carrier) -> (Self, watch::Receiver<Snapshot>) {
-        let (tx, rx) = watch::channel(snapshot(&node));
-        (Driver { node, tun, carrier, origin: Instant::now(), snapshot: tx }, rx)
+    pub fn new(node: Node, tun: AsyncDevice, carrier: Carrier) -> (Self, SnapshotRequests) {
+        let (tx, rx) = mpsc::channel(16);
+        (Driver { node, tun, carrier, origin: Instant::now(), requests: rx }, SnapshotRequests(tx))
     }
 
     fn now(&self) -> Timestamp {
@@ -101,6 +115,7 @@ impl Driver {
                 r = self.tun.recv(&mut tun_buf) => Event::Tun(r),
                 r = self.carrier.recv(&mut carrier_buf) => Event::Carrier(r),
                 _ = tick.tick() => Event::Tick,
+                Some(reply) = self.requests.recv() => Event::Snapshot(reply),
                 () = &mut shutdown => break,
             };
             match event {
@@ -126,7 +141,9 @@ impl Driver {
                 Event::Tick => {
                     let now = self.now();
                     self.node.handle_timeout(now);
-                    self.snapshot.send_replace(snapshot(&self.node));
+                }
+                Event::Snapshot(reply) => {
+                    let _ = reply.send(snapshot(&self.node));
                 }
             }
         }

@@ -1,23 +1,23 @@
 //! The local admin endpoint: `/metrics` (Prometheus text) and `/status` (a table for people).
 //!
 //! A deliberately tiny HTTP/1.0 responder: one GET per connection, no keep-alive. It reads the
-//! driver's [`Snapshot`], never the live core.
+//! snapshot the packet loop hands out on request, never the live core.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use ringlb_core::{DropReason, MemberState};
-use ringlb_dataplane::Snapshot;
+use ringlb_dataplane::{Snapshot, SnapshotRequests};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
-pub async fn serve(listener: TcpListener, snapshot: watch::Receiver<Snapshot>, node: String) {
+pub async fn serve(listener: TcpListener, snapshots: SnapshotRequests, node: String) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else { continue };
-        let snapshot = snapshot.borrow().clone();
+        let snapshots = snapshots.clone();
         let node = node.clone();
         tokio::spawn(async move {
+            let Some(snapshot) = snapshots.get().await else { return };
             if let Err(e) = answer(stream, &snapshot, &node).await {
                 tracing::debug!(%peer, error = %e, "admin request failed");
             }

@@ -1,0 +1,454 @@
+//! ringlb's lab: real TUN devices, real kernels' routing, real apps, all on one host.
+//!
+//! A [`Lab`] is a set of network namespaces named `<prefix>-…`:
+//!
+//! ```text
+//!  client 10.78.0.100 ── router (br0 10.77.0.254, 10.78.0.1) ──┬── n1 10.77.0.1  ┐
+//!                       VIP 10.200.0.10 via n1, or ECMP       ├── n2 10.77.0.2  ├ ringlb + nginx
+//!                                                              └── n3 10.77.0.3  ┘   on the VIP
+//! ```
+//!
+//! Nodes' default route is the router, so a reply from any node goes straight to the client
+//! (direct server return) and never crosses the entry node. Every node runs `ringlb node` and an
+//! unmodified nginx that answers `/` with the node's name, serves `/blob/…` files and `/1k`,
+//! plus a small upload sink on port 9000 that answers with the sha256 of what it received.
+//!
+//! Everything a lab creates lives in its namespaces and in its state directory, so [`down`]
+//! (also run when a [`Lab`] is dropped) leaves nothing behind.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 100);
+pub const ROUTER_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 254);
+const CARRIER_PORT: u16 = 6635;
+/// Where labs keep configs, logs and pid files.
+pub const STATE_ROOT: &str = "/tmp/ringlb-netlab";
+
+/// How client traffic for the VIP reaches the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Entry {
+    /// The router sends the VIP to node 1 (the single-entry case).
+    Single,
+    /// The router spreads the VIP over all nodes by L4-hash ECMP.
+    Ecmp,
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub prefix: String,
+    pub nodes: usize,
+    pub entry: Entry,
+    /// `udp` or `ipip`.
+    pub carrier: String,
+    /// The `ringlb` binary.
+    pub bin: PathBuf,
+    /// Capacity weight per node (missing entries are 1).
+    pub weights: Vec<f64>,
+    /// Extra TOML appended to every node's config.
+    pub extra_config: String,
+    /// Start ringlb on the nodes (false: plain servers, for direct-path baselines).
+    pub start_ringlb: bool,
+}
+
+impl Spec {
+    pub fn new(prefix: impl Into<String>, bin: impl Into<PathBuf>) -> Self {
+        Spec {
+            prefix: prefix.into(),
+            nodes: 3,
+            entry: Entry::Single,
+            carrier: "udp".into(),
+            bin: bin.into(),
+            weights: Vec::new(),
+            extra_config: String::new(),
+            start_ringlb: true,
+        }
+    }
+}
+
+/// A running lab; dropping it tears it down unless [`Lab::keep`] was called.
+#[derive(Debug)]
+pub struct Lab {
+    pub spec: Spec,
+    pub dir: PathBuf,
+    keep: bool,
+}
+
+/// A unique prefix for a test's lab: short (namespace names show in `ip netns`), and unique
+/// across processes and within one.
+pub fn unique_prefix(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("rlt{tag}{}x{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn node_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, u8::try_from(i).expect("at most 250 nodes"))
+}
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(out)
+}
+
+fn sh(ns: Option<&str>, args: &[&str]) -> Result<String> {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]);
+            c.args(args);
+            c
+        }
+        None => {
+            let mut c = Command::new(args[0]);
+            c.args(&args[1..]);
+            c
+        }
+    };
+    Ok(String::from_utf8_lossy(&run(&mut cmd)?.stdout).into_owned())
+}
+
+/// The namespaces of labs with this prefix.
+fn namespaces(prefix: &str) -> Result<Vec<String>> {
+    let out = sh(None, &["ip", "netns", "list"])?;
+    let want = format!("{prefix}-");
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&want))
+        .map(String::from)
+        .collect())
+}
+
+/// Tears down every namespace `<prefix>-*` and the state directory: processes first (TERM,
+/// then KILL), then the namespaces, then the files. Safe to run when nothing is there.
+pub fn down(prefix: &str) -> Result<()> {
+    let nss = namespaces(prefix)?;
+    let pids = |ns: &str| -> Vec<String> {
+        sh(None, &["ip", "netns", "pids", ns]).map(|o| o.lines().map(String::from).collect()).unwrap_or_default()
+    };
+    for signal in ["-TERM", "-KILL"] {
+        let all: Vec<String> = nss.iter().flat_map(|ns| pids(ns)).collect();
+        if all.is_empty() {
+            break;
+        }
+        let _ = Command::new("kill").arg(signal).args(&all).stderr(Stdio::null()).status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && nss.iter().any(|ns| !pids(ns).is_empty()) {
+            sleep(Duration::from_millis(50));
+        }
+    }
+    for ns in &nss {
+        sh(None, &["ip", "netns", "del", ns])?;
+    }
+    let dir = Path::new(STATE_ROOT).join(prefix);
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+impl Lab {
+    /// Reattaches to a lab started by another process (e.g. `netlab up`), to inspect or stop it.
+    pub fn attach(prefix: &str) -> Result<Lab> {
+        let dir = Path::new(STATE_ROOT).join(prefix);
+        let nodes = fs::read_to_string(dir.join("nodes")).with_context(|| format!("no lab {prefix:?} is up"))?;
+        let bin = fs::read_to_string(dir.join("bin"))?;
+        let mut spec = Spec::new(prefix, bin.trim());
+        spec.nodes = nodes.trim().parse()?;
+        Ok(Lab { spec, dir, keep: true })
+    }
+
+    /// Builds and starts a lab. On failure everything built so far is torn down.
+    pub fn up(spec: Spec) -> Result<Lab> {
+        down(&spec.prefix)?;
+        let dir = Path::new(STATE_ROOT).join(&spec.prefix);
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join("nodes"), spec.nodes.to_string())?;
+        fs::write(dir.join("bin"), spec.bin.to_string_lossy().as_bytes())?;
+        let lab = Lab { spec, dir, keep: false };
+        lab.build().context("building the lab")?;
+        Ok(lab)
+    }
+
+    /// Leaves the lab running when this handle is dropped.
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+
+    pub fn router(&self) -> String {
+        format!("{}-r", self.spec.prefix)
+    }
+
+    pub fn client(&self) -> String {
+        format!("{}-c", self.spec.prefix)
+    }
+
+    /// Namespace of node `i` (1-based).
+    pub fn node(&self, i: usize) -> String {
+        format!("{}-n{i}", self.spec.prefix)
+    }
+
+    pub fn node_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("n{i}"))
+    }
+
+    pub fn config_path(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("ringlb.toml")
+    }
+
+    /// Runs a command in a namespace and returns its stdout; fails if it fails.
+    pub fn exec(&self, ns: &str, args: &[&str]) -> Result<String> {
+        sh(Some(ns), args)
+    }
+
+    /// Runs a command in a namespace and returns its whole output, success or not.
+    pub fn exec_output(&self, ns: &str, args: &[&str]) -> Result<Output> {
+        Command::new("ip").args(["netns", "exec", ns]).args(args).output().context("spawning ip netns exec")
+    }
+
+    /// Starts a long-running process in a namespace, logging to `<dir>/<log>`.
+    pub fn spawn(&self, ns: &str, log: &Path, args: &[&str]) -> Result<()> {
+        let out = fs::File::create(log)?;
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {args:?} in {ns}"))?;
+        Ok(())
+    }
+
+    fn build(&self) -> Result<()> {
+        let s = &self.spec;
+        let (r, c) = (self.router(), self.client());
+        for ns in
+            std::iter::once(r.clone()).chain(std::iter::once(c.clone())).chain((1..=s.nodes).map(|i| self.node(i)))
+        {
+            sh(None, &["ip", "netns", "add", &ns])?;
+            self.exec(&ns, &["ip", "link", "set", "lo", "up"])?;
+        }
+        // Router: a bridge for the nodes' underlay, a leg to the client.
+        self.exec(&r, &["ip", "link", "add", "br0", "type", "bridge"])?;
+        self.exec(&r, &["ip", "addr", "add", &format!("{ROUTER_UNDERLAY}/24"), "dev", "br0"])?;
+        self.exec(&r, &["ip", "link", "set", "br0", "up"])?;
+        self.exec(&r, &["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=1"])?;
+        sh(None, &["ip", "-n", &r, "link", "add", "vc", "type", "veth", "peer", "name", "eth0", "netns", &c])?;
+        self.exec(&r, &["ip", "addr", "add", "10.78.0.1/24", "dev", "vc"])?;
+        self.exec(&r, &["ip", "link", "set", "vc", "up"])?;
+        self.exec(&c, &["ip", "addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])?;
+        self.exec(&c, &["ip", "link", "set", "eth0", "up"])?;
+        self.exec(&c, &["ip", "route", "add", "default", "via", "10.78.0.1"])?;
+        for i in 1..=s.nodes {
+            let n = self.node(i);
+            let leg = format!("vn{i}");
+            sh(None, &["ip", "-n", &r, "link", "add", &leg, "type", "veth", "peer", "name", "eth0", "netns", &n])?;
+            self.exec(&r, &["ip", "link", "set", &leg, "master", "br0", "up"])?;
+            self.exec(&n, &["ip", "addr", "add", &format!("{}/24", node_addr(i)), "dev", "eth0"])?;
+            self.exec(&n, &["ip", "link", "set", "eth0", "up"])?;
+            self.exec(&n, &["ip", "route", "add", "default", "via", &ROUTER_UNDERLAY.to_string()])?;
+        }
+        let vip = format!("{VIP}/32");
+        match s.entry {
+            Entry::Single => self.exec(&r, &["ip", "route", "add", &vip, "via", &node_addr(1).to_string()])?,
+            Entry::Ecmp => {
+                let mut args = vec!["ip".to_owned(), "route".into(), "add".into(), vip];
+                for i in 1..=s.nodes {
+                    args.extend(["nexthop".into(), "via".into(), node_addr(i).to_string()]);
+                }
+                self.exec(&r, &args.iter().map(String::as_str).collect::<Vec<_>>())?
+            }
+        };
+        fs::write(self.dir.join("blob-small"), vec![b'x'; 1024])?;
+        for i in 1..=s.nodes {
+            fs::create_dir_all(self.node_dir(i))?;
+            self.start_services(i)?;
+            if s.start_ringlb {
+                self.start_ringlb(i)?;
+            }
+        }
+        for i in 1..=s.nodes {
+            self.wait_ready(i)?;
+        }
+        Ok(())
+    }
+
+    /// The node's ringlb config.
+    pub fn config_toml(&self, i: usize) -> String {
+        let s = &self.spec;
+        let mut t = format!(
+            "[node]\nname = \"n{i}\"\nvip = \"{VIP}\"\nunderlay_interface = \"eth0\"\n\n\
+             [carrier]\nkind = \"{}\"\nport = {CARRIER_PORT}\n\n\
+             [steering]\nstate_dir = \"{}\"\n\n",
+            s.carrier,
+            self.node_dir(i).display()
+        );
+        t.push_str(&s.extra_config);
+        t.push('\n');
+        for j in 1..=s.nodes {
+            let w = s.weights.get(j - 1).copied().unwrap_or(1.0);
+            let _ = write!(t, "\n[[members]]\nname = \"n{j}\"\naddr = \"{}\"\nweight = {w:?}\n", node_addr(j));
+        }
+        t
+    }
+
+    /// Runs `ringlb setup` and starts `ringlb node` on node `i`.
+    pub fn start_ringlb(&self, i: usize) -> Result<()> {
+        let cfg = self.config_path(i);
+        fs::write(&cfg, self.config_toml(i))?;
+        let bin = self.spec.bin.to_string_lossy().into_owned();
+        let cfg = cfg.to_string_lossy().into_owned();
+        self.exec(&self.node(i), &[&bin, "--config", &cfg, "setup"])?;
+        self.spawn(&self.node(i), &self.node_dir(i).join("ringlb.log"), &[&bin, "--config", &cfg, "node"])?;
+        // Ready when the TUN route exists.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.exec(&self.node(i), &["ip", "route", "show", "table", "100"]).is_ok_and(|o| o.contains("ring0")) {
+                return Ok(());
+            }
+            sleep(Duration::from_millis(50));
+        }
+        let log = fs::read_to_string(self.node_dir(i).join("ringlb.log")).unwrap_or_default();
+        bail!("ringlb on n{i} did not come up; its log:\n{log}")
+    }
+
+    /// Stops `ringlb node` on node `i` (SIGTERM, or SIGKILL with `hard`).
+    ///
+    /// Namespaces share the host's pid space, so the process is found among the namespace's
+    /// pids (`ip netns pids`), never by name alone.
+    pub fn stop_ringlb(&self, i: usize, hard: bool) -> Result<()> {
+        let sig = if hard { "-KILL" } else { "-TERM" };
+        let pids = sh(None, &["ip", "netns", "pids", &self.node(i)])?;
+        for pid in pids.lines() {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
+            if args.first().is_some_and(|a| a.ends_with(b"ringlb")) && args.last() == Some(&&b"node"[..]) {
+                let _ = Command::new("kill").args([sig, pid]).status();
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.exec(&self.node(i), &["ip", "link", "show", "ring0"]).is_ok() {
+            if Instant::now() > deadline {
+                bail!("ring0 on n{i} did not go away");
+            }
+            sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn start_services(&self, i: usize) -> Result<()> {
+        let d = self.node_dir(i);
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/tmp-body;\n  proxy_temp_path {d}/tmp-proxy;\n\
+             fastcgi_temp_path {d}/tmp-fcgi;\n  uwsgi_temp_path {d}/tmp-uwsgi;\n  scgi_temp_path {d}/tmp-scgi;\n\
+             keepalive_requests 1000000;\n  sendfile on;\n\
+             server {{\n    listen 80 backlog=4096;\n    add_header X-Node n{i} always;\n\
+             location = / {{ default_type text/plain; return 200 \"n{i}\\n\"; }}\n\
+             location = /1k {{ alias {lab}/blob-small; default_type application/octet-stream; }}\n\
+             location /blob/ {{ alias {lab}/; default_type application/octet-stream; }}\n  }}\n}}\n",
+            d = d.display(),
+            lab = self.dir.display(),
+        );
+        let conf_path = d.join("nginx.conf");
+        fs::write(&conf_path, conf)?;
+        let n = self.node(i);
+        self.spawn(
+            &n,
+            &d.join("nginx.log"),
+            &["nginx", "-c", &conf_path.to_string_lossy(), "-p", &d.to_string_lossy()],
+        )?;
+        let sink = Path::new(env!("CARGO_MANIFEST_DIR")).join("upload_sink.py");
+        self.spawn(&n, &d.join("sink.log"), &["python3", &sink.to_string_lossy(), "9000", &format!("n{i}")])?;
+        Ok(())
+    }
+
+    fn wait_ready(&self, i: usize) -> Result<()> {
+        let n = self.node(i);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ok = ["80", "9000"].iter().all(|port| {
+                self.exec(&n, &["ss", "-Htln", &format!("sport = :{port}")]).is_ok_and(|o| !o.trim().is_empty())
+            });
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let log = fs::read_to_string(self.node_dir(i).join("nginx.log")).unwrap_or_default();
+                bail!("services on n{i} did not come up: {log}");
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `curl` from the client; returns stdout.
+    pub fn curl(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["curl", "-sS", "--max-time", "10"];
+        all.extend_from_slice(args);
+        self.exec(&self.client(), &all)
+    }
+
+    /// Writes a file of `mib` MiB of random bytes into the lab directory (served as /blob/NAME).
+    pub fn make_blob(&self, name: &str, mib: usize) -> Result<PathBuf> {
+        let path = self.dir.join(name);
+        run(Command::new("dd")
+            .args(["if=/dev/urandom", &format!("of={}", path.display()), "bs=1M", &format!("count={mib}")])
+            .stderr(Stdio::null()))?;
+        Ok(path)
+    }
+
+    /// Reads one counter from node `i`'s metrics (summing all label sets matching `needle`).
+    pub fn metric(&self, i: usize, needle: &str) -> Result<u64> {
+        let text = self.metrics(i)?;
+        let mut total = 0;
+        for line in text.lines().filter(|l| !l.starts_with('#') && l.contains(needle)) {
+            if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()) {
+                total += v;
+            }
+        }
+        Ok(total)
+    }
+
+    pub fn metrics(&self, i: usize) -> Result<String> {
+        self.ringlb(i, "metrics")
+    }
+
+    /// Runs a `ringlb` subcommand against node `i`'s config, inside its namespace.
+    pub fn ringlb(&self, i: usize, sub: &str) -> Result<String> {
+        let bin = self.spec.bin.to_string_lossy().into_owned();
+        let cfg = self.config_path(i).to_string_lossy().into_owned();
+        self.exec(&self.node(i), &[&bin, "--config", &cfg, sub])
+    }
+
+    /// Bytes received on a node's underlay interface so far.
+    pub fn rx_bytes(&self, i: usize) -> Result<u64> {
+        let out = self.exec(&self.node(i), &["cat", "/sys/class/net/eth0/statistics/rx_bytes"])?;
+        Ok(out.trim().parse()?)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.keep {
+            if let Err(e) = down(&self.spec.prefix) {
+                eprintln!("netlab: tearing down {}: {e:#}", self.spec.prefix);
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! `netlab`: bring a ringlb lab up or down, run commands in it, show its state.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use ringlb_netlab::{down, Entry, Lab, Spec, VIP};
+
+#[derive(Debug, Parser)]
+#[command(about = "ringlb's lab in network namespaces")]
+struct Cli {
+    /// Namespace prefix of the lab.
+    #[arg(long, default_value = "rlab", global = true)]
+    prefix: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build the lab and start ringlb and the services on every node.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, value_enum, default_value_t = Entry::Single)]
+        entry: Entry,
+        #[arg(long, default_value = "udp")]
+        carrier: String,
+        #[arg(long, default_value = "target/release/ringlb")]
+        bin: PathBuf,
+    },
+    /// Stop everything and delete the namespaces.
+    Down,
+    /// Run a command in `client`, `router` or `nN`.
+    Exec {
+        node: String,
+        #[arg(trailing_var_arg = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Print every node's member table and counters.
+    Status,
+    /// Send requests to the VIP from the client and print who answered.
+    Demo {
+        #[arg(long, default_value_t = 12)]
+        requests: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netlab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn namespace(prefix: &str, node: &str) -> Result<String> {
+    Ok(match node {
+        "client" | "c" => format!("{prefix}-c"),
+        "router" | "r" => format!("{prefix}-r"),
+        n if n.starts_with('n') && n[1..].parse::<usize>().is_ok() => format!("{prefix}-{n}"),
+        other => bail!("unknown lab host {other:?}: use client, router or n1, n2, ..."),
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Up { nodes, entry, carrier, bin } => {
+            let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
+            let mut spec = Spec::new(&cli.prefix, bin);
+            spec.nodes = nodes;
+            spec.entry = entry;
+            spec.carrier = carrier;
+            let lab = Lab::up(spec)?;
+            println!("lab {:?} is up: {nodes} nodes, entry {entry:?}, carrier {}", cli.prefix, lab.spec.carrier);
+            println!("try:  just netlab-exec client curl -s http://{VIP}/");
+            println!("      just netlab-status      just netlab-down");
+            lab.keep();
+            Ok(())
+        }
+        Cmd::Down => down(&cli.prefix),
+        Cmd::Exec { node, cmd } => {
+            let status =
+                Command::new("ip").args(["netns", "exec", &namespace(&cli.prefix, &node)?]).args(&cmd).status()?;
+            if !status.success() {
+                bail!("{cmd:?} exited with {status}");
+            }
+            Ok(())
+        }
+        Cmd::Status => {
+            let lab = Lab::attach(&cli.prefix)?;
+            for i in 1..=lab.spec.nodes {
+                match lab.ringlb(i, "status") {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => println!("n{i}: not answering ({e:#})\n"),
+                }
+            }
+            Ok(())
+        }
+        Cmd::Demo { requests } => {
+            let lab = Lab::attach(&cli.prefix)?;
+            let mut tally = std::collections::BTreeMap::<String, usize>::new();
+            for k in 1..=requests {
+                let who = lab
+                    .curl(&[&format!("http://{VIP}/")])
+                    .map(|s| s.trim().to_owned())
+                    .unwrap_or_else(|e| format!("error: {e:#}"));
+                println!("request {k:>2} to {VIP} answered by {who}");
+                *tally.entry(who).or_default() += 1;
+            }
+            println!("answers: {tally:?}");
+            Ok(())
+        }
+    }
+}
