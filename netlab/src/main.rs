@@ -1,5 +1,7 @@
 //! `netlab`: bring a ringlb lab up or down, run commands in it, show its state.
 
+mod bench;
+
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
@@ -40,6 +42,17 @@ enum Cmd {
     },
     /// Print every node's member table and counters.
     Status,
+    /// Measure throughput, requests/s and latency against the direct path, HAProxy and
+    /// nftables DNAT in one run, and write the table to `--out` (not a test).
+    Bench {
+        #[arg(long, default_value = "target/release/ringlb")]
+        bin: PathBuf,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+        /// Shorter runs, for a smoke check.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Send requests to the VIP from the client and print who answered.
     Demo {
         #[arg(long, default_value_t = 12)]
@@ -99,6 +112,10 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             Ok(())
+        }
+        Cmd::Bench { bin, out, quick } => {
+            let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
+            bench::run(&format!("{}b", cli.prefix), &bin, &out, quick)
         }
         Cmd::Demo { requests } => {
             let lab = Lab::attach(&cli.prefix)?;
