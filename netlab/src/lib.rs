@@ -307,10 +307,13 @@ impl Lab {
         t
     }
 
-    /// Runs `ringlb setup` and starts `ringlb node` on node `i`.
+    /// Runs `ringlb setup` and starts `ringlb node` on node `i`, writing its config first
+    /// unless it has one (a restarted node keeps the config it was built with).
     pub fn start_ringlb(&self, i: usize) -> Result<()> {
         let cfg = self.config_path(i);
-        fs::write(&cfg, self.config_toml(i))?;
+        if !cfg.exists() {
+            fs::write(&cfg, self.config_toml(i))?;
+        }
         let bin = self.spec.bin.to_string_lossy().into_owned();
         let cfg = cfg.to_string_lossy().into_owned();
         self.exec(&self.node(i), &[&bin, "--config", &cfg, "setup"])?;

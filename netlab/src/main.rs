@@ -53,6 +53,10 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// kill -9 ringlb on a node (its services keep running).
+    Kill { node: String },
+    /// Start ringlb on a node again.
+    Start { node: String },
     /// Send requests to the VIP from the client and print who answered.
     Demo {
         #[arg(long, default_value_t = 12)]
@@ -77,6 +81,10 @@ fn namespace(prefix: &str, node: &str) -> Result<String> {
         n if n.starts_with('n') && n[1..].parse::<usize>().is_ok() => format!("{prefix}-{n}"),
         other => bail!("unknown lab host {other:?}: use client, router or n1, n2, ..."),
     })
+}
+
+fn node_index(node: &str) -> Option<usize> {
+    node.strip_prefix('n')?.parse().ok()
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -116,6 +124,19 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { bin, out, quick } => {
             let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
             bench::run(&format!("{}b", cli.prefix), &bin, &out, quick)
+        }
+        Cmd::Kill { node } | Cmd::Start { node } if node_index(&node).is_none() => {
+            bail!("unknown node {node:?}: use n1, n2, ...")
+        }
+        Cmd::Kill { node } => {
+            Lab::attach(&cli.prefix)?.stop_ringlb(node_index(&node).unwrap_or(0), true)?;
+            println!("killed ringlb on {node}");
+            Ok(())
+        }
+        Cmd::Start { node } => {
+            Lab::attach(&cli.prefix)?.start_ringlb(node_index(&node).unwrap_or(0))?;
+            println!("started ringlb on {node}");
+            Ok(())
         }
         Cmd::Demo { requests } => {
             let lab = Lab::attach(&cli.prefix)?;

@@ -19,10 +19,13 @@ pub fn open(name: &str, mtu: u16, vip: IpAddr, table: u32) -> Result<AsyncDevice
         .mtu(mtu)
         .ipv4(vip4, 32, None)
         .tx_queue_len(10_000)
+        // Up only once IPv6 is off on it, or the kernel's first IPv6 packets reach the TUN.
+        .enable(false)
         .build_async()
         .map_err(|source| SteeringError::Io { path: format!("/dev/net/tun ({name})").into(), source })?;
     write_sysctl(&format!("net/ipv4/conf/{name}/rp_filter"), "2")?;
     let _ = write_sysctl(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1");
+    ip(&["link", "set", name, "up"])?;
     ip(&["route", "replace", "default", "dev", name, "table", &table.to_string()])?;
     Ok(dev)
 }

@@ -1,0 +1,66 @@
+# ringlb's tasks. `just --list` shows them; README.md says where to start.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+prefix := env_var_or_default("NETLAB_PREFIX", "rlab")
+netlab := "target/release/netlab --prefix " + prefix
+
+default:
+    @just --list
+
+# Build the ringlb and netlab binaries (release).
+build:
+    cargo build --release --bins
+
+# Lints, unit and property tests, and the end-to-end tests in network namespaces (root).
+test: lint
+    cargo test --release --workspace
+
+# cargo fmt and clippy, warnings as errors.
+lint:
+    cargo fmt --all --check
+    cargo clippy --release --all-targets -- -D warnings
+
+# Bring up the lab: NODES nodes, ENTRY single (VIP via n1) or ecmp, CARRIER udp or ipip.
+netlab-up nodes="3" entry="single" carrier="udp": build
+    {{netlab}} up --nodes {{nodes}} --entry {{entry}} --carrier {{carrier}}
+
+# Stop every process of the lab and delete its namespaces.
+netlab-down:
+    if [ -x target/release/netlab ]; then {{netlab}} down; else cargo run -q --release --bin netlab -- --prefix {{prefix}} down; fi
+
+# Run a command on a lab host: client, router, n1, n2, ...
+netlab-exec node +cmd:
+    {{netlab}} exec {{node}} {{cmd}}
+
+# Print every node's member table and counters.
+netlab-status:
+    {{netlab}} status
+
+# Send requests to the VIP from the client and print who answered.
+netlab-demo requests="12":
+    {{netlab}} demo --requests {{requests}}
+
+# Kill ringlb on a node (kill -9), or start it again.
+netlab-kill node:
+    {{netlab}} kill {{node}}
+
+netlab-start node:
+    {{netlab}} start {{node}}
+
+# The README's demo: a lab that balances, survives its balancer being killed, and shows its state.
+demo: (netlab-up)
+    @echo; echo "== 12 new connections to the VIP, all entering through n1 =="
+    {{netlab}} demo --requests 12
+    @echo; echo "== member tables and counters =="
+    {{netlab}} status
+    @echo; echo "== kill -9 ringlb on the entry n1: the node falls back to serving the VIP itself =="
+    {{netlab}} kill n1
+    {{netlab}} demo --requests 4
+    @echo; echo "== start ringlb on n1 again: balancing resumes =="
+    {{netlab}} start n1
+    {{netlab}} demo --requests 6
+    @echo; echo "The lab is still up: just netlab-exec client curl -s http://10.200.0.10/ ; just netlab-down"
+
+# Benchmarks (not tests): direct path, ringlb, HAProxy and nftables NAT in one run.
+bench: build
+    {{netlab}} bench --out docs/benchmarks.md
