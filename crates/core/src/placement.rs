@@ -110,19 +110,13 @@ pub(crate) fn consistent_hash(key: &FlowKey, candidates: &[Candidate]) -> Placem
         .iter()
         .filter(|c| c.takes_flows())
         .map(|c| {
-            let h = mix(flow ^ c.name_hash);
+            let h = ringlb_wire::mix64(flow ^ c.name_hash);
             // 53 random bits into (0, 1).
             let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
             (c.id, -c.weight / u.ln())
         })
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .map_or(Placement::NoCandidate, |(id, _)| Placement::Chosen(id))
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 #[cfg(test)]

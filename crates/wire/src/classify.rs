@@ -58,8 +58,8 @@ fn to_v6(a: IpAddr) -> [u8; 16] {
     }
 }
 
-/// SplitMix64's finaliser: spreads FNV's weak low bits over the whole word.
-pub(crate) fn mix64(mut z: u64) -> u64 {
+/// SplitMix64's finaliser: spreads a hash's weak low bits over the whole word.
+pub fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)

@@ -15,7 +15,7 @@ pub mod ipip;
 mod mss;
 
 pub use classify::{
-    classify, FlowKey, MalformedReason, PacketMeta, TcpFlags, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, L4,
+    classify, mix64, FlowKey, MalformedReason, PacketMeta, TcpFlags, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, L4,
 };
 pub use mss::clamp_tcp_mss;
 
