@@ -13,6 +13,7 @@
 mod counters;
 mod flow_table;
 mod members;
+pub mod membership;
 mod node;
 mod placement;
 mod rng;

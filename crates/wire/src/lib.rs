@@ -11,6 +11,7 @@
 
 pub mod build;
 mod classify;
+pub mod control;
 pub mod ipip;
 mod mss;
 
