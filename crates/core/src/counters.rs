@@ -101,6 +101,13 @@ pub struct Counters {
     pub flows_expired: u64,
     /// Flows pushed out because the table was full.
     pub flows_evicted: u64,
+    /// TCP flows of a dead member handed to the local kernel, which resets them.
+    pub flows_reset: u64,
+    /// Flows of a dead member placed anew.
+    pub flows_replaced: u64,
+    /// New flows this node started serving (SYNs and first datagrams delivered locally,
+    /// from the TUN or the carrier).
+    pub served_new_flows: u64,
 }
 
 impl Counters {

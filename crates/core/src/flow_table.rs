@@ -195,6 +195,18 @@ impl FlowTable {
         Insert { handle, evicted }
     }
 
+    /// Pins a flow to another node (its pinned node died).
+    pub fn retarget(&mut self, handle: u32, target: NodeId) {
+        let old = self.slots[handle as usize].target.index();
+        self.per_target[old] -= 1;
+        let t = target.index();
+        if self.per_target.len() <= t {
+            self.per_target.resize(t + 1, 0);
+        }
+        self.per_target[t] += 1;
+        self.slots[handle as usize].target = target;
+    }
+
     /// Stops tracking the flow.
     pub fn remove(&mut self, handle: u32) {
         let key = self.slots[handle as usize].key;

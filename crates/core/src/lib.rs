@@ -21,8 +21,8 @@ mod time;
 
 pub use counters::{Counters, DropReason};
 pub use flow_table::{FlowConfig, FlowState, FlowTable, Insert};
-pub use members::{Member, MemberState, Members, NodeId};
-pub use node::{Node, NodeConfig, Verdict};
+pub use members::{LoadReport, Member, MemberState, Members, MembersError, NodeId};
+pub use node::{FailurePolicy, Node, NodeConfig, Verdict};
 pub use placement::{Candidate, Placement, Policy};
 pub use rng::Rng;
 pub use time::Timestamp;

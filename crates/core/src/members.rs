@@ -44,15 +44,28 @@ pub struct Member {
     /// Relative capacity; 0 means "forwards only, serves nothing".
     pub weight: f64,
     pub state: MemberState,
+    /// The member's latest load vector and when it arrived; `None` while none has (e.g. with
+    /// a static member list).
+    pub load: Option<LoadReport>,
     /// Stable per-name hash, so all nodes rank members alike in consistent hashing.
     pub(crate) name_hash: u64,
+}
+
+/// What a member last said about its own load.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadReport {
+    /// Flows it serves, from all entries.
+    pub served_flows: u32,
+    pub new_flows_per_sec: f32,
+    pub cpu: f32,
+    pub received: crate::Timestamp,
 }
 
 impl Member {
     pub fn new(name: impl Into<String>, addr: IpAddr, weight: f64) -> Self {
         let name = name.into();
         let name_hash = name_hash(&name);
-        Member { name, addr, weight, state: MemberState::Alive, name_hash }
+        Member { name, addr, weight, state: MemberState::Alive, load: None, name_hash }
     }
 }
 
@@ -104,6 +117,20 @@ impl Members {
         self.by_addr.insert(member.addr, id);
         self.list.push(member);
         Ok(id)
+    }
+
+    /// Moves a member to another underlay address.
+    pub fn set_addr(&mut self, id: NodeId, addr: IpAddr) -> Result<(), MembersError> {
+        match self.by_addr.get(&addr) {
+            Some(&other) if other != id => return Err(MembersError::DuplicateAddr(addr)),
+            _ => {}
+        }
+        if let Some(m) = self.list.get_mut(id.index()) {
+            self.by_addr.remove(&m.addr);
+            m.addr = addr;
+            self.by_addr.insert(addr, id);
+        }
+        Ok(())
     }
 
     pub fn get(&self, id: NodeId) -> Option<&Member> {

@@ -1,12 +1,14 @@
 //! The per-node state machine: packets in, verdicts out.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use ringlb_wire::{clamp_tcp_mss, classify, FlowKey, PacketMeta, L4};
 
 use crate::placement::Placement;
 use crate::{
-    Candidate, Counters, DropReason, FlowConfig, FlowState, FlowTable, Members, NodeId, Policy, Rng, Timestamp,
+    Candidate, Counters, DropReason, FlowConfig, FlowState, FlowTable, LoadReport, Member, MemberState, Members,
+    NodeId, Policy, Rng, Timestamp,
 };
 
 /// What the IO layer must do with a packet.
@@ -38,6 +40,21 @@ pub struct NodeConfig {
     pub policy: Policy,
     /// Seeds the placement RNG and the flow-table hash key.
     pub seed: u64,
+    /// What happens to TCP flows pinned to a member that died.
+    pub on_failure: FailurePolicy,
+    /// A member whose load vectors stop arriving for this long takes no new flows, as if
+    /// suspect. Members that never sent one (static member lists) are not affected.
+    pub load_stale_after: Duration,
+}
+
+/// What to do with TCP flows pinned to a member that died (UDP flows are always re-placed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Hand the flow's packets to the local kernel, which has no such connection and answers
+    /// with a RST: the client reconnects at once instead of hanging.
+    Reset,
+    /// Place the flow anew; the new server resets it unless it shares connection state.
+    Replace,
 }
 
 /// One ringlb node's decisions. See the crate documentation.
@@ -52,6 +69,8 @@ pub struct Node {
     forwarded_to: Vec<u64>,
     /// Reused for every placement, so placing allocates nothing.
     candidates: Vec<Candidate>,
+    /// Flows this node serves that other entries forwarded here, to report its own load.
+    served: FlowTable,
 }
 
 impl Node {
@@ -60,7 +79,9 @@ impl Node {
         assert!(members.get(config.local).is_some(), "local node {:?} is not a member", config.local);
         let mut rng = Rng::seed(config.seed);
         let flows = FlowTable::new(config.flows.clone(), rng.next_u64());
+        let served = FlowTable::new(config.flows.clone(), rng.next_u64());
         Node {
+            served,
             forwarded_to: vec![0; members.len()],
             candidates: Vec::with_capacity(members.len()),
             config,
@@ -136,10 +157,11 @@ impl Node {
     }
 
     /// A carrier packet from `outer_src` whose payload is `inner`: a flow another entry placed
-    /// here. Accepted only from members and only for the VIP.
-    pub fn on_carrier_packet(&mut self, outer_src: IpAddr, inner: &[u8]) -> Verdict {
+    /// here. Accepted only from members that are not known dead, and only for the VIP.
+    pub fn on_carrier_packet(&mut self, now: Timestamp, outer_src: IpAddr, inner: &[u8]) -> Verdict {
         match self.members.by_addr(outer_src) {
-            Some(id) if id != self.config.local => {}
+            Some(id)
+                if id != self.config.local && self.members.get(id).is_some_and(|m| m.state != MemberState::Dead) => {}
             _ => return self.drop(DropReason::NotMember),
         }
         let meta = match classify(inner) {
@@ -150,7 +172,79 @@ impl Node {
             return self.drop(DropReason::NotVip);
         }
         self.counters.decapsulated += 1;
+        if !matches!(meta.l4, L4::Icmp) {
+            self.track_served(now, &meta);
+        }
         Verdict::Deliver
+    }
+
+    fn track_served(&mut self, now: Timestamp, meta: &PacketMeta) {
+        let local = self.config.local;
+        if let Some(h) = self.served.find(&meta.key) {
+            let next = next_state(self.served.state(h), meta.l4);
+            self.served.touch(h, now, next);
+        } else {
+            let state = initial_state(meta.l4);
+            if state != FlowState::TcpEstablished {
+                self.counters.served_new_flows += 1;
+            }
+            self.served.insert(now, meta.key, local, state);
+        }
+    }
+
+    /// Flows this node serves: those it placed on itself as an entry plus those other entries
+    /// forwarded to it. This is the load it reports to its peers.
+    pub fn served_flows(&self) -> usize {
+        self.flows.flows_on(self.config.local) as usize + self.served.len()
+    }
+
+    /// Adds a member or updates its address, weight and state (from the control plane).
+    pub fn upsert_member(
+        &mut self,
+        name: &str,
+        addr: IpAddr,
+        weight: f64,
+        state: MemberState,
+    ) -> Result<NodeId, crate::MembersError> {
+        let id = match self.members.by_name(name) {
+            Some(id) => {
+                if self.members.get(id).is_some_and(|m| m.addr != addr) {
+                    self.members.set_addr(id, addr)?;
+                }
+                id
+            }
+            None => {
+                let id = self.members.add(Member::new(name, addr, weight))?;
+                self.forwarded_to.resize(self.members.len(), 0);
+                id
+            }
+        };
+        if let Some(m) = self.members.get_mut(id) {
+            m.weight = weight;
+            m.state = state;
+        }
+        Ok(id)
+    }
+
+    /// Records a member's load vector received at `now`.
+    pub fn set_load(&mut self, id: NodeId, report: LoadReport, weight: f64, draining: bool) {
+        if let Some(m) = self.members.get_mut(id) {
+            m.load = Some(report);
+            m.weight = weight;
+            if draining && m.state == MemberState::Alive {
+                m.state = MemberState::Draining;
+            } else if !draining && m.state == MemberState::Draining {
+                m.state = MemberState::Alive;
+            }
+        }
+    }
+
+    /// Stops (or resumes) taking new flows on this node; pinned flows finish here.
+    pub fn set_draining(&mut self, draining: bool) {
+        let local = self.config.local;
+        if let Some(m) = self.members.get_mut(local) {
+            m.state = if draining { MemberState::Draining } else { MemberState::Alive };
+        }
     }
 
     /// When [`Node::handle_timeout`] next has work.
@@ -162,6 +256,7 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Timestamp) {
         let n = self.flows.expire(now);
         self.counters.flows_expired += n as u64;
+        self.served.expire(now);
     }
 
     fn max_mss(&self) -> u16 {
@@ -175,15 +270,15 @@ impl Node {
         if let Some(h) = self.flows.find(&key) {
             let next = next_state(self.flows.state(h), meta.l4);
             self.flows.touch(h, now, next);
-            return self.flows.target(h);
+            let target = self.flows.target(h);
+            if self.members.get(target).is_some_and(|m| m.state == MemberState::Dead) {
+                return self.rescue(now, h, meta);
+            }
+            return target;
         }
-        let (state, by_policy) = match meta.l4 {
-            L4::Tcp(f) if f.syn && !f.ack => (FlowState::TcpHandshake, true),
-            L4::Tcp(f) if f.fin || f.rst => (FlowState::TcpClosing, false),
-            L4::Tcp(_) => (FlowState::TcpEstablished, false),
-            _ => (FlowState::Udp, true),
-        };
-        let target = self.place(&key, by_policy);
+        let state = initial_state(meta.l4);
+        let by_policy = !matches!(state, FlowState::TcpEstablished | FlowState::TcpClosing);
+        let target = self.place(now, &key, by_policy);
         let ins = self.flows.insert(now, key, target, state);
         self.counters.flows_created += 1;
         if ins.evicted.is_some() {
@@ -192,14 +287,39 @@ impl Node {
         target
     }
 
-    fn place(&mut self, key: &FlowKey, by_policy: bool) -> NodeId {
+    /// A packet of a flow pinned to a member that died.
+    fn rescue(&mut self, now: Timestamp, h: u32, meta: &PacketMeta) -> NodeId {
+        let target = match (meta.l4, self.config.on_failure) {
+            (L4::Tcp(_), FailurePolicy::Reset) => {
+                self.counters.flows_reset += 1;
+                self.config.local
+            }
+            _ => {
+                self.counters.flows_replaced += 1;
+                self.place(now, &meta.key, true)
+            }
+        };
+        self.flows.retarget(h, target);
+        target
+    }
+
+    fn place(&mut self, now: Timestamp, key: &FlowKey, by_policy: bool) -> NodeId {
         self.candidates.clear();
+        let stale_after = self.config.load_stale_after;
         for (id, m) in self.members.iter() {
+            let pinned = f64::from(self.flows.flows_on(id));
+            let (load, fresh) = match (&m.load, id == self.config.local) {
+                (_, true) => (self.served_flows() as f64, true),
+                (Some(r), false) => {
+                    (pinned.max(f64::from(r.served_flows)), now.saturating_since(r.received) <= stale_after)
+                }
+                (None, false) => (pinned, true),
+            };
             self.candidates.push(Candidate {
                 id,
                 weight: m.weight,
-                load: f64::from(self.flows.flows_on(id)),
-                eligible: m.state.takes_new_flows(),
+                load,
+                eligible: m.state.takes_new_flows() && fresh,
                 name_hash: m.name_hash,
             });
         }
@@ -216,10 +336,20 @@ impl Node {
         };
         if target == self.config.local {
             self.counters.placed_local += 1;
+            self.counters.served_new_flows += 1;
         } else {
             self.counters.placed_peer += 1;
         }
         target
+    }
+}
+
+fn initial_state(l4: L4) -> FlowState {
+    match l4 {
+        L4::Tcp(f) if f.syn && !f.ack => FlowState::TcpHandshake,
+        L4::Tcp(f) if f.fin || f.rst => FlowState::TcpClosing,
+        L4::Tcp(_) => FlowState::TcpEstablished,
+        _ => FlowState::Udp,
     }
 }
 
@@ -264,6 +394,8 @@ mod tests {
                 flows: FlowConfig::default(),
                 policy,
                 seed: 42,
+                on_failure: FailurePolicy::Reset,
+                load_stale_after: Duration::from_secs(1),
             },
             members,
         )
@@ -354,14 +486,74 @@ mod tests {
         ];
         for (mut pkt, reason) in cases {
             assert_eq!(n.on_tun_packet(at(0), &mut pkt.clone()), Verdict::Drop(reason));
-            assert_eq!(n.on_carrier_packet(ip([10, 77, 0, 2]), &pkt), Verdict::Drop(reason));
+            assert_eq!(n.on_carrier_packet(at(0), ip([10, 77, 0, 2]), &pkt), Verdict::Drop(reason));
             assert_eq!(n.counters().drops(reason), 2);
             pkt.clear();
         }
-        assert_eq!(n.on_carrier_packet(ip([10, 77, 0, 9]), &good), Verdict::Drop(DropReason::NotMember));
-        assert_eq!(n.on_carrier_packet(ip([10, 77, 0, 1]), &good), Verdict::Drop(DropReason::NotMember), "self");
-        assert_eq!(n.on_carrier_packet(ip([10, 77, 0, 3]), &good), Verdict::Deliver);
+        assert_eq!(n.on_carrier_packet(at(0), ip([10, 77, 0, 9]), &good), Verdict::Drop(DropReason::NotMember));
+        assert_eq!(n.on_carrier_packet(at(0), ip([10, 77, 0, 1]), &good), Verdict::Drop(DropReason::NotMember), "self");
+        assert_eq!(n.on_carrier_packet(at(0), ip([10, 77, 0, 3]), &good), Verdict::Deliver);
         assert_eq!(n.counters().decapsulated, 1);
+    }
+
+    #[test]
+    fn flows_of_a_dead_member_are_reset_or_replaced() {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.0 });
+        let mut pinned = Vec::new();
+        for port in 0..30 {
+            let t = target(n.on_tun_packet(at(0), &mut syn(port))).unwrap();
+            let u = target(n.on_tun_packet(at(0), &mut udp_v4(CLIENT, VIP, port, 53, b"q"))).unwrap();
+            pinned.push((port, t, u));
+        }
+        n.upsert_member("n3", ip([10, 77, 0, 3]), 1.0, MemberState::Dead).unwrap();
+        for (port, t, u) in pinned {
+            let t2 = target(n.on_tun_packet(at(1), &mut tcp_v4(CLIENT, VIP, port, 80, ACK, &[]))).unwrap();
+            let u2 = target(n.on_tun_packet(at(1), &mut udp_v4(CLIENT, VIP, port, 53, b"q"))).unwrap();
+            if t == NodeId(2) {
+                assert_eq!(t2, NodeId(0), "tcp flow of the dead node goes to the local kernel, which resets it");
+            } else {
+                assert_eq!(t2, t, "tcp flows of live nodes stay");
+            }
+            assert_ne!(u2, NodeId(2), "udp flow re-placed away from the dead node");
+            if u != NodeId(2) {
+                assert_eq!(u2, u);
+            }
+        }
+        assert!(n.counters().flows_reset > 0 && n.counters().flows_replaced > 0);
+        // Its carrier packets are refused from now on.
+        let good = udp_v4(CLIENT, VIP, 1, 53, b"q");
+        assert_eq!(n.on_carrier_packet(at(1), ip([10, 77, 0, 3]), &good), Verdict::Drop(DropReason::NotMember));
+    }
+
+    #[test]
+    fn stale_or_draining_members_take_no_new_flows_and_load_reports_count() {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.0 });
+        let report =
+            |served, at_ms| LoadReport { served_flows: served, new_flows_per_sec: 0.0, cpu: 0.0, received: at(at_ms) };
+        // n2 reports fresh; n3 reported long ago: only n1 and n2 take flows.
+        n.set_load(NodeId(1), report(0, 5_000), 1.0, false);
+        n.set_load(NodeId(2), report(0, 0), 1.0, false);
+        for port in 0..40 {
+            assert_ne!(target(n.on_tun_packet(at(5_100), &mut syn(port))), Some(NodeId(2)), "stale n3 chosen");
+        }
+        // n2 says it is busy with other entries' flows: it gets less.
+        n.set_load(NodeId(1), report(100, 5_200), 1.0, false);
+        n.set_load(NodeId(2), report(0, 5_200), 1.0, false);
+        let mut got = [0; 3];
+        for port in 100..160 {
+            got[target(n.on_tun_packet(at(5_300), &mut syn(port))).unwrap().index()] += 1;
+        }
+        assert!(got[1] < got[2], "reported load ignored: {got:?}");
+        // Draining: no new flows, pinned ones stay.
+        n.set_load(NodeId(2), report(0, 5_400), 1.0, true);
+        n.set_draining(true);
+        for port in 200..230 {
+            assert_eq!(target(n.on_tun_packet(at(5_500), &mut syn(port))), Some(NodeId(1)));
+        }
+        assert_eq!(
+            target(n.on_tun_packet(at(5_500), &mut tcp_v4(CLIENT, VIP, 100, 80, ACK, &[]))).map(|t| t.index() < 3),
+            Some(true)
+        );
     }
 
     #[test]

@@ -123,7 +123,8 @@ impl Driver {
                 Event::Tun(Err(e)) if is_transient(&e) => {}
                 Event::Tun(Err(e)) => return Err(e),
                 Event::Carrier(Ok(rx)) => {
-                    let verdict = self.node.on_carrier_packet(rx.from, &carrier_buf[rx.inner.clone()]);
+                    let now = self.now();
+                    let verdict = self.node.on_carrier_packet(now, rx.from, &carrier_buf[rx.inner.clone()]);
                     tracing::trace!(from = %rx.from, len = rx.inner.len(), ?verdict, "carrier packet");
                     if verdict == Verdict::Deliver {
                         self.deliver(&carrier_buf[rx.inner]).await;

@@ -147,6 +147,8 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
             flows: config.flow_config(),
             policy: config.policy(),
             seed: config.placement.seed.unwrap_or_else(random_seed),
+            on_failure: ringlb_core::FailurePolicy::Reset,
+            load_stale_after: std::time::Duration::from_secs(1),
         },
         members,
     );
