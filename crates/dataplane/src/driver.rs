@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use ringlb_core::{Counters, DropReason, MemberState, Node, Timestamp, Verdict};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::AsyncDevice;
 
 use crate::carrier::{Carrier, RecvError};
@@ -65,6 +65,28 @@ pub struct Driver {
     carrier: Carrier,
     origin: Instant,
     requests: mpsc::Receiver<oneshot::Sender<Snapshot>>,
+    updates: mpsc::Receiver<NodeUpdate>,
+    load: watch::Sender<NodeLoad>,
+}
+
+/// A change to apply to the core between packets (members, loads, drain), from the control
+/// plane. A closure keeps this crate free of the control plane's types.
+pub type NodeUpdate = Box<dyn FnOnce(&mut Node, Timestamp) + Send>;
+
+/// This node's own load, published every tick for the control plane's load vector.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeLoad {
+    pub served_flows: u32,
+    /// Monotonic count of new flows served.
+    pub served_new_flows: u64,
+}
+
+/// How the rest of the process talks to a running [`Driver`].
+#[derive(Debug)]
+pub struct DriverHandle {
+    pub snapshots: SnapshotRequests,
+    pub updates: mpsc::Sender<NodeUpdate>,
+    pub load: watch::Receiver<NodeLoad>,
 }
 
 /// Asks the packet loop for a fresh [`Snapshot`].
@@ -91,12 +113,16 @@ enum Event {
     Carrier(Result<crate::carrier::Received, RecvError>),
     Tick,
     Snapshot(oneshot::Sender<Snapshot>),
+    Update(NodeUpdate),
 }
 
 impl Driver {
-    pub fn new(node: Node, tun: AsyncDevice, carrier: Carrier) -> (Self, SnapshotRequests) {
+    pub fn new(node: Node, tun: AsyncDevice, carrier: Carrier) -> (Self, DriverHandle) {
         let (tx, rx) = mpsc::channel(16);
-        (Driver { node, tun, carrier, origin: Instant::now(), requests: rx }, SnapshotRequests(tx))
+        let (up_tx, up_rx) = mpsc::channel(1024);
+        let (load_tx, load_rx) = watch::channel(NodeLoad::default());
+        let driver = Driver { node, tun, carrier, origin: Instant::now(), requests: rx, updates: up_rx, load: load_tx };
+        (driver, DriverHandle { snapshots: SnapshotRequests(tx), updates: up_tx, load: load_rx })
     }
 
     fn now(&self) -> Timestamp {
@@ -116,6 +142,7 @@ impl Driver {
                 r = self.carrier.recv(&mut carrier_buf) => Event::Carrier(r),
                 _ = tick.tick() => Event::Tick,
                 Some(reply) = self.requests.recv() => Event::Snapshot(reply),
+                Some(update) = self.updates.recv() => Event::Update(update),
                 () = &mut shutdown => break,
             };
             match event {
@@ -142,6 +169,14 @@ impl Driver {
                 Event::Tick => {
                     let now = self.now();
                     self.node.handle_timeout(now);
+                    self.load.send_replace(NodeLoad {
+                        served_flows: u32::try_from(self.node.served_flows()).unwrap_or(u32::MAX),
+                        served_new_flows: self.node.counters().served_new_flows,
+                    });
+                }
+                Event::Update(update) => {
+                    let now = self.now();
+                    update(&mut self.node, now);
                 }
                 Event::Snapshot(reply) => {
                     let _ = reply.send(snapshot(&self.node));

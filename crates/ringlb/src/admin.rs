@@ -6,34 +6,56 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
+use ringlb_control::ControlHandle;
 use ringlb_core::{DropReason, MemberState};
 use ringlb_dataplane::{Snapshot, SnapshotRequests};
+use ringlb_wire::control::UpdateState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-pub async fn serve(listener: TcpListener, snapshots: SnapshotRequests, node: String) {
+pub async fn serve(listener: TcpListener, snapshots: SnapshotRequests, control: Option<ControlHandle>, node: String) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else { continue };
         let snapshots = snapshots.clone();
         let node = node.clone();
+        let control = control.clone();
         tokio::spawn(async move {
-            let Some(snapshot) = snapshots.get().await else { return };
-            if let Err(e) = answer(stream, &snapshot, &node).await {
+            if let Err(e) = answer(stream, &snapshots, control.as_ref(), &node).await {
                 tracing::debug!(%peer, error = %e, "admin request failed");
             }
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, snapshot: &Snapshot, node: &str) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    snapshots: &SnapshotRequests,
+    control: Option<&ControlHandle>,
+    node: &str,
+) -> std::io::Result<()> {
     let mut buf = [0u8; 1024];
     let n = stream.read(&mut buf).await?;
     let request = String::from_utf8_lossy(&buf[..n]);
     let path = request.split_whitespace().nth(1).unwrap_or("/");
-    let (status, body) = match path {
-        "/metrics" => ("200 OK", metrics(snapshot, node)),
-        "/status" => ("200 OK", status(snapshot, node)),
-        _ => ("404 Not Found", "try /metrics or /status\n".to_owned()),
+    let drain = match path {
+        "/drain" => Some(true),
+        "/undrain" => Some(false),
+        _ => None,
+    };
+    let (status, body) = if let Some(on) = drain {
+        match control {
+            Some(c) if c.drain(on).await => {
+                ("200 OK", format!("{node}: {}\n", if on { "draining: no new flows" } else { "taking new flows" }))
+            }
+            _ => ("409 Conflict", "drain needs the control plane ([control] in the config)\n".to_owned()),
+        }
+    } else {
+        let Some(snapshot) = snapshots.get().await else { return Ok(()) };
+        match path {
+            "/metrics" => ("200 OK", metrics(&snapshot, control, node)),
+            "/status" => ("200 OK", status(&snapshot, control, node)),
+            _ => ("404 Not Found", "try /metrics, /status, /drain or /undrain\n".to_owned()),
+        }
     };
     let head = format!(
         "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n",
@@ -54,7 +76,7 @@ fn state_name(s: MemberState) -> &'static str {
 }
 
 /// Prometheus text exposition.
-pub fn metrics(s: &Snapshot, node: &str) -> String {
+pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> String {
     let c = &s.counters;
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, value: u64| {
@@ -103,41 +125,97 @@ pub fn metrics(s: &Snapshot, node: &str) -> String {
             m.name, m.forwarded_packets
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_peer_up Whether the member takes new flows (1) or not (0).\n# TYPE ringlb_peer_up gauge"
+    );
+    for m in &s.members {
+        let up = u8::from(m.state == MemberState::Alive);
+        let _ = writeln!(out, "ringlb_peer_up{{node=\"{node}\",peer=\"{}\"}} {up}", m.name);
+    }
+    if let Some(c) = control {
+        let r = c.refusals();
+        let _ = writeln!(out, "# HELP ringlb_control_refused_total Control peers or messages refused, by reason.\n# TYPE ringlb_control_refused_total counter");
+        for (reason, v) in [("tls", r.tls), ("identity", r.identity), ("malformed", r.malformed)] {
+            let _ = writeln!(out, "ringlb_control_refused_total{{node=\"{node}\",reason=\"{reason}\"}} {v}");
+        }
+        let members = c.members();
+        let alive = members.iter().filter(|m| m.state == UpdateState::Alive).count();
+        let _ = writeln!(out, "# HELP ringlb_members_alive Members seen alive, this node included.\n# TYPE ringlb_members_alive gauge\nringlb_members_alive{{node=\"{node}\"}} {alive}");
+        for m in &members {
+            if let Some(age) = m.load_age {
+                let _ = writeln!(
+                    out,
+                    "ringlb_peer_load_age_seconds{{node=\"{node}\",peer=\"{}\"}} {:.3}",
+                    m.name,
+                    age.as_secs_f64()
+                );
+            }
+            if let Some(rtt) = m.rtt {
+                let _ = writeln!(
+                    out,
+                    "ringlb_peer_rtt_seconds{{node=\"{node}\",peer=\"{}\"}} {:.6}",
+                    m.name,
+                    rtt.as_secs_f64()
+                );
+            }
+        }
+    }
     out
 }
 
 /// The member table and the main counters, for `ringlb status`.
-pub fn status(s: &Snapshot, node: &str) -> String {
+pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> String {
     let c = &s.counters;
-    let mut out = format!("node {node}: {} flows tracked, {} dropped packets\n", s.flows, c.total_drops());
+    let mut out = format!("node {node}: {} flows tracked, {} dropped packets", s.flows, c.total_drops());
+    if control.is_some_and(ControlHandle::draining) {
+        out.push_str(", DRAINING");
+    }
+    out.push('\n');
+    let views: Vec<_> = control.map(ControlHandle::members).unwrap_or_default();
     let _ = writeln!(
         out,
-        "{:<12} {:<16} {:<9} {:>6} {:>8} {:>12}",
-        "MEMBER", "ADDRESS", "STATE", "WEIGHT", "FLOWS", "FORWARDED"
+        "{:<10} {:<15} {:<9} {:>6} {:>8} {:>7} {:>5} {:>8} {:>6} {:>10}",
+        "MEMBER", "ADDRESS", "STATE", "WEIGHT", "RTT", "SERVES", "CPU", "LOAD AGE", "FLOWS", "FORWARDED"
     );
     for m in &s.members {
         let name = if m.is_local { format!("{} *", m.name) } else { m.name.clone() };
         let fwd = if m.is_local { "-".to_owned() } else { m.forwarded_packets.to_string() };
+        let v = views.iter().find(|v| v.name == m.name);
+        let rtt = v.and_then(|v| v.rtt).map_or("-".to_owned(), |r| format!("{:.2}ms", r.as_secs_f64() * 1e3));
+        let load = v.and_then(|v| v.load);
+        let serves = load.map_or("-".to_owned(), |l| l.served_flows.to_string());
+        let cpu = load.map_or("-".to_owned(), |l| format!("{:.0}%", l.cpu * 100.0));
+        let age = v.and_then(|v| v.load_age).map_or("-".to_owned(), |a| format!("{}ms", a.as_millis()));
         let _ = writeln!(
             out,
-            "{:<12} {:<16} {:<9} {:>6} {:>8} {:>12}",
+            "{:<10} {:<15} {:<9} {:>6} {:>8} {:>7} {:>5} {:>8} {:>6} {:>10}",
             name,
             m.addr,
             state_name(m.state),
             m.weight,
+            rtt,
+            serves,
+            cpu,
+            age,
             m.flows,
             fwd
         );
     }
     let _ = writeln!(
         out,
-        "packets: {} delivered locally, {} forwarded, {} received from peers",
-        c.delivered_local, c.forwarded, c.decapsulated
+        "packets: {} delivered locally, {} forwarded, {} received from peers; flows: {} served here, {} reset after a member died",
+        c.delivered_local, c.forwarded, c.decapsulated, c.served_new_flows, c.flows_reset
     );
     let drops: Vec<String> =
         DropReason::ALL.iter().filter(|r| c.drops(**r) > 0).map(|r| format!("{}={}", r.name(), c.drops(*r))).collect();
     if !drops.is_empty() {
         let _ = writeln!(out, "drops: {}", drops.join(" "));
+    }
+    if let Some(r) = control.map(ControlHandle::refusals) {
+        if r != ringlb_control::Refusals::default() {
+            let _ = writeln!(out, "control refused: tls={} identity={} malformed={}", r.tls, r.identity, r.malformed);
+        }
     }
     out
 }

@@ -26,8 +26,70 @@ pub struct Config {
     pub placement: PlacementSection,
     #[serde(default)]
     pub admin: AdminSection,
-    /// Every member of the cluster, this node included.
+    #[serde(default)]
+    pub failure: FailureSection,
+    /// The QUIC control plane; without it the member list below is static.
+    #[serde(default)]
+    pub control: Option<ControlSection>,
+    /// Members known in advance, this node included. With a control plane, the rest are
+    /// learned from the seeds and this may list only this node, or nothing when
+    /// `node.address` is set.
+    #[serde(default)]
     pub members: Vec<MemberEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    /// Address and UDP port of this node's QUIC endpoint; peers reach it there.
+    pub listen: SocketAddr,
+    /// Nodes to join through, as "name@address:port".
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// Cluster CA certificate, this node's certificate and key (`ringlb cert`).
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default = "default_probe_interval", with = "humantime_serde")]
+    pub probe_interval: Duration,
+    #[serde(default = "default_suspicion_timeout", with = "humantime_serde")]
+    pub suspicion_timeout: Duration,
+    #[serde(default = "default_load_interval", with = "humantime_serde")]
+    pub load_interval: Duration,
+}
+
+fn default_probe_interval() -> Duration {
+    ringlb_core::membership::MembershipConfig::default().probe_interval
+}
+fn default_suspicion_timeout() -> Duration {
+    ringlb_core::membership::MembershipConfig::default().suspicion_timeout
+}
+fn default_load_interval() -> Duration {
+    Duration::from_millis(250)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TcpOnFailure {
+    Reset,
+    Replace,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailureSection {
+    /// TCP flows pinned to a member that died: "reset" (the client reconnects at once) or
+    /// "replace" (place anew). UDP flows are always placed anew.
+    pub tcp: TcpOnFailure,
+    /// A member whose load vectors stop for this long takes no new flows.
+    #[serde(with = "humantime_serde")]
+    pub load_stale_after: Duration,
+}
+
+impl Default for FailureSection {
+    fn default() -> Self {
+        FailureSection { tcp: TcpOnFailure::Reset, load_stale_after: Duration::from_millis(1000) }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +101,12 @@ pub struct NodeSection {
     pub vip: IpAddr,
     /// Interface client traffic and carrier packets arrive on.
     pub underlay_interface: String,
+    /// This node's underlay address, when it is not listed in `members`.
+    #[serde(default)]
+    pub address: Option<IpAddr>,
+    /// This node's capacity weight, when it is not listed in `members`.
+    #[serde(default)]
+    pub weight: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,6 +277,12 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, String
     }
 }
 
+/// Parses a seed "name@address:port".
+pub fn parse_seed(seed: &str) -> Option<(String, SocketAddr)> {
+    let (name, addr) = seed.split_once('@')?;
+    Some((name.to_owned(), addr.parse().ok()?)).filter(|(n, _)| ringlb_control::certs::valid_name(n))
+}
+
 /// One figment error as `config error: KEY = VALUE: PROBLEM (in SOURCE)`.
 fn describe(fig: &Figment, e: &figment::Error) -> String {
     use figment::error::Kind;
@@ -239,10 +313,33 @@ impl Config {
         if self.node.underlay_interface.is_empty() {
             p.push("node.underlay_interface = \"\": must name an interface".into());
         }
-        if self.members.is_empty() {
-            p.push("members: at least this node must be listed".into());
-        } else if !self.members.iter().any(|m| m.name == self.node.name) {
-            p.push(format!("node.name = {:?}: not among members", self.node.name));
+        if self.local_member().is_none() {
+            p.push(format!("node.name = {:?}: not among members, and node.address is not set", self.node.name));
+        }
+        if self.control.is_none() && self.members.is_empty() {
+            p.push("members: empty, and there is no [control] to learn them from".into());
+        }
+        if let Some(c) = &self.control {
+            if !ringlb_control::certs::valid_name(&self.node.name) {
+                p.push(format!(
+                    "node.name = {:?}: with [control] it is a certificate name: a-z, 0-9, '-'",
+                    self.node.name
+                ));
+            }
+            for (i, seed) in c.seeds.iter().enumerate() {
+                if parse_seed(seed).is_none() {
+                    p.push(format!("control.seeds[{i}] = {seed:?}: expected \"name@address:port\""));
+                }
+            }
+            for (key, d) in [
+                ("control.probe_interval", c.probe_interval),
+                ("control.suspicion_timeout", c.suspicion_timeout),
+                ("control.load_interval", c.load_interval),
+            ] {
+                if d.is_zero() {
+                    p.push(format!("{key} = \"0s\": must be longer than zero"));
+                }
+            }
         }
         for (i, m) in self.members.iter().enumerate() {
             if !m.weight.is_finite() || m.weight < 0.0 {
@@ -310,8 +407,16 @@ impl Config {
         }
     }
 
-    pub fn local_member(&self) -> Option<&MemberEntry> {
-        self.members.iter().find(|m| m.name == self.node.name)
+    /// This node as a member: from `members`, or from `node.address` and `node.weight`.
+    pub fn local_member(&self) -> Option<MemberEntry> {
+        if let Some(m) = self.members.iter().find(|m| m.name == self.node.name) {
+            return Some(m.clone());
+        }
+        self.node.address.map(|addr| MemberEntry {
+            name: self.node.name.clone(),
+            addr,
+            weight: self.node.weight.unwrap_or(1.0),
+        })
     }
 
     pub fn steering(&self) -> ringlb_dataplane::steering::SteeringConfig {

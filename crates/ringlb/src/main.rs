@@ -1,17 +1,22 @@
-//! The `ringlb` binary: CLI, configuration, and wiring of core, data plane and admin endpoint.
+//! The `ringlb` binary: CLI, configuration, and wiring of core, data plane, control plane and
+//! admin endpoint.
 
 mod admin;
 mod config;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use ringlb_core::{Member, Members, Node, NodeConfig};
-use ringlb_dataplane::{Carrier, Driver};
+use ringlb_control::{ControlConfig, ControlEvent, ControlHandle, LocalLoad};
+use ringlb_core::membership::{Identity, MembershipConfig};
+use ringlb_core::{LoadReport, Member, Members, Node, NodeConfig};
+use ringlb_dataplane::{Carrier, Driver, NodeUpdate};
+use tokio::sync::{mpsc, watch};
 
-use config::{CarrierOverrides, Config, NodeOverrides, Overrides};
+use config::{CarrierOverrides, Config, NodeOverrides, Overrides, TcpOnFailure};
 
 /// A decentralized layer-4 load balancer: every node serves and forwards.
 #[derive(Debug, Parser)]
@@ -50,6 +55,34 @@ enum Command {
     Status,
     /// Print the running node's Prometheus metrics.
     Metrics,
+    /// Stop taking new flows on this node; flows it serves finish.
+    Drain,
+    /// Take new flows again.
+    Undrain,
+    /// Cluster certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Create the cluster CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long, default_value = "/etc/ringlb/pki")]
+        dir: PathBuf,
+    },
+    /// Issue NODE.pem and NODE.key in DIR, signed by the CA there.
+    Issue {
+        #[arg(long, default_value = "/etc/ringlb/pki")]
+        dir: PathBuf,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        ip: std::net::IpAddr,
+        /// Validity in days.
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+    },
 }
 
 impl Cli {
@@ -71,6 +104,15 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Cert(cmd) = &cli.command {
+        return match cert(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match config::load(cli.config.as_deref(), &cli.overrides()) {
         Ok(c) => c,
         Err(msg) => {
@@ -87,32 +129,45 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command, config: Config) -> anyhow::Result<()> {
-    match command {
-        Command::Check => {
-            println!("{config:#?}");
-            Ok(())
+fn cert(cmd: &CertCommand) -> anyhow::Result<()> {
+    match cmd {
+        CertCommand::Init { dir } => {
+            let path = ringlb_control::certs::init_ca(dir)?;
+            println!("created cluster CA {}", path.display());
         }
+        CertCommand::Issue { dir, node, ip, days } => {
+            let path = ringlb_control::certs::issue(dir, node, *ip, Duration::from_secs(days * 86_400))?;
+            println!("issued {} for node {node} ({ip}), valid {days} days", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    let admin_call = |path: &str| -> anyhow::Result<String> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(admin::fetch(config.admin.listen, path))
+            .with_context(|| format!("no node answering on admin.listen = {}", config.admin.listen))
+    };
+    match command {
+        Command::Check => println!("{config:#?}"),
         Command::Setup => {
             config.check_host().map_err(anyhow::Error::msg)?;
-            Ok(config.steering().setup()?)
+            config.steering().setup()?;
         }
-        Command::Teardown => Ok(config.steering().teardown()?),
-        Command::Status | Command::Metrics => {
-            let path = if matches!(command, Command::Status) { "/status" } else { "/metrics" };
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let body = rt
-                .block_on(admin::fetch(config.admin.listen, path))
-                .with_context(|| format!("no node answering on admin.listen = {}", config.admin.listen))?;
-            print!("{body}");
-            Ok(())
-        }
+        Command::Teardown => config.steering().teardown()?,
+        Command::Status => print!("{}", admin_call("/status")?),
+        Command::Metrics => print!("{}", admin_call("/metrics")?),
+        Command::Drain => print!("{}", admin_call("/drain")?),
+        Command::Undrain => print!("{}", admin_call("/undrain")?),
+        Command::Cert(_) => unreachable!("handled before the config is loaded"),
         Command::Node => {
             config.check_host().map_err(anyhow::Error::msg)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(run_node(config))
+            rt.block_on(run_node(config))?;
         }
     }
+    Ok(())
 }
 
 fn underlay_mtu(ifname: &str) -> anyhow::Result<u16> {
@@ -127,8 +182,11 @@ fn random_seed() -> u64 {
 }
 
 async fn run_node(config: Config) -> anyhow::Result<()> {
-    let local = config.local_member().context("node.name is not among members")?.clone();
-    let members = Members::new(config.members.iter().map(|m| Member::new(&m.name, m.addr, m.weight)))?;
+    let local = config.local_member().context("node.name is not among members")?;
+    let mut members = vec![Member::new(&local.name, local.addr, local.weight)];
+    members
+        .extend(config.members.iter().filter(|m| m.name != local.name).map(|m| Member::new(&m.name, m.addr, m.weight)));
+    let members = Members::new(members)?;
     let local_id = members.by_name(&local.name).context("node.name is not among members")?;
     let tun_mtu = match config.tun.mtu {
         Some(m) => m,
@@ -147,23 +205,122 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
             flows: config.flow_config(),
             policy: config.policy(),
             seed: config.placement.seed.unwrap_or_else(random_seed),
-            on_failure: ringlb_core::FailurePolicy::Reset,
-            load_stale_after: std::time::Duration::from_secs(1),
+            on_failure: match config.failure.tcp {
+                TcpOnFailure::Reset => ringlb_core::FailurePolicy::Reset,
+                TcpOnFailure::Replace => ringlb_core::FailurePolicy::Replace,
+            },
+            load_stale_after: config.failure.load_stale_after,
         },
         members,
     );
-    let (driver, snapshot) = Driver::new(node, tun, carrier);
+    let (driver, handle) = Driver::new(node, tun, carrier);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let control = match &config.control {
+        Some(c) => Some(start_control(c, &local, &handle, stop_rx.clone())?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("binding admin.listen = {}", config.admin.listen))?;
-    tokio::spawn(admin::serve(listener, snapshot, local.name.clone()));
+    let control_handle = control.as_ref().map(|(h, _)| h.clone());
+    tokio::spawn(admin::serve(listener, handle.snapshots.clone(), control_handle, local.name.clone()));
     tracing::info!(
         node = %local.name, vip = %config.node.vip, carrier = ?config.carrier.kind, tun_mtu,
-        members = config.members.len(), admin = %config.admin.listen, "ringlb node running"
+        control = config.control.is_some(), admin = %config.admin.listen, "ringlb node running"
     );
-    driver.run(shutdown_signal()).await?;
+    let mut stop = stop_rx.clone();
+    let dataplane = driver.run(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    tokio::pin!(dataplane);
+    tokio::select! {
+        r = &mut dataplane => r?,
+        _ = stop.changed() => {}
+    }
+    // The control plane announces the departure before the process exits.
+    if let Some((_, task)) = control {
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
     tracing::info!("ringlb node stopped");
     Ok(())
+}
+
+/// Starts the QUIC control plane and the two bridges between it and the data plane: members,
+/// loads and drain into the core; this node's load out to the load vector.
+fn start_control(
+    c: &config::ControlSection,
+    local: &config::MemberEntry,
+    handle: &ringlb_dataplane::DriverHandle,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<(ControlHandle, tokio::task::JoinHandle<()>)> {
+    let incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(1);
+    // Weights are small numbers that the load vector carries as f32.
+    #[allow(clippy::cast_possible_truncation)]
+    let weight = local.weight as f32;
+    let control_config = ControlConfig {
+        identity: Identity {
+            name: local.name.clone(),
+            underlay: local.addr,
+            control: c.listen,
+            weight,
+        },
+        listen: c.listen,
+        seeds: c.seeds.iter().filter_map(|s| config::parse_seed(s)).collect(),
+        tls: ringlb_control::tls::TlsFiles { ca: c.ca.clone(), cert: c.cert.clone(), key: c.key.clone() },
+        membership: MembershipConfig {
+            probe_interval: c.probe_interval,
+            suspicion_timeout: c.suspicion_timeout,
+            ..MembershipConfig::default()
+        },
+        load_interval: c.load_interval,
+        incarnation,
+    };
+    let (events_tx, mut events_rx) = mpsc::channel::<ControlEvent>(1024);
+    let (load_tx, load_rx) = watch::channel(LocalLoad::default());
+    let (control, task) = ringlb_control::driver::spawn(control_config, events_tx, load_rx, stop)
+        .context("starting the control plane")?;
+    let updates = handle.updates.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events_rx.recv().await {
+            if updates.send(node_update(ev)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut dp_load = handle.load.clone();
+    tokio::spawn(async move {
+        while dp_load.changed().await.is_ok() {
+            let l = *dp_load.borrow();
+            load_tx.send_replace(LocalLoad { served_flows: l.served_flows, served_new_flows: l.served_new_flows });
+        }
+    });
+    Ok((control, task))
+}
+
+fn node_update(ev: ControlEvent) -> NodeUpdate {
+    Box::new(move |node: &mut Node, now| match ev {
+        ControlEvent::Member { name, underlay, weight, state } => {
+            if let Err(e) = node.upsert_member(&name, underlay, weight, state) {
+                tracing::warn!(member = %name, error = %e, "member update refused");
+            }
+        }
+        ControlEvent::Load { name, load } => {
+            if let Some(id) = node.members().by_name(&name) {
+                let report = LoadReport {
+                    served_flows: load.served_flows,
+                    new_flows_per_sec: load.new_flows_per_sec,
+                    cpu: load.cpu,
+                    received: now,
+                };
+                node.set_load(id, report, f64::from(load.weight), load.draining);
+            }
+        }
+        ControlEvent::Drain(on) => node.set_draining(on),
+    })
 }
 
 async fn shutdown_signal() {
