@@ -30,6 +30,7 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 100);
 pub const ROUTER_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 254);
 const CARRIER_PORT: u16 = 6635;
+const CONTROL_PORT: u16 = 6636;
 /// Where labs keep configs, logs and pid files.
 pub const STATE_ROOT: &str = "/tmp/ringlb-netlab";
 
@@ -58,6 +59,9 @@ pub struct Spec {
     pub extra_config: String,
     /// Start ringlb on the nodes (false: plain servers, for direct-path baselines).
     pub start_ringlb: bool,
+    /// Run the QUIC control plane (certificates issued by the lab, node 1 as the seed);
+    /// without it every node gets the static member list.
+    pub control: bool,
 }
 
 impl Spec {
@@ -71,6 +75,7 @@ impl Spec {
             weights: Vec::new(),
             extra_config: String::new(),
             start_ringlb: true,
+            control: true,
         }
     }
 }
@@ -169,6 +174,7 @@ impl Lab {
         let bin = fs::read_to_string(dir.join("bin"))?;
         let mut spec = Spec::new(prefix, bin.trim());
         spec.nodes = nodes.trim().parse()?;
+        spec.control = dir.join("pki").exists();
         Ok(Lab { spec, dir, keep: true })
     }
 
@@ -177,10 +183,14 @@ impl Lab {
         down(&spec.prefix)?;
         let dir = Path::new(STATE_ROOT).join(&spec.prefix);
         fs::create_dir_all(&dir)?;
+        let keep_failed = std::env::var_os("NETLAB_KEEP_FAILED").is_some();
         fs::write(dir.join("nodes"), spec.nodes.to_string())?;
         fs::write(dir.join("bin"), spec.bin.to_string_lossy().as_bytes())?;
-        let lab = Lab { spec, dir, keep: false };
-        lab.build().context("building the lab")?;
+        let mut lab = Lab { spec, dir, keep: false };
+        if let Err(e) = lab.build() {
+            lab.keep = keep_failed;
+            return Err(e.context("building the lab"));
+        }
         Ok(lab)
     }
 
@@ -275,6 +285,9 @@ impl Lab {
             }
         };
         fs::write(self.dir.join("blob-small"), vec![b'x'; 1024])?;
+        if s.control && s.start_ringlb {
+            self.issue_certs()?;
+        }
         for i in 1..=s.nodes {
             fs::create_dir_all(self.node_dir(i))?;
             self.start_services(i)?;
@@ -285,26 +298,80 @@ impl Lab {
         for i in 1..=s.nodes {
             self.wait_ready(i)?;
         }
+        if s.control && s.start_ringlb {
+            let all: Vec<usize> = (1..=s.nodes).collect();
+            self.wait_converged(&all, s.nodes, Duration::from_secs(15))?;
+        }
         Ok(())
     }
 
     /// The node's ringlb config.
     pub fn config_toml(&self, i: usize) -> String {
         let s = &self.spec;
+        let weight = |j: usize| s.weights.get(j - 1).copied().unwrap_or(1.0);
         let mut t = format!(
-            "[node]\nname = \"n{i}\"\nvip = \"{VIP}\"\nunderlay_interface = \"eth0\"\n\n\
+            "[node]\nname = \"n{i}\"\nvip = \"{VIP}\"\nunderlay_interface = \"eth0\"\naddress = \"{}\"\nweight = {:?}\n\n\
              [carrier]\nkind = \"{}\"\nport = {CARRIER_PORT}\n\n\
              [steering]\nstate_dir = \"{}\"\n\n",
+            node_addr(i),
+            weight(i),
             s.carrier,
             self.node_dir(i).display()
         );
+        if s.control {
+            let pki = self.dir.join("pki");
+            let _ = write!(
+                t,
+                "[control]\nlisten = \"{}:{CONTROL_PORT}\"\nseeds = [\"n1@{}:{CONTROL_PORT}\"]\n\
+                 ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n",
+                node_addr(i),
+                node_addr(1),
+                pki.join("ca.pem").display(),
+                pki.join(format!("n{i}.pem")).display(),
+                pki.join(format!("n{i}.key")).display(),
+            );
+        }
         t.push_str(&s.extra_config);
         t.push('\n');
-        for j in 1..=s.nodes {
-            let w = s.weights.get(j - 1).copied().unwrap_or(1.0);
-            let _ = write!(t, "\n[[members]]\nname = \"n{j}\"\naddr = \"{}\"\nweight = {w:?}\n", node_addr(j));
+        if !s.control {
+            for j in 1..=s.nodes {
+                let _ = write!(
+                    t,
+                    "\n[[members]]\nname = \"n{j}\"\naddr = \"{}\"\nweight = {:?}\n",
+                    node_addr(j),
+                    weight(j)
+                );
+            }
         }
         t
+    }
+
+    /// Issues the cluster CA and one certificate per node into `<lab>/pki`.
+    fn issue_certs(&self) -> Result<()> {
+        let pki = self.dir.join("pki");
+        let pki_s = pki.to_string_lossy().into_owned();
+        let bin = self.spec.bin.to_string_lossy().into_owned();
+        run(Command::new(&bin).args(["cert", "init", "--dir", &pki_s]))?;
+        for i in 1..=self.spec.nodes {
+            let (name, ip) = (format!("n{i}"), node_addr(i).to_string());
+            run(Command::new(&bin).args(["cert", "issue", "--dir", &pki_s, "--node", &name, "--ip", &ip]))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every running node sees `n` members alive (itself included).
+    pub fn wait_converged(&self, nodes: &[usize], n: usize, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let seen: Vec<u64> = nodes.iter().map(|&i| self.metric(i, "ringlb_members_alive{").unwrap_or(0)).collect();
+            if seen.iter().all(|&s| s == n as u64) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("cluster did not converge to {n} alive members: nodes {nodes:?} see {seen:?}");
+            }
+            sleep(Duration::from_millis(100));
+        }
     }
 
     /// Runs `ringlb setup` and starts `ringlb node` on node `i`, writing its config first

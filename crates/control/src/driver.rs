@@ -367,9 +367,9 @@ impl Control {
                         conn.close(3u32.into(), b"identity mismatch");
                         return;
                     }
-                } else if !self.membership.knows(&from) {
-                    return; // not (yet) a member: only Join is heard from strangers
                 }
+                // Any other message is heard from any peer holding a cluster certificate:
+                // that is what membership means. Who it may talk about is SWIM's business.
                 if let Message::Load(load) = msg {
                     self.loads.insert(from.clone(), (load, Instant::now()));
                     let _ = self.to_dataplane.try_send(ControlEvent::Load { name: from, load });

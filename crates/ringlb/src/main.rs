@@ -262,12 +262,7 @@ fn start_control(
     #[allow(clippy::cast_possible_truncation)]
     let weight = local.weight as f32;
     let control_config = ControlConfig {
-        identity: Identity {
-            name: local.name.clone(),
-            underlay: local.addr,
-            control: c.listen,
-            weight,
-        },
+        identity: Identity { name: local.name.clone(), underlay: local.addr, control: c.listen, weight },
         listen: c.listen,
         seeds: c.seeds.iter().filter_map(|s| config::parse_seed(s)).collect(),
         tls: ringlb_control::tls::TlsFiles { ca: c.ca.clone(), cert: c.cert.clone(), key: c.key.clone() },
