@@ -247,9 +247,7 @@ impl Lab {
     fn build(&self) -> Result<()> {
         let s = &self.spec;
         let (r, c) = (self.router(), self.client());
-        for ns in
-            std::iter::once(r.clone()).chain(std::iter::once(c.clone())).chain((1..=s.nodes).map(|i| self.node(i)))
-        {
+        for ns in [r.clone(), c.clone()] {
             sh(None, &["ip", "netns", "add", &ns])?;
             self.exec(&ns, &["ip", "link", "set", "lo", "up"])?;
         }
@@ -265,13 +263,7 @@ impl Lab {
         self.exec(&c, &["ip", "link", "set", "eth0", "up"])?;
         self.exec(&c, &["ip", "route", "add", "default", "via", "10.78.0.1"])?;
         for i in 1..=s.nodes {
-            let n = self.node(i);
-            let leg = format!("vn{i}");
-            sh(None, &["ip", "-n", &r, "link", "add", &leg, "type", "veth", "peer", "name", "eth0", "netns", &n])?;
-            self.exec(&r, &["ip", "link", "set", &leg, "master", "br0", "up"])?;
-            self.exec(&n, &["ip", "addr", "add", &format!("{}/24", node_addr(i)), "dev", "eth0"])?;
-            self.exec(&n, &["ip", "link", "set", "eth0", "up"])?;
-            self.exec(&n, &["ip", "route", "add", "default", "via", &ROUTER_UNDERLAY.to_string()])?;
+            self.wire_node(i)?;
         }
         let vip = format!("{VIP}/32");
         match s.entry {
@@ -303,6 +295,29 @@ impl Lab {
             self.wait_converged(&all, s.nodes, Duration::from_secs(15))?;
         }
         Ok(())
+    }
+
+    /// Creates node `i`'s namespace and plugs it into the router's bridge as 10.77.0.i.
+    fn wire_node(&self, i: usize) -> Result<()> {
+        let (r, n) = (self.router(), self.node(i));
+        sh(None, &["ip", "netns", "add", &n])?;
+        self.exec(&n, &["ip", "link", "set", "lo", "up"])?;
+        let leg = format!("vn{i}");
+        sh(None, &["ip", "-n", &r, "link", "add", &leg, "type", "veth", "peer", "name", "eth0", "netns", &n])?;
+        self.exec(&r, &["ip", "link", "set", &leg, "master", "br0", "up"])?;
+        self.exec(&n, &["ip", "addr", "add", &format!("{}/24", node_addr(i)), "dev", "eth0"])?;
+        self.exec(&n, &["ip", "link", "set", "eth0", "up"])?;
+        self.exec(&n, &["ip", "route", "add", "default", "via", &ROUTER_UNDERLAY.to_string()])?;
+        Ok(())
+    }
+
+    /// Adds one more host on the underlay (namespace `<prefix>-n<i>`, address 10.77.0.i) with
+    /// the lab's services but no ringlb; the caller writes its config and starts it.
+    pub fn add_host(&self, i: usize) -> Result<()> {
+        self.wire_node(i)?;
+        fs::create_dir_all(self.node_dir(i))?;
+        self.start_services(i)?;
+        self.wait_ready(i)
     }
 
     /// The node's ringlb config.

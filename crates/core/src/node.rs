@@ -271,8 +271,16 @@ impl Node {
             let next = next_state(self.flows.state(h), meta.l4);
             self.flows.touch(h, now, next);
             let target = self.flows.target(h);
-            if self.members.get(target).is_some_and(|m| m.state == MemberState::Dead) {
+            let state = self.members.get(target).map(|m| m.state);
+            if state == Some(MemberState::Dead) {
                 return self.rescue(now, h, meta);
+            }
+            // A SYN on a tracked tuple is a new connection (the client reused its port): it
+            // may be placed anew, and must be when its node takes no new flows.
+            if meta.is_tcp_syn() && !state.is_some_and(MemberState::takes_new_flows) {
+                let target = self.place(now, &key, true);
+                self.flows.retarget(h, target);
+                return target;
             }
             return target;
         }

@@ -272,3 +272,253 @@ fn bad_config_is_refused_naming_key_and_value() {
         }
     }
 }
+
+// ---- The control plane: membership, failure detection, drain, identity, load-aware placement.
+
+fn netlab_script(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netlab").join(name).to_string_lossy().into_owned()
+}
+
+#[derive(Debug, Clone)]
+struct Attempt {
+    t: f64,
+    ok: bool,
+    node: String,
+}
+
+fn parse_attempts(out: &[u8]) -> Vec<Attempt> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| Attempt {
+            t: v["t"].as_f64().unwrap_or(0.0),
+            ok: v["ok"].as_bool().unwrap_or(false),
+            node: v["node"].as_str().unwrap_or_default().to_owned(),
+        })
+        .collect()
+}
+
+/// Starts the connection loop in the client namespace in the background.
+fn start_connloop(lab: &Lab, seconds: f64, timeout: f64, count: Option<usize>) -> std::process::Child {
+    let mut args = vec![
+        "netns".to_owned(),
+        "exec".into(),
+        lab.client(),
+        "python3".into(),
+        netlab_script("connloop.py"),
+        format!("http://{VIP}/"),
+        seconds.to_string(),
+        timeout.to_string(),
+    ];
+    args.extend(count.map(|c| c.to_string()));
+    Command::new("ip").args(&args).stdout(std::process::Stdio::piped()).spawn().expect("connloop starts")
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// Starts a rate-limited download of `/blob/NAME` in the background; returns the child and the
+/// node serving it, read from the response headers as soon as they arrive.
+fn start_long_download(lab: &Lab, name: &str, tag: &str) -> (std::process::Child, String) {
+    let headers = lab.dir.join(format!("{tag}.headers"));
+    let script = format!(
+        "curl -sS --max-time 60 --limit-rate 8M -D {h} -o - http://{VIP}/blob/{name} | sha256sum",
+        h = headers.display()
+    );
+    let child = Command::new("ip")
+        .args(["netns", "exec", &lab.client(), "bash", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&headers).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.to_ascii_lowercase().starts_with("x-node:")) {
+            return (child, line[7..].trim().to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("download did not start");
+}
+
+fn finish_download(child: std::process::Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_cluster_forms_from_one_seed_and_every_node_sees_all_with_fresh_load() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab("form", |_| {});
+    std::thread::sleep(Duration::from_millis(600));
+    for i in 1..=3 {
+        let status = lab.ringlb(i, "status").unwrap();
+        println!("{status}");
+        let alive_rows = status.lines().filter(|l| l.starts_with('n') && l.contains(" alive ")).count();
+        assert_eq!(alive_rows, 3, "n{i} does not list 3 alive members:\n{status}");
+        let metrics = lab.metrics(i).unwrap();
+        let ages: Vec<f64> = metrics
+            .lines()
+            .filter(|l| l.starts_with("ringlb_peer_load_age_seconds") && !l.contains(&format!("peer=\"n{i}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        assert_eq!(ages.len(), 2, "n{i} lacks load vectors: {ages:?}");
+        assert!(ages.iter().all(|&a| a < 1.0), "n{i} has stale loads: {ages:?}");
+    }
+}
+
+#[test]
+fn a_killed_node_stops_getting_new_flows_fast_and_rejoins_after_restart() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab("kill", |_| {});
+    let blob = lab.make_blob("long", 32).unwrap();
+    let want = sha256(&blob);
+    let (download, server) = start_long_download(&lab, "long", "kill");
+    let victim = if server == "n3" { 2 } else { 3 };
+    let loop_child = start_connloop(&lab, 7.0, 0.3, None);
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed_at = unix_now();
+    lab.stop_ringlb(victim, true).unwrap();
+    let attempts = parse_attempts(&loop_child.wait_with_output().unwrap().stdout);
+    assert!(attempts.len() > 20, "too few attempts: {attempts:?}");
+    let last_fail = attempts.iter().filter(|a| !a.ok).map(|a| a.t).fold(f64::MIN, f64::max);
+    let recovered =
+        attempts.iter().filter(|a| a.ok && a.t > killed_at && a.t > last_fail).map(|a| a.t).fold(f64::MAX, f64::min);
+    let gap = if last_fail < killed_at { 0.0 } else { recovered - killed_at };
+    let failures = attempts.iter().filter(|a| !a.ok).count();
+    for a in attempts.iter().filter(|a| !a.ok) {
+        println!("failed at kill{:+.3} s: {}", a.t - killed_at, a.node);
+    }
+    println!("kill of n{victim}: {failures} failed connections of {}, new connections succeed again {gap:.3} s after the kill", attempts.len());
+    assert!(gap < 1.5, "new connections failed for {gap:.3} s after the kill");
+    let late_on_victim = attempts.iter().filter(|a| a.t > killed_at + 1.5 && a.node == format!("n{victim}")).count();
+    assert_eq!(late_on_victim, 0, "the dead node still got new flows");
+    assert_eq!(finish_download(download), want, "a transfer served by {server} broke when n{victim} died");
+
+    lab.start_ringlb(victim).unwrap();
+    lab.wait_converged(&[1, 2, 3], 3, Duration::from_secs(10)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let t = tally(&lab, 30);
+    assert!(t.get(&format!("n{victim}")).copied().unwrap_or(0) >= 3, "restarted n{victim} takes no new flows: {t:?}");
+}
+
+#[test]
+fn a_drained_node_finishes_its_transfer_and_takes_no_new_flows() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab("drain", |_| {});
+    let blob = lab.make_blob("long", 32).unwrap();
+    let want = sha256(&blob);
+    // Find a transfer served by a peer (not the entry), and drain that peer.
+    let (download, server) = loop {
+        let (child, server) = start_long_download(&lab, "long", "drain");
+        if server != "n1" {
+            break (child, server);
+        }
+        assert_eq!(finish_download(child), want);
+    };
+    let i: usize = server[1..].parse().unwrap();
+    println!("{}", lab.ringlb(i, "drain").unwrap());
+    std::thread::sleep(Duration::from_millis(600)); // one load vector or two
+    let t = tally(&lab, 30);
+    assert_eq!(t.get(&server), None, "drained {server} still got new flows: {t:?}");
+    assert!(lab.ringlb(i, "status").unwrap().contains("DRAINING"));
+    assert_eq!(finish_download(download), want, "the drained node's transfer broke");
+    lab.ringlb(i, "undrain").unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    let t = tally(&lab, 30);
+    assert!(t.get(&server).copied().unwrap_or(0) >= 3, "undrained {server} takes no flows: {t:?}");
+}
+
+#[test]
+fn a_cut_path_kills_nobody_and_the_cluster_reconverges_after_healing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab("cut", |_| {});
+    let cut = "table inet rlcut { chain in { type filter hook input priority 0; ip saddr 10.77.0.3 drop; } \
+               chain out { type filter hook output priority 0; ip daddr 10.77.0.3 drop; } }";
+    lab.exec(&lab.node(2), &["nft", cut]).unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    for i in 1..=3 {
+        let alive = lab.metric(i, "ringlb_members_alive{").unwrap();
+        assert_eq!(alive, 3, "n{i} declared a member dead while only the n2-n3 path was cut");
+    }
+    let t = tally(&lab, 12);
+    assert_eq!(t.values().sum::<usize>(), 12, "service broke during the cut: {t:?}");
+    lab.exec(&lab.node(2), &["nft", "delete table inet rlcut"]).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    lab.wait_converged(&[1, 2, 3], 3, Duration::from_secs(5)).unwrap();
+    let m = lab.metrics(2).unwrap();
+    let n3_age: f64 = m
+        .lines()
+        .find(|l| l.starts_with("ringlb_peer_load_age_seconds") && l.contains("peer=\"n3\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .expect("n2 has n3's load again");
+    assert!(n3_age < 1.0, "n2's view of n3 is stale after healing: {n3_age}");
+}
+
+#[test]
+fn a_rogue_node_cannot_join() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab("rogue", |_| {});
+    lab.add_host(4).unwrap();
+    let rogue_pki = lab.dir.join("rogue-pki");
+    let pki = rogue_pki.to_string_lossy().into_owned();
+    let b = bin();
+    assert!(Command::new(b).args(["cert", "init", "--dir", &pki]).status().unwrap().success());
+    assert!(Command::new(b)
+        .args(["cert", "issue", "--dir", &pki, "--node", "n4", "--ip", "10.77.0.4"])
+        .status()
+        .unwrap()
+        .success());
+    let base = lab.config_toml(4);
+    let cluster_pki = lab.dir.join("pki").to_string_lossy().into_owned();
+    for (what, ca, cert, key) in [
+        ("another CA", format!("{pki}/ca.pem"), format!("{pki}/n4.pem"), format!("{pki}/n4.key")),
+        ("self-signed", format!("{pki}/ca.pem"), format!("{pki}/ca.pem"), format!("{pki}/ca.key")),
+    ] {
+        let config = base
+            .replace(&format!("{cluster_pki}/ca.pem"), &ca)
+            .replace(&format!("{cluster_pki}/n4.pem"), &cert)
+            .replace(&format!("{cluster_pki}/n4.key"), &key);
+        std::fs::write(lab.config_path(4), config).unwrap();
+        let refused_before = lab.metric(1, "reason=\"tls\"").unwrap();
+        lab.start_ringlb(4).unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(lab.metric(4, "ringlb_members_alive{").unwrap(), 1, "{what}: the rogue learned the members");
+        assert!(!lab.ringlb(4, "status").unwrap().contains("n1 "), "{what}: the rogue sees n1");
+        assert!(lab.metric(1, "reason=\"tls\"").unwrap() > refused_before, "{what}: refusal not counted");
+        for i in 1..=3 {
+            assert_eq!(lab.metric(i, "ringlb_members_alive{").unwrap(), 3, "{what}: n{i} let the rogue in");
+        }
+        lab.stop_ringlb(4, false).unwrap();
+    }
+}
+
+fn share_of_n3(lab: &Lab, connections: usize) -> (f64, BTreeMap<String, usize>) {
+    let child = start_connloop(lab, 120.0, 2.0, Some(connections));
+    let attempts = parse_attempts(&child.wait_with_output().unwrap().stdout);
+    let mut t = BTreeMap::new();
+    for a in attempts.iter().filter(|a| a.ok) {
+        *t.entry(a.node.clone()).or_insert(0usize) += 1;
+    }
+    let total: usize = t.values().sum();
+    assert!(total >= connections * 99 / 100, "too many failed connections: {t:?}");
+    (t.get("n3").copied().unwrap_or(0) as f64 / total as f64, t)
+}
+
+#[test]
+fn placement_follows_capacity_weight() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // n3 has half the capacity of the others: its share should be 0.5 / 2.5 = 20 %.
+    let want = 0.2;
+    let lab_p2c = lab("w2", |s| s.weights = vec![1.0, 1.0, 0.5]);
+    let (p2c, t) = share_of_n3(&lab_p2c, 2000);
+    println!("power of two choices: n3 served {:.1} % (weight share {:.0} %): {t:?}", p2c * 100.0, want * 100.0);
+    drop(lab_p2c);
+    let lab_hash = lab("wh", |s| {
+        s.weights = vec![1.0, 1.0, 0.5];
+        s.extra_config = "[placement]\npolicy = \"consistent-hash\"\n".into();
+    });
+    let (hash, t) = share_of_n3(&lab_hash, 2000);
+    println!("consistent hash:      n3 served {:.1} % (weight share {:.0} %): {t:?}", hash * 100.0, want * 100.0);
+    assert!((p2c - want).abs() <= want * 0.25, "n3 served {:.1} %, not within 25 % of 20 %", p2c * 100.0);
+}
