@@ -419,19 +419,27 @@ impl Lab {
     pub fn stop_ringlb(&self, i: usize, hard: bool) -> Result<()> {
         let sig = if hard { "-KILL" } else { "-TERM" };
         let pids = sh(None, &["ip", "netns", "pids", &self.node(i)])?;
+        let mut killed = Vec::new();
         for pid in pids.lines() {
             let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
             if args.first().is_some_and(|a| a.ends_with(b"ringlb")) && args.last() == Some(&&b"node"[..]) {
                 let _ = Command::new("kill").args([sig, pid]).status();
+                killed.push(pid.to_owned());
             }
         }
+        // Gone means the process has exited (its sockets closed), not only its TUN. A zombie
+        // (its parent, maybe this process, has not reaped it yet) has exited.
+        let running = |pid: &String| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()).is_some_and(|st| st != "Z")
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.exec(&self.node(i), &["ip", "link", "show", "ring0"]).is_ok() {
+        while killed.iter().any(running) {
             if Instant::now() > deadline {
-                bail!("ring0 on n{i} did not go away");
+                bail!("ringlb on n{i} did not exit");
             }
-            sleep(Duration::from_millis(50));
+            sleep(Duration::from_millis(20));
         }
         Ok(())
     }

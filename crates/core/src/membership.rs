@@ -279,8 +279,16 @@ impl Membership {
     }
 
     /// The driver's fast signal: a peer could not be reached (connection lost, send failed).
-    pub fn report_unreachable(&mut self, name: &str, now: Timestamp) {
-        self.suspect(name, now);
+    ///
+    /// It is probed next rather than suspected at once: one broken path must not make a member
+    /// look dead while others can still reach it, and the probe's indirect round settles that
+    /// within one protocol period.
+    pub fn report_unreachable(&mut self, name: &str, _now: Timestamp) {
+        if self.probe.as_ref().is_some_and(|p| p.target == name) || !self.peers.contains_key(name) {
+            return;
+        }
+        self.probe_order.retain(|n| n != name);
+        self.probe_order.push(name.to_owned());
     }
 
     /// Announces a graceful departure to every peer; the caller sends the transmits and stops.

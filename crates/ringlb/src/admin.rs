@@ -142,6 +142,17 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
         let members = c.members();
         let alive = members.iter().filter(|m| m.state == UpdateState::Alive).count();
         let _ = writeln!(out, "# HELP ringlb_members_alive Members seen alive, this node included.\n# TYPE ringlb_members_alive gauge\nringlb_members_alive{{node=\"{node}\"}} {alive}");
+        let _ =
+            writeln!(out, "# HELP ringlb_members Members by state, this node included.\n# TYPE ringlb_members gauge");
+        for (name, state) in [
+            ("alive", UpdateState::Alive),
+            ("suspect", UpdateState::Suspect),
+            ("dead", UpdateState::Dead),
+            ("left", UpdateState::Left),
+        ] {
+            let n = members.iter().filter(|m| m.state == state).count();
+            let _ = writeln!(out, "ringlb_members{{node=\"{node}\",state=\"{name}\"}} {n}");
+        }
         for m in &members {
             if let Some(age) = m.load_age {
                 let _ = writeln!(
