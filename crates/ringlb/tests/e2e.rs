@@ -322,11 +322,12 @@ fn unix_now() -> f64 {
 /// node serving it, read from the response headers as soon as they arrive.
 fn start_long_download(lab: &Lab, name: &str, tag: &str) -> (std::process::Child, String) {
     let headers = lab.dir.join(format!("{tag}.headers"));
+    let _ = std::fs::remove_file(&headers);
     let script = format!(
         "curl -sS --max-time 60 --limit-rate 8M -D {h} -o - http://{VIP}/blob/{name} | sha256sum",
         h = headers.display()
     );
-    let child = Command::new("ip")
+    let mut child = Command::new("ip")
         .args(["netns", "exec", &lab.client(), "bash", "-c", &script])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -338,6 +339,8 @@ fn start_long_download(lab: &Lab, name: &str, tag: &str) -> (std::process::Child
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("download did not start");
 }
 
