@@ -53,6 +53,9 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Kill a node, cut the path between two nodes with nftables, heal; print what the
+    /// cluster saw at each step.
+    Chaos,
     /// kill -9 ringlb on a node (its services keep running).
     Kill { node: String },
     /// Start ringlb on a node again.
@@ -138,6 +141,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("started ringlb on {node}");
             Ok(())
         }
+        Cmd::Chaos => chaos(&Lab::attach(&cli.prefix)?),
         Cmd::Demo { requests } => {
             let lab = Lab::attach(&cli.prefix)?;
             let mut tally = std::collections::BTreeMap::<String, usize>::new();
@@ -153,4 +157,64 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Each node's view of the members, one line per node, e.g. `n1 sees n1=alive n2=alive n3=dead`.
+fn views(lab: &Lab) -> String {
+    let mut out = String::new();
+    for i in 1..=lab.spec.nodes {
+        let status = lab.ringlb(i, "status").unwrap_or_default();
+        let seen: Vec<String> = status
+            .lines()
+            .filter(|l| l.starts_with('n') && !l.starts_with("node "))
+            .filter_map(|l| {
+                let mut w = l.split_whitespace().filter(|w| *w != "*");
+                let (name, _addr, state) = (w.next()?, w.next()?, w.next()?);
+                Some(format!("{name}={state}"))
+            })
+            .collect();
+        if seen.is_empty() {
+            out += &format!("  n{i}: not answering\n");
+        } else {
+            out += &format!("  n{i} sees {}\n", seen.join(" "));
+        }
+    }
+    out
+}
+
+fn requests(lab: &Lab, n: usize) -> String {
+    let mut tally = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..n {
+        let who = lab.curl(&["--max-time", "1", &format!("http://{VIP}/")]).map(|s| s.trim().to_owned());
+        *tally.entry(who.unwrap_or_else(|_| "failed".into())).or_default() += 1;
+    }
+    format!("  {n} new connections to the VIP: {tally:?}\n")
+}
+
+fn chaos(lab: &Lab) -> Result<()> {
+    let pause = |ms| std::thread::sleep(std::time::Duration::from_millis(ms));
+    let last = lab.spec.nodes;
+    println!("== before\n{}{}", views(lab), requests(lab, 9));
+    lab.stop_ringlb(last, true)?;
+    pause(1500);
+    println!("== 1.5 s after kill -9 of ringlb on n{last}\n{}{}", views(lab), requests(lab, 9));
+    pause(2500);
+    println!("== 4 s after the kill\n{}", views(lab));
+    lab.start_ringlb(last)?;
+    let all: Vec<usize> = (1..=last).collect();
+    lab.wait_converged(&all, last, std::time::Duration::from_secs(10))?;
+    pause(500);
+    println!("== n{last} restarted and rejoined\n{}{}", views(lab), requests(lab, 9));
+    let peer = ringlb_netlab::node_addr(last);
+    let cut = format!(
+        "table inet chaos {{ chain in {{ type filter hook input priority 0; ip saddr {peer} drop; }}; \
+         chain out {{ type filter hook output priority 0; ip daddr {peer} drop; }}; }}"
+    );
+    lab.exec(&lab.node(2), &["nft", &cut])?;
+    pause(4000);
+    println!("== 4 s into a cut between n2 and n{last} (others still reach both)\n{}{}", views(lab), requests(lab, 9));
+    lab.exec(&lab.node(2), &["nft", "delete table inet chaos"])?;
+    pause(2000);
+    println!("== 2 s after healing\n{}{}", views(lab), requests(lab, 9));
+    Ok(())
 }
