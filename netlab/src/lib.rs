@@ -277,7 +277,7 @@ impl Lab {
             }
         };
         fs::write(self.dir.join("blob-small"), vec![b'x'; 1024])?;
-        if s.control && s.start_ringlb {
+        if s.control {
             self.issue_certs()?;
         }
         for i in 1..=s.nodes {
