@@ -1,10 +1,382 @@
-//! `netlab bench`: see `Cmd::Bench`.
+//! `netlab bench`: see `Cmd::Bench`. A benchmark, not a test: it measures and writes a report.
+//! Every case runs in a lab of the same topology (client → router → n1..n3); one lab per ringlb
+//! configuration, built one after the other and torn down when done.
 
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
 use std::path::Path;
+use std::process::Command;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Context, Result};
+use ringlb_netlab::{node_addr, Lab, Spec, VIP};
+
+const CASES: [(char, &str); 6] = [
+    ('a', "direct, client → n2, no balancer"),
+    ('b', "ringlb, entry n1 serves locally"),
+    ('c', "ringlb, n1 forwards over udp"),
+    ('d', "ringlb, n1 forwards over ipip"),
+    ('e', "HAProxy TCP mode on n1"),
+    ('f', "nftables DNAT + masquerade on n1"),
+];
+const IPERF_PORT: u16 = 5201;
+
+const HAPROXY: &str = "\
+global
+  maxconn 4000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+listen http
+  bind 10.77.0.1:8080
+  balance roundrobin
+  server n2 10.77.0.2:80
+  server n3 10.77.0.3:80
+listen iperf
+  bind 10.77.0.1:5202
+  balance source
+  server n2 10.77.0.2:5201
+  server n3 10.77.0.3:5201
+";
+
+const NFT: &str = "\
+table ip rlbench {
+  chain pre {
+    type nat hook prerouting priority dstnat;
+    ip daddr 10.77.0.1 tcp dport 8081 dnat to 10.77.0.2:80
+    ip daddr 10.77.0.1 tcp dport 5203 dnat to 10.77.0.2:5201
+  }
+  chain post {
+    type nat hook postrouting priority srcnat;
+    ip daddr 10.77.0.2 masquerade
+  }
+}
+";
+
+/// One wrk run: requests/s and latency percentiles in ms.
+#[derive(Debug, Clone, Copy)]
+struct Wrk {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+}
+
+#[derive(Debug, Default)]
+struct Row {
+    up: Option<f64>,
+    down: Option<f64>,
+    keep_alive: Option<Wrk>,
+    close: Option<Wrk>,
+}
+
+#[derive(Debug)]
+struct Bench {
+    secs: u32,
+    rows: BTreeMap<char, Row>,
+    problems: Vec<String>,
+}
 
 pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool) -> Result<()> {
-    let _ = (prefix, bin, out, quick);
-    anyhow::bail!("not written yet")
+    let (started, load_before) = (Instant::now(), load());
+    let mut b = Bench { secs: if quick { 2 } else { 5 }, rows: BTreeMap::new(), problems: Vec::new() };
+    type Stage = fn(&mut Bench, &str, &Path) -> Result<()>;
+    let stages: [(&str, Stage); 4] = [
+        ("a, e, f", baselines),
+        ("b", local),
+        ("c", |b, p, bin| forwarded(b, p, bin, 'c', "udp")),
+        ("d", |b, p, bin| forwarded(b, p, bin, 'd', "ipip")),
+    ];
+    for (n, (cases, stage)) in stages.into_iter().enumerate() {
+        if let Err(e) = stage(&mut b, &format!("{prefix}{}", n + 1), bin) {
+            b.problem(format!("cases {cases}: {e:#}"));
+        }
+    }
+    let elapsed = started.elapsed().as_secs();
+    let report = b.report(quick, elapsed, &load_before);
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
+    println!("{report}");
+    eprintln!("bench: wrote {} in {elapsed} s", out.display());
+    if !b.problems.is_empty() {
+        bail!("{} problem(s) in this run, listed in {}", b.problems.len(), out.display());
+    }
+    Ok(())
+}
+
+/// A lab with an iperf3 server on every node.
+fn lab(prefix: &str, bin: &Path, edit: impl FnOnce(&mut Spec)) -> Result<Lab> {
+    let mut spec = Spec::new(prefix, bin);
+    edit(&mut spec);
+    let lab = Lab::up(spec)?;
+    for i in 1..=lab.spec.nodes {
+        let port = IPERF_PORT.to_string();
+        lab.spawn(&lab.node(i), &lab.node_dir(i).join("iperf3.log"), &["iperf3", "-s", "-p", &port])?;
+    }
+    for i in 1..=lab.spec.nodes {
+        wait_listening(&lab, i, IPERF_PORT)?;
+    }
+    Ok(lab)
+}
+
+fn wait_listening(lab: &Lab, node: usize, port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.exec(&lab.node(node), &["ss", "-Htln", &format!("sport = :{port}")]).is_ok_and(|o| !o.trim().is_empty())
+    {
+        if Instant::now() > deadline {
+            bail!("nothing listens on n{node} port {port}");
+        }
+        sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// (a), (e) and (f): plain servers, no ringlb.
+fn baselines(b: &mut Bench, prefix: &str, bin: &Path) -> Result<()> {
+    let lab = lab(prefix, bin, |s| s.start_ringlb = false)?;
+    b.measure('a', &lab, Ok(()), &node_addr(2).to_string(), 80, IPERF_PORT);
+
+    let haproxy = (|| {
+        let cfg = lab.dir.join("haproxy.cfg");
+        fs::write(&cfg, HAPROXY)?;
+        lab.spawn(&lab.node(1), &lab.dir.join("haproxy.log"), &["haproxy", "-f", &cfg.to_string_lossy(), "-db"])?;
+        wait_listening(&lab, 1, 8080).and(wait_listening(&lab, 1, 5202)).map_err(|e| {
+            anyhow!("{e:#}; haproxy's log: {}", fs::read_to_string(lab.dir.join("haproxy.log")).unwrap_or_default())
+        })
+    })();
+    b.measure('e', &lab, haproxy, &node_addr(1).to_string(), 8080, 5202);
+
+    let nat = (|| {
+        let rules = lab.dir.join("rlbench.nft");
+        fs::write(&rules, NFT)?;
+        lab.exec(&lab.node(1), &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        lab.exec(&lab.node(1), &["nft", "-f", &rules.to_string_lossy()]).map(drop)
+    })();
+    b.measure('f', &lab, nat, &node_addr(1).to_string(), 8081, 5203);
+    Ok(())
+}
+
+/// (b): a margin no node ever exceeds, so the entry n1 serves every flow itself.
+fn local(b: &mut Bench, prefix: &str, bin: &Path) -> Result<()> {
+    let lab = lab(prefix, bin, |s| s.extra_config = "[placement]\nmargin = 1000000000.0\n".into())?;
+    b.measure('b', &lab, Ok(()), &VIP.to_string(), 80, IPERF_PORT);
+    Ok(())
+}
+
+/// (c), (d): n1 has weight 0 (forward-only), so every flow is forwarded to n2 or n3.
+fn forwarded(b: &mut Bench, prefix: &str, bin: &Path, key: char, carrier: &str) -> Result<()> {
+    let lab = lab(prefix, bin, |s| {
+        s.carrier = carrier.into();
+        s.weights = vec![0.0, 1.0, 1.0];
+    })?;
+    b.http(key, &lab, &VIP.to_string(), 80);
+    // iperf3 opens a control and a data connection and both must reach the same server, but
+    // placement spreads them over n2 and n3: drain n3, so every flow goes to n2 (still over
+    // the carrier), once the entry has heard of it.
+    lab.ringlb(3, "drain")?;
+    let drained = "ringlb_peer_up{node=\"n1\",peer=\"n3\"} 0";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.metrics(1)?.lines().any(|l| l == drained) {
+        if Instant::now() > deadline {
+            bail!("n1 did not see n3 drained");
+        }
+        sleep(Duration::from_millis(50));
+    }
+    b.iperf(key, &lab, &VIP.to_string(), IPERF_PORT);
+    Ok(())
+}
+
+impl Bench {
+    fn problem(&mut self, p: String) {
+        eprintln!("bench: {p}");
+        self.problems.push(p);
+    }
+
+    fn keep<T>(&mut self, key: char, what: &str, r: Result<T>) -> Option<T> {
+        r.map_err(|e| self.problem(format!("({key}) {what}: {e:#}"))).ok()
+    }
+
+    fn measure(&mut self, key: char, lab: &Lab, setup: Result<()>, host: &str, http_port: u16, iperf_port: u16) {
+        if self.keep(key, "setup", setup).is_some() {
+            self.iperf(key, lab, host, iperf_port);
+            self.http(key, lab, host, http_port);
+        }
+    }
+
+    fn iperf(&mut self, key: char, lab: &Lab, host: &str, port: u16) {
+        let up = self.keep(key, "iperf3 upload", iperf(lab, host, port, false, self.secs));
+        let down = self.keep(key, "iperf3 download", iperf(lab, host, port, true, self.secs));
+        eprintln!("bench: ({key}) iperf3 upload {} Gbit/s, download {} Gbit/s", num(up, 2), num(down, 2));
+        let row = self.rows.entry(key).or_default();
+        (row.up, row.down) = (up, down);
+    }
+
+    fn http(&mut self, key: char, lab: &Lab, host: &str, port: u16) {
+        let url = format!("http://{host}:{port}/1k");
+        let [keep_alive, close] = [(false, "wrk keep-alive"), (true, "wrk Connection: close")].map(|(close, what)| {
+            let (w, errors) = self.keep(key, what, wrk(lab, &url, close, self.secs))?;
+            if let Some(e) = errors {
+                self.problem(format!("({key}) {what}: {e}"));
+            }
+            Some(w)
+        });
+        for (what, w) in [("keep-alive", keep_alive), ("close", close)] {
+            let w = w.map_or("–".into(), |w| format!("{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms", w.rps, w.p50, w.p99));
+            eprintln!("bench: ({key}) wrk {what}: {w}");
+        }
+        let row = self.rows.entry(key).or_default();
+        (row.keep_alive, row.close) = (keep_alive, close);
+    }
+
+    fn report(&self, quick: bool, elapsed: u64, load: &str) -> String {
+        let mut s = String::from("# ringlb benchmarks\n\n");
+        let kernel =
+            Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+        let date = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output();
+        let _ = writeln!(
+            s,
+            "- command: `just bench` (runs `target/release/netlab bench{}`), took {elapsed} s\n- date: {}\n\
+             - machine: {} cores (`nproc`), kernel {}, 1-minute load average {load} at the start\n\
+             - iperf3: one TCP stream for {secs} s; \
+             wrk: `wrk --latency -t1 -c16 -d{secs}s` against `/1k` (a 1 KiB body from nginx)\n",
+            if quick { " --quick" } else { "" },
+            date.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default(),
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel.unwrap_or_default(),
+            secs = self.secs,
+        );
+        s.push_str(
+            "## Raw numbers\n\n| case | upload Gbit/s | download Gbit/s | keep-alive req/s | keep-alive p50/p99 ms \
+             | close req/s | close p50/p99 ms |\n|---|--:|--:|--:|--:|--:|--:|\n",
+        );
+        let none = Row::default();
+        let row = |k: char| self.rows.get(&k).unwrap_or(&none);
+        for (k, name) in CASES {
+            let r = row(k);
+            let lat = |w: Option<Wrk>| w.map_or("–".into(), |w| format!("{:.2} / {:.2}", w.p50, w.p99));
+            let _ = writeln!(
+                s,
+                "| ({k}) {name} | {} | {} | {} | {} | {} | {} |",
+                num(r.up, 2),
+                num(r.down, 2),
+                num(r.keep_alive.map(|w| w.rps), 0),
+                lat(r.keep_alive),
+                num(r.close.map(|w| w.rps), 0),
+                lat(r.close),
+            );
+        }
+        s.push_str(
+            "\n## Ratios\n\nEach figure of a ringlb case divided by the same figure of a baseline; for latency, \
+                    the ratio of p99 (lower is better there, higher everywhere else).\n\n\
+                    | case / baseline | upload | download | keep-alive req/s | keep-alive p99 | close req/s \
+                    | close p99 |\n\
+                    |---|--:|--:|--:|--:|--:|--:|\n",
+        );
+        let metrics: [fn(&Row) -> Option<f64>; 6] = [
+            |r| r.up,
+            |r| r.down,
+            |r| r.keep_alive.map(|w| w.rps),
+            |r| r.keep_alive.map(|w| w.p99),
+            |r| r.close.map(|w| w.rps),
+            |r| r.close.map(|w| w.p99),
+        ];
+        for x in ['b', 'c', 'd'] {
+            for y in ['a', 'e', 'f'] {
+                let ratios = metrics.map(|f| num(f(row(x)).zip(f(row(y))).map(|(a, b)| a / b), 2));
+                let _ = writeln!(s, "| ({x}) / ({y}) | {} |", ratios.join(" | "));
+            }
+        }
+        s.push_str(
+            "\n## Notes\n\nTimings on this shared 2-core VM are noisy: load generator, router, balancer and \
+             servers all share the same two cores, so absolute figures move from run to run and only the ratios \
+             within one run count. Download (`iperf3 -R`) in the ringlb cases is direct server return: the replies \
+             bypass the balancer and go from the serving node through the router straight to the client; only the \
+             client's packets (upload data, requests, and the ACKs of a download) cross ringlb. ringlb runs on every \
+             node in (b)-(d), HAProxy and nftables on n1 only. In (c) and (d) wrk's connections are spread over n2 \
+             and n3; iperf3 needs its control and data connections on the same server, so for it n3 is drained \
+             (`ringlb drain`) and the entry forwards everything to n2. HAProxy balances HTTP round-robin over n2 \
+             and n3 and iperf3 by source (one backend); nftables sends everything to n2.\n",
+        );
+        if !self.problems.is_empty() {
+            s.push_str("\nProblems in this run:\n\n");
+            for p in &self.problems {
+                let _ = writeln!(s, "- {}", p.replace('\n', " ").replace('\u{1b}', ""));
+            }
+        }
+        s
+    }
+}
+
+/// The 1-minute load average, to tell a run that started while the machine was busy.
+fn load() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(String::from))
+        .unwrap_or_default()
+}
+
+fn num(v: Option<f64>, decimals: usize) -> String {
+    v.map_or("–".into(), |v| format!("{v:.decimals$}"))
+}
+
+/// One iperf3 stream from the client; Gbit/s as measured by the receiver.
+fn iperf(lab: &Lab, host: &str, port: u16, reverse: bool, secs: u32) -> Result<f64> {
+    let (port, t, guard) = (port.to_string(), secs.to_string(), (secs + 20).to_string());
+    let mut args =
+        vec!["timeout", &guard, "iperf3", "-c", host, "-p", &port, "-t", &t, "-J", "--connect-timeout", "3000"];
+    if reverse {
+        args.push("-R");
+    }
+    let out = lab.exec_output(&lab.client(), &args)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+        format!("iperf3 ({}) printed no JSON: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())
+    })?;
+    if let Some(e) = json.get("error").and_then(|e| e.as_str()) {
+        bail!("iperf3: {e}");
+    }
+    let bps = json.pointer("/end/sum_received/bits_per_second").and_then(|v| v.as_f64());
+    Ok(bps.context("iperf3's JSON has no end.sum_received.bits_per_second")? / 1e9)
+}
+
+/// One wrk run from the client, with keep-alive or `Connection: close`; also wrk's error counts.
+fn wrk(lab: &Lab, url: &str, close: bool, secs: u32) -> Result<(Wrk, Option<String>)> {
+    let (d, guard) = (format!("-d{secs}s"), (secs + 20).to_string());
+    let mut args = vec!["timeout", &guard, "wrk", "--latency", "-t1", "-c16", &d];
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    args.push(url);
+    let text = lab.exec(&lab.client(), &args)?;
+    let field = |label: &str| {
+        let line = text.lines().map(str::trim).find(|l| l.starts_with(label));
+        line.and_then(|l| l[label.len()..].split_whitespace().next())
+            .with_context(|| format!("no {label:?} in wrk's output:\n{text}"))
+    };
+    let rps = field("Requests/sec:")?;
+    let w = Wrk {
+        rps: rps.parse().with_context(|| format!("wrk's Requests/sec {rps:?}"))?,
+        p50: millis(field("50%")?)?,
+        p99: millis(field("99%")?)?,
+    };
+    let errors: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("Socket errors:") || l.starts_with("Non-2xx or 3xx responses:"))
+        .collect();
+    Ok((w, (!errors.is_empty()).then(|| errors.join("; "))))
+}
+
+/// wrk's durations ("812.00us", "1.20ms", "2.00s", "1.00m") in milliseconds.
+fn millis(s: &str) -> Result<f64> {
+    let (n, scale) = [("us", 1e-3), ("ms", 1.0), ("s", 1e3), ("m", 60e3)]
+        .iter()
+        .find_map(|(unit, scale)| s.strip_suffix(unit).map(|n| (n, *scale)))
+        .with_context(|| format!("wrk's latency {s:?} has no known unit"))?;
+    Ok(n.parse::<f64>().with_context(|| format!("wrk's latency {s:?}"))? * scale)
 }
