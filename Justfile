@@ -75,3 +75,11 @@ demo: (netlab-up)
 # Benchmarks (not tests): direct path, ringlb, HAProxy and nftables NAT in one run.
 bench: build
     {{netlab}} bench --out docs/benchmarks.md
+
+# The core's per-packet decision cost (criterion).
+bench-core:
+    cargo bench -p ringlb-core --bench decisions
+
+# Resident memory of 1,000,000 tracked flows.
+bench-memory:
+    cargo bench -p ringlb-core --bench flow_memory

@@ -80,6 +80,9 @@ struct Bench {
     problems: Vec<String>,
 }
 
+/// Everything after this line in the report is written by hand from other benches.
+const KEEP_MARKER: &str = "<!-- measured by other commands: kept by netlab bench -->";
+
 pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool) -> Result<()> {
     let (started, load_before) = (Instant::now(), load());
     let mut b = Bench { secs: if quick { 2 } else { 5 }, rows: BTreeMap::new(), problems: Vec::new() };
@@ -100,6 +103,12 @@ pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool) -> Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    // Sections measured by other commands (core decisions, memory) follow a marker; keep them.
+    let kept = fs::read_to_string(out)
+        .ok()
+        .and_then(|old| old.find(KEEP_MARKER).map(|i| old[i..].to_owned()))
+        .unwrap_or_default();
+    let report = if kept.is_empty() { report } else { format!("{report}\n{kept}") };
     fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
     println!("{report}");
     eprintln!("bench: wrote {} in {elapsed} s", out.display());
