@@ -10,7 +10,37 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::AsyncDevice;
 
 use crate::carrier::{Carrier, RecvError};
-use crate::tun::{is_transient, MAX_PACKET};
+use crate::tun::{is_transient, MAX_PACKET, VIRTIO_NET_HDR_LEN};
+use tun_rs::VirtioNetHdr;
+
+const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+
+/// Completes a CHECKSUM_PARTIAL packet: the field at `start + offset` holds the pseudo-header
+/// sum; the checksum covers everything from `start`. The caller has checked the bounds.
+fn finish_checksum(pkt: &mut [u8], start: usize, offset: usize) {
+    let at = start + offset;
+    let initial = u16::from_be_bytes([pkt[at], pkt[at + 1]]);
+    pkt[at] = 0;
+    pkt[at + 1] = 0;
+    let sum = tun_rs::checksum(&pkt[start..], u64::from(initial));
+    pkt[at..at + 2].copy_from_slice(&(!sum).to_be_bytes());
+}
+
+/// Room for the segments of one GSO super-packet, allocated once.
+struct Segments {
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+}
+
+impl Segments {
+    fn new() -> Self {
+        // 64 KiB in segments of at least 576 bytes: at most 114; each at most an MTU of 64 KiB
+        // would waste memory, so segments are sized for the largest TUN MTU ringlb sets (9000).
+        let n = 128;
+        Segments { bufs: vec![vec![0u8; 9216]; n], sizes: vec![0; n] }
+    }
+}
 
 /// How often idle flows are expired.
 const TICK: Duration = Duration::from_millis(250);
@@ -131,30 +161,38 @@ impl Driver {
 
     /// Runs until `shutdown` completes or the TUN fails for good.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
-        let mut tun_buf = vec![0u8; MAX_PACKET];
-        let mut carrier_buf = vec![0u8; MAX_PACKET];
+        // TUN reads: virtio-net header, then a packet or a GSO super-packet.
+        let mut tun_buf = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
+        // Carrier reads land after room for the virtio-net header the TUN write needs.
+        let mut carrier_buf = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
+        let mut segments = Segments::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
             let event = tokio::select! {
                 r = self.tun.recv(&mut tun_buf) => Event::Tun(r),
-                r = self.carrier.recv(&mut carrier_buf) => Event::Carrier(r),
+                r = self.carrier.recv(&mut carrier_buf[VIRTIO_NET_HDR_LEN..]) => Event::Carrier(r),
                 _ = tick.tick() => Event::Tick,
                 Some(reply) = self.requests.recv() => Event::Snapshot(reply),
                 Some(update) = self.updates.recv() => Event::Update(update),
                 () = &mut shutdown => break,
             };
             match event {
-                Event::Tun(Ok(n)) => self.on_tun_packet(&mut tun_buf[..n]).await,
+                Event::Tun(Ok(n)) => self.on_tun_read(&mut tun_buf[..n], &mut segments).await,
                 Event::Tun(Err(e)) if is_transient(&e) => {}
                 Event::Tun(Err(e)) => return Err(e),
                 Event::Carrier(Ok(rx)) => {
+                    // Offsets from here on count from the start of carrier_buf.
+                    let inner = rx.inner.start + VIRTIO_NET_HDR_LEN..rx.inner.end + VIRTIO_NET_HDR_LEN;
                     let now = self.now();
-                    let verdict = self.node.on_carrier_packet(now, rx.from, &carrier_buf[rx.inner.clone()]);
-                    tracing::trace!(from = %rx.from, len = rx.inner.len(), ?verdict, "carrier packet");
+                    let verdict = self.node.on_carrier_packet(now, rx.from, &carrier_buf[inner.clone()]);
+                    tracing::trace!(from = %rx.from, len = inner.len(), ?verdict, "carrier packet");
                     if verdict == Verdict::Deliver {
-                        self.deliver(&carrier_buf[rx.inner]).await;
+                        // A plain packet for the TUN: an all-zero virtio-net header in front.
+                        let start = inner.start - VIRTIO_NET_HDR_LEN;
+                        carrier_buf[start..inner.start].fill(0);
+                        self.write_tun(&carrier_buf[start..inner.end]).await;
                     }
                 }
                 Event::Carrier(Err(RecvError::Malformed(reason))) => {
@@ -186,30 +224,83 @@ impl Driver {
         Ok(())
     }
 
-    async fn on_tun_packet(&mut self, pkt: &mut [u8]) {
+    /// One TUN read: a virtio-net header and a packet or GSO super-packet. The core decides on
+    /// the (super-)packet as a whole: all its segments share one 5-tuple.
+    async fn on_tun_read(&mut self, frame: &mut [u8], segments: &mut Segments) {
+        let Ok(mut hdr) = VirtioNetHdr::decode(frame) else {
+            self.node.count_drop(DropReason::Truncated);
+            return;
+        };
+        if frame.len() <= VIRTIO_NET_HDR_LEN {
+            self.node.count_drop(DropReason::Truncated);
+            return;
+        }
+        // A single packet whose checksum the kernel left for the device to finish: finish it,
+        // so that the core sees (and may edit) a packet with a complete checksum.
+        if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE && hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+            let pkt = &mut frame[VIRTIO_NET_HDR_LEN..];
+            if usize::from(hdr.csum_start) + usize::from(hdr.csum_offset) + 2 > pkt.len() {
+                self.node.count_drop(DropReason::Truncated);
+                return;
+            }
+            finish_checksum(pkt, usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+            hdr.flags &= !VIRTIO_NET_HDR_F_NEEDS_CSUM;
+            if hdr.encode(&mut frame[..VIRTIO_NET_HDR_LEN]).is_err() {
+                return;
+            }
+        }
         let now = self.now();
-        let verdict = self.node.on_tun_packet(now, pkt);
-        tracing::trace!(len = pkt.len(), ?verdict, "tun packet");
+        let verdict = self.node.on_tun_packet(now, &mut frame[VIRTIO_NET_HDR_LEN..]);
+        tracing::trace!(len = frame.len(), gso = hdr.gso_type, ?verdict, "tun packet");
         match verdict {
-            Verdict::Deliver => self.deliver(pkt).await,
+            // Back into the kernel as it came, super-packet and all.
+            Verdict::Deliver => self.write_tun(frame).await,
             Verdict::Forward { addr, flow_hash, .. } => {
-                if let Err(e) = self.carrier.send(addr, flow_hash, pkt).await {
-                    let reason = if e.raw_os_error() == Some(libc::EMSGSIZE) {
-                        DropReason::TooBig
-                    } else {
-                        DropReason::CarrierSendError
-                    };
-                    tracing::trace!(error = %e, %addr, "carrier send failed");
-                    self.node.count_drop(reason);
+                if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE {
+                    self.forward(addr, flow_hash, &frame[VIRTIO_NET_HDR_LEN..]).await;
+                    return;
+                }
+                // Split into MTU-sized packets with complete checksums; each crosses alone.
+                let is_v6 = frame[VIRTIO_NET_HDR_LEN] >> 4 == 6;
+                let n = match tun_rs::gso_split(
+                    &mut frame[VIRTIO_NET_HDR_LEN..],
+                    hdr,
+                    &mut segments.bufs,
+                    &mut segments.sizes,
+                    0,
+                    is_v6,
+                ) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::trace!(error = %e, "gso split failed");
+                        self.node.count_drop(DropReason::BadTransportHeader);
+                        return;
+                    }
+                };
+                for i in 0..n {
+                    let len = segments.sizes[i];
+                    self.forward(addr, flow_hash, &segments.bufs[i][..len]).await;
                 }
             }
             Verdict::Drop(_) => {}
         }
     }
 
-    /// Hands a packet to the local kernel by writing it into the TUN.
-    async fn deliver(&mut self, pkt: &[u8]) {
-        if let Err(e) = self.tun.send(pkt).await {
+    async fn forward(&mut self, addr: IpAddr, flow_hash: u64, pkt: &[u8]) {
+        if let Err(e) = self.carrier.send(addr, flow_hash, pkt).await {
+            let reason = if e.raw_os_error() == Some(libc::EMSGSIZE) {
+                DropReason::TooBig
+            } else {
+                DropReason::CarrierSendError
+            };
+            tracing::trace!(error = %e, %addr, "carrier send failed");
+            self.node.count_drop(reason);
+        }
+    }
+
+    /// Hands a frame (virtio-net header and packet) to the local kernel through the TUN.
+    async fn write_tun(&mut self, frame: &[u8]) {
+        if let Err(e) = self.tun.send(frame).await {
             tracing::trace!(error = %e, "tun write failed");
             self.node.count_drop(DropReason::TunWriteError);
         }

@@ -12,6 +12,10 @@ use crate::steering::{ip, write_sysctl, SteeringError};
 ///
 /// The device carries the VIP as its address too: the kernel accepts a packet written into a
 /// TUN only when loose reverse-path filtering can see an IPv4 address on it.
+///
+/// With the device's offload on (virtio-net header, TSO/USO), reads may return TCP or UDP
+/// super-packets of up to 64 KiB behind a [`VIRTIO_NET_HDR_LEN`]-byte header, and every write
+/// must carry such a header too: one read and one write then move what took forty.
 pub fn open(name: &str, mtu: u16, vip: IpAddr, table: u32) -> Result<AsyncDevice, SteeringError> {
     let IpAddr::V4(vip4) = vip else { return Err(SteeringError::Ipv6(vip)) };
     let dev = DeviceBuilder::new()
@@ -19,6 +23,7 @@ pub fn open(name: &str, mtu: u16, vip: IpAddr, table: u32) -> Result<AsyncDevice
         .mtu(mtu)
         .ipv4(vip4, 32, None)
         .tx_queue_len(10_000)
+        .offload(true)
         // Up only once IPv6 is off on it, or the kernel's first IPv6 packets reach the TUN.
         .enable(false)
         .build_async()
@@ -30,8 +35,10 @@ pub fn open(name: &str, mtu: u16, vip: IpAddr, table: u32) -> Result<AsyncDevice
     Ok(dev)
 }
 
-/// Largest packet the TUN hands over (no offload yet: one MTU-sized packet per read).
+/// Largest packet the TUN hands over (a GSO super-packet), not counting the virtio-net header.
 pub const MAX_PACKET: usize = 65_535;
+
+pub use tun_rs::VIRTIO_NET_HDR_LEN;
 
 pub(crate) fn is_transient(e: &io::Error) -> bool {
     matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
