@@ -33,11 +33,14 @@ impl CarrierKind {
     }
 }
 
-/// A received carrier packet: who sent it and where the inner packet lies in the buffer.
+/// Received carrier packets: who sent them and where the inner packets lie in the buffer:
+/// `inner` holds one or more of them back to back, each `stride` bytes (the last may be
+/// shorter).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
     pub from: IpAddr,
     pub inner: Range<usize>,
+    pub stride: usize,
 }
 
 /// Why a received datagram was refused before the core saw it.
@@ -72,11 +75,25 @@ impl Carrier {
         }
     }
 
-    /// Sends `inner` to the peer at `to`.
-    pub async fn send(&self, to: IpAddr, flow_hash: u64, inner: &[u8]) -> io::Result<()> {
+    /// Sends `inner`, one or more inner packets of `segment` bytes back to back (the last may
+    /// be shorter), to the peer at `to`.
+    pub async fn send(&self, to: IpAddr, flow_hash: u64, inner: &[u8], segment: usize) -> io::Result<()> {
         match self {
-            Carrier::Udp(c) => c.send(to, flow_hash, inner).await,
-            Carrier::Ipip(c) => c.send(to, inner).await,
+            Carrier::Udp(c) => c.send(to, flow_hash, inner, segment).await,
+            Carrier::Ipip(c) => {
+                for pkt in inner.chunks(segment.max(1)) {
+                    c.send(to, pkt).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Most inner packets one [`Carrier::send`] should carry.
+    pub fn max_batch(&self) -> usize {
+        match self {
+            Carrier::Udp(c) => c.max_batch(),
+            Carrier::Ipip(_) => 64,
         }
     }
 }

@@ -27,10 +27,31 @@ fn finish_checksum(pkt: &mut [u8], start: usize, offset: usize) {
     pkt[at..at + 2].copy_from_slice(&(!sum).to_be_bytes());
 }
 
+/// Headroom in front of each packet handed to the TUN's GRO: the virtio-net header goes there.
+const GRO_HEADROOM: usize = 16;
+
+/// Decapsulated packets waiting for one coalescing TUN write, and the GRO state; allocated
+/// once, with room for each buffer to grow into a 64 KiB super-packet.
+struct Coalesce {
+    table: tun_rs::GROTable,
+    bufs: Vec<Vec<u8>>,
+}
+
+impl Coalesce {
+    fn new() -> Self {
+        Coalesce {
+            table: tun_rs::GROTable::default(),
+            bufs: (0..64).map(|_| Vec::with_capacity(GRO_HEADROOM + 65_536)).collect(),
+        }
+    }
+}
+
 /// Room for the segments of one GSO super-packet, allocated once.
 struct Segments {
     bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
+    /// The segments back to back, for one batched send.
+    joined: Vec<u8>,
 }
 
 impl Segments {
@@ -38,7 +59,7 @@ impl Segments {
         // 64 KiB in segments of at least 576 bytes: at most 114; each at most an MTU of 64 KiB
         // would waste memory, so segments are sized for the largest TUN MTU ringlb sets (9000).
         let n = 128;
-        Segments { bufs: vec![vec![0u8; 9216]; n], sizes: vec![0; n] }
+        Segments { bufs: vec![vec![0u8; 9216]; n], sizes: vec![0; n], joined: vec![0u8; 2 * 65_536] }
     }
 }
 
@@ -163,9 +184,11 @@ impl Driver {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         // TUN reads: virtio-net header, then a packet or a GSO super-packet.
         let mut tun_buf = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
-        // Carrier reads land after room for the virtio-net header the TUN write needs.
-        let mut carrier_buf = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
+        // Carrier reads land after room for the virtio-net header the TUN write needs; one read
+        // may return up to 64 coalesced datagrams (UDP GRO).
+        let mut carrier_buf = vec![0u8; VIRTIO_NET_HDR_LEN + 64 * 9216];
         let mut segments = Segments::new();
+        let mut coalesce = Coalesce::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
@@ -183,17 +206,26 @@ impl Driver {
                 Event::Tun(Err(e)) if is_transient(&e) => {}
                 Event::Tun(Err(e)) => return Err(e),
                 Event::Carrier(Ok(rx)) => {
-                    // Offsets from here on count from the start of carrier_buf.
-                    let inner = rx.inner.start + VIRTIO_NET_HDR_LEN..rx.inner.end + VIRTIO_NET_HDR_LEN;
-                    let now = self.now();
-                    let verdict = self.node.on_carrier_packet(now, rx.from, &carrier_buf[inner.clone()]);
-                    tracing::trace!(from = %rx.from, len = inner.len(), ?verdict, "carrier packet");
-                    if verdict == Verdict::Deliver {
-                        // A plain packet for the TUN: an all-zero virtio-net header in front.
-                        let start = inner.start - VIRTIO_NET_HDR_LEN;
-                        carrier_buf[start..inner.start].fill(0);
-                        self.write_tun(&carrier_buf[start..inner.end]).await;
+                    // Offsets from here on count from the start of carrier_buf. One read may
+                    // hold several inner packets (UDP GRO), `stride` bytes apart.
+                    let (start, end) = (rx.inner.start + VIRTIO_NET_HDR_LEN, rx.inner.end + VIRTIO_NET_HDR_LEN);
+                    let mut at = start;
+                    let mut accepted = 0;
+                    while at < end {
+                        let inner = at..(at + rx.stride).min(end);
+                        at = inner.end;
+                        let now = self.now();
+                        let verdict = self.node.on_carrier_packet(now, rx.from, &carrier_buf[inner.clone()]);
+                        tracing::trace!(from = %rx.from, len = inner.len(), ?verdict, "carrier packet");
+                        if verdict == Verdict::Deliver && accepted < coalesce.bufs.len() {
+                            let b = &mut coalesce.bufs[accepted];
+                            b.clear();
+                            b.resize(GRO_HEADROOM, 0);
+                            b.extend_from_slice(&carrier_buf[inner]);
+                            accepted += 1;
+                        }
                     }
+                    self.deliver_batch(&mut coalesce, accepted).await;
                 }
                 Event::Carrier(Err(RecvError::Malformed(reason))) => {
                     tracing::trace!(?reason, "malformed carrier packet");
@@ -257,10 +289,12 @@ impl Driver {
             Verdict::Deliver => self.write_tun(frame).await,
             Verdict::Forward { addr, flow_hash, .. } => {
                 if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE {
-                    self.forward(addr, flow_hash, &frame[VIRTIO_NET_HDR_LEN..]).await;
+                    let pkt = &frame[VIRTIO_NET_HDR_LEN..];
+                    self.forward(addr, flow_hash, pkt, pkt.len()).await;
                     return;
                 }
-                // Split into MTU-sized packets with complete checksums; each crosses alone.
+                // Split into MTU-sized packets with complete checksums, laid back to back so
+                // the carrier can send them in one go (UDP GSO): all but the last are equal.
                 let is_v6 = frame[VIRTIO_NET_HDR_LEN] >> 4 == 6;
                 let n = match tun_rs::gso_split(
                     &mut frame[VIRTIO_NET_HDR_LEN..],
@@ -277,17 +311,30 @@ impl Driver {
                         return;
                     }
                 };
-                for i in 0..n {
-                    let len = segments.sizes[i];
-                    self.forward(addr, flow_hash, &segments.bufs[i][..len]).await;
+                let segment = segments.sizes[0];
+                // One UDP GSO send carries at most 64 KiB of payload.
+                let batch = self.carrier.max_batch().min(65_000 / segment.max(1)).max(1);
+                let mut first = 0;
+                while first < n {
+                    let last = (first + batch).min(n);
+                    let mut len = 0;
+                    for i in first..last {
+                        let size = segments.sizes[i];
+                        segments.joined[len..len + size].copy_from_slice(&segments.bufs[i][..size]);
+                        len += size;
+                    }
+                    let joined = std::mem::take(&mut segments.joined);
+                    self.forward(addr, flow_hash, &joined[..len], segment).await;
+                    segments.joined = joined;
+                    first = last;
                 }
             }
             Verdict::Drop(_) => {}
         }
     }
 
-    async fn forward(&mut self, addr: IpAddr, flow_hash: u64, pkt: &[u8]) {
-        if let Err(e) = self.carrier.send(addr, flow_hash, pkt).await {
+    async fn forward(&mut self, addr: IpAddr, flow_hash: u64, pkts: &[u8], segment: usize) {
+        if let Err(e) = self.carrier.send(addr, flow_hash, pkts, segment).await {
             let reason = if e.raw_os_error() == Some(libc::EMSGSIZE) {
                 DropReason::TooBig
             } else {
@@ -295,6 +342,18 @@ impl Driver {
             };
             tracing::trace!(error = %e, %addr, "carrier send failed");
             self.node.count_drop(reason);
+        }
+    }
+
+    /// Writes the first `n` packets of `c` into the TUN, coalescing those of one TCP or UDP
+    /// flow into super-packets (GRO) so that the kernel takes them in a few writes.
+    async fn deliver_batch(&mut self, c: &mut Coalesce, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if let Err(e) = self.tun.send_multiple(&mut c.table, &mut c.bufs[..n], GRO_HEADROOM).await {
+            tracing::trace!(error = %e, "tun batch write failed");
+            self.node.count_drop(DropReason::TunWriteError);
         }
     }
 

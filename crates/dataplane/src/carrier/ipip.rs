@@ -34,7 +34,7 @@ impl IpipCarrier {
     pub(super) async fn recv(&self, buf: &mut [u8]) -> Result<Received, RecvError> {
         let n = self.sock.async_io(Interest::READABLE, |s| (&*s).read(buf)).await.map_err(RecvError::Io)?;
         let (from, inner) = ringlb_wire::ipip::decap(&buf[..n]).map_err(RecvError::Malformed)?;
-        Ok(Received { from: IpAddr::V4(from), inner })
+        Ok(Received { from: IpAddr::V4(from), stride: inner.len().max(1), inner })
     }
 
     pub(super) async fn send(&self, to: IpAddr, inner: &[u8]) -> io::Result<()> {

@@ -1,9 +1,15 @@
 //! IP-in-UDP: the inner packet is the whole UDP payload.
+//!
+//! Batched both ways through quinn-udp: a run of equal-sized inner packets to one peer leaves
+//! in one `sendmsg` with UDP GSO (the kernel cuts it into datagrams), and one `recvmsg` with
+//! UDP GRO returns several datagrams of one sender back to back, `stride` bytes apart.
 
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use super::Received;
@@ -12,17 +18,19 @@ use super::Received;
 /// chosen per flow by hash, so the outer source port is a function of the inner 5-tuple.
 #[derive(Debug)]
 pub struct UdpCarrier {
-    rx: UdpSocket,
-    tx: Vec<UdpSocket>,
+    rx: (UdpSocket, UdpSocketState),
+    tx: Vec<(UdpSocket, UdpSocketState)>,
     port: u16,
 }
 
-fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, UdpSocketState)> {
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    super::tune_socket(&sock)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
-    UdpSocket::from_std(sock.into())
+    // quinn-udp turns on GRO and sets its own path-MTU mode; ours (never fragment) goes last.
+    let state = UdpSocketState::new((&sock).into())?;
+    super::tune_socket(&sock)?;
+    Ok((UdpSocket::from_std(sock.into())?, state))
 }
 
 impl UdpCarrier {
@@ -32,14 +40,30 @@ impl UdpCarrier {
         Ok(UdpCarrier { rx, tx, port: listen.port() })
     }
 
-    pub(super) async fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
-        let (n, from) = self.rx.recv_from(buf).await?;
-        Ok(Received { from: from.ip(), inner: 0..n })
+    /// Most inner packets one [`UdpCarrier::send`] may carry.
+    pub fn max_batch(&self) -> usize {
+        self.tx.first().map_or(1, |(_, s)| s.max_gso_segments())
     }
 
-    pub(super) async fn send(&self, to: IpAddr, flow_hash: u64, inner: &[u8]) -> io::Result<()> {
+    pub(super) async fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        let (sock, state) = &self.rx;
+        let mut meta = [RecvMeta::default()];
+        sock.async_io(Interest::READABLE, || state.recv(sock.into(), &mut [IoSliceMut::new(buf)], &mut meta)).await?;
+        let m = &meta[0];
+        Ok(Received { from: m.addr.ip(), inner: 0..m.len, stride: m.stride.max(1) })
+    }
+
+    /// Sends `contents`: inner packets of `segment` bytes each (the last may be shorter).
+    pub(super) async fn send(&self, to: IpAddr, flow_hash: u64, contents: &[u8], segment: usize) -> io::Result<()> {
         let len = self.tx.len() as u64;
-        let i = usize::try_from(flow_hash % len).unwrap_or(0);
-        self.tx[i].send_to(inner, SocketAddr::new(to, self.port)).await.map(drop)
+        let (sock, state) = &self.tx[usize::try_from(flow_hash % len).unwrap_or(0)];
+        let transmit = Transmit {
+            destination: SocketAddr::new(to, self.port),
+            ecn: None,
+            contents,
+            segment_size: (contents.len() > segment).then_some(segment),
+            src_ip: None,
+        };
+        sock.async_io(Interest::WRITABLE, || state.try_send(sock.into(), &transmit)).await
     }
 }
