@@ -11,9 +11,11 @@ default:
 build:
     cargo build --release --bins
 
-# Lints, unit and property tests, and the end-to-end tests in network namespaces (root).
+# Lints, unit and property tests, the end-to-end tests in network namespaces (root), and the
+# smoke bench.
 test: lint
     cargo test --release --workspace
+    just bench-smoke
 
 # cargo fmt and clippy, warnings as errors.
 lint:
@@ -75,6 +77,10 @@ demo: (netlab-up)
 # Benchmarks (not tests): direct path, ringlb, HAProxy and nftables NAT in one run.
 bench: build
     {{netlab}} bench --out docs/benchmarks.md
+
+# CI's speed check (under a minute): forwarded upload must stay above 0.25x direct.
+bench-smoke: build
+    {{netlab}} bench --smoke 0.25
 
 # The core's per-packet decision cost (criterion).
 bench-core:

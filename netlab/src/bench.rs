@@ -118,6 +118,38 @@ pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// The CI smoke check: forwarded upload (UDP carrier) against the direct path in one lab; fails
+/// when it falls below `floor` times direct in every one of three tries (the machine is shared
+/// and noisy; a real regression fails all three).
+pub fn smoke(prefix: &str, bin: &Path, floor: f64) -> Result<()> {
+    let started = Instant::now();
+    let lab = lab(prefix, bin, |s| s.weights = vec![0.0, 1.0, 1.0])?;
+    lab.ringlb(3, "drain")?; // iperf3's two connections must meet on one server: n2
+    let drained = "ringlb_peer_up{node=\"n1\",peer=\"n3\"} 0";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.metrics(1)?.lines().any(|l| l == drained) {
+        if Instant::now() > deadline {
+            bail!("n1 did not see n3 drained");
+        }
+        sleep(Duration::from_millis(50));
+    }
+    let mut ratios = Vec::new();
+    for attempt in 1..=3 {
+        let direct = iperf(&lab, &node_addr(2).to_string(), IPERF_PORT, false, 3)?;
+        let forwarded = iperf(&lab, &VIP.to_string(), IPERF_PORT, false, 3)?;
+        let ratio = forwarded / direct;
+        eprintln!(
+            "bench smoke {attempt}: upload direct {direct:.2} Gbit/s, forwarded over udp {forwarded:.2} Gbit/s: {ratio:.2}x (floor {floor}x)"
+        );
+        ratios.push(ratio);
+        if ratio >= floor {
+            eprintln!("bench smoke: passed in {} s", started.elapsed().as_secs());
+            return Ok(());
+        }
+    }
+    bail!("forwarded upload below {floor}x direct in all three tries: {ratios:.2?}")
+}
+
 /// A lab with an iperf3 server on every node.
 fn lab(prefix: &str, bin: &Path, edit: impl FnOnce(&mut Spec)) -> Result<Lab> {
     let mut spec = Spec::new(prefix, bin);

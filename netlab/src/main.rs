@@ -49,9 +49,12 @@ enum Cmd {
         bin: PathBuf,
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
-        /// Shorter runs, for a smoke check.
+        /// Shorter runs of every case.
         #[arg(long)]
         quick: bool,
+        /// Only the CI check: forwarded upload against direct, fails below this ratio.
+        #[arg(long)]
+        smoke: Option<f64>,
     },
     /// Kill a node, cut the path between two nodes with nftables, heal; print what the
     /// cluster saw at each step.
@@ -124,9 +127,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { bin, out, quick } => {
+        Cmd::Bench { bin, out, quick, smoke } => {
             let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
-            bench::run(&format!("{}b", cli.prefix), &bin, &out, quick)
+            match smoke {
+                Some(floor) => bench::smoke(&format!("{}s", cli.prefix), &bin, floor),
+                None => bench::run(&format!("{}b", cli.prefix), &bin, &out, quick),
+            }
         }
         Cmd::Kill { node } | Cmd::Start { node } if node_index(&node).is_none() => {
             bail!("unknown node {node:?}: use n1, n2, ...")
