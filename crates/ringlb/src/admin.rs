@@ -92,6 +92,8 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
     counter("flows_created_total", "Flows created.", c.flows_created);
     counter("flows_expired_total", "Flows expired after idling.", c.flows_expired);
     counter("flows_evicted_total", "Flows evicted because the table was full.", c.flows_evicted);
+    counter("flows_reset_total", "TCP flows of a dead member handed to the local kernel to be reset.", c.flows_reset);
+    counter("flows_replaced_total", "Flows of a dead member placed anew.", c.flows_replaced);
     let _ = writeln!(
         out,
         "# HELP ringlb_placements_total New flows placed, by outcome.\n# TYPE ringlb_placements_total counter"

@@ -532,3 +532,58 @@ fn placement_follows_capacity_weight() {
     println!("consistent hash:      n3 served {:.1} % (weight share {:.0} %): {t:?}", hash * 100.0, want * 100.0);
     assert!((p2c - want).abs() <= want * 0.25, "n3 served {:.1} %, not within 25 % of 20 %", p2c * 100.0);
 }
+
+#[test]
+fn a_connection_pinned_to_a_dead_node_is_reset_not_left_hanging() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab("rst", |_| {});
+    let script = format!(
+        r#"
+import http.client, json, sys, time
+for i in range(60):
+    c = http.client.HTTPConnection("{VIP}", 80, timeout=5)
+    c.request("GET", "/")
+    if c.getresponse().read().decode().strip() == "n3":
+        break
+    c.close()
+else:
+    sys.exit("no connection landed on n3")
+print("ready", flush=True)
+sys.stdin.readline()
+t = time.time()
+try:
+    c.request("GET", "/")
+    c.getresponse().read()
+    outcome = "answered"
+except Exception as e:
+    outcome = type(e).__name__
+print(json.dumps({{"outcome": outcome, "seconds": time.time() - t}}), flush=True)
+"#
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &lab.client(), "python3", "-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "the client found no connection on n3");
+    lab.stop_ringlb(3, true).unwrap();
+    // Past suspicion and its confirmation: n3 is dead for the entry now.
+    std::thread::sleep(Duration::from_secs(4));
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let _ = child.wait();
+    let v: serde_json::Value = serde_json::from_str(line.trim()).expect("the client reports");
+    println!("request on a connection pinned to the dead n3: {v}");
+    let outcome = v["outcome"].as_str().unwrap_or_default();
+    assert!(
+        matches!(outcome, "ConnectionResetError" | "RemoteDisconnected" | "BrokenPipeError"),
+        "the client was not reset: {v}"
+    );
+    assert!(v["seconds"].as_f64().unwrap_or(99.0) < 1.0, "the reset took too long: {v}");
+    assert!(lab.metric(1, "ringlb_flows_reset_total{").unwrap() >= 1, "the entry did not count the reset");
+}
