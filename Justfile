@@ -82,6 +82,11 @@ bench: build
 bench-smoke: build
     {{netlab}} bench --smoke 0.25
 
+# Aggregate requests/s with 1, 2, 4, 8 nodes behind one entry; plot in docs/scaling.png.
+bench-scaling: build
+    command -v gnuplot >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox
+    {{netlab}} bench --scaling docs/scaling.png
+
 # The core's per-packet decision cost (criterion).
 bench-core:
     cargo bench -p ringlb-core --bench decisions

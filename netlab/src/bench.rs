@@ -11,7 +11,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ringlb_netlab::{node_addr, Lab, Spec, VIP};
+use ringlb_netlab::{node_addr, Lab, Spec, CAPACITY, VIP};
 
 const CASES: [(char, &str); 6] = [
     ('a', "direct, client → n2, no balancer"),
@@ -148,6 +148,61 @@ pub fn smoke(prefix: &str, bin: &Path, floor: f64) -> Result<()> {
         }
     }
     bail!("forwarded upload below {floor}x direct in all three tries: {ratios:.2?}")
+}
+
+/// Aggregate requests/s of 1, 2, 4 and 8 serving nodes behind one forward-only entry, each
+/// node's service capped at `CAPACITY` requests/s; writes a PNG plot with gnuplot and prints
+/// the table. Efficiency(N) = throughput(N) / (N x throughput(1)).
+pub fn scaling(prefix: &str, bin: &Path, png: &Path, secs: u32) -> Result<()> {
+    let mut rows: Vec<(usize, f64)> = Vec::new();
+    for n in [1usize, 2, 4, 8] {
+        let mut spec = Spec::new(format!("{prefix}{n}"), bin);
+        spec.nodes = n + 1;
+        spec.weights = std::iter::once(0.0).chain(std::iter::repeat_n(1.0, n)).collect();
+        let lab = Lab::up(spec)?;
+        // Enough connections to keep every node's queue busy; each is pinned to one node.
+        let (w, errors) = wrk_conns(&lab, &format!("http://{VIP}/cap"), false, secs, 24 * n)?;
+        if let Some(e) = errors {
+            bail!("{n} nodes: {e}");
+        }
+        eprintln!("bench scaling: {n} nodes: {:.0} req/s", w.rps);
+        rows.push((n, w.rps));
+    }
+    let one = rows[0].1;
+    let mut table = String::from("| serving nodes | requests/s | per node | efficiency |\n|--:|--:|--:|--:|\n");
+    let mut data = String::new();
+    for &(n, rps) in &rows {
+        let eff = rps / (n as f64 * one);
+        table += &format!("| {n} | {rps:.0} | {:.0} | {eff:.2} |\n", rps / n as f64);
+        data += &format!("{n} {rps:.1} {:.1}\n", n as f64 * one);
+    }
+    let dat = std::env::temp_dir().join(format!("{prefix}-scaling.dat"));
+    fs::write(&dat, data)?;
+    let script = format!(
+        "set terminal png size 800,500\nset output '{png}'\nset title 'ringlb: aggregate requests/s behind one entry ({CAPACITY} req/s per node)'\n\
+         set xlabel 'serving nodes'\nset ylabel 'requests/s'\nset key left top\nset grid\nset xtics (1,2,4,8)\n\
+         plot '{dat}' using 1:3 with lines dashtype 2 title 'linear (N x one node)', \
+         '{dat}' using 1:2 with linespoints pointtype 7 title 'measured'\n",
+        png = png.display(),
+        dat = dat.display()
+    );
+    let mut child = std::process::Command::new("gnuplot")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("running gnuplot (apt-get install gnuplot-nox)")?;
+    if let Some(stdin) = child.stdin.as_mut() {
+        std::io::Write::write_all(stdin, script.as_bytes())?;
+    }
+    if !child.wait()?.success() {
+        bail!("gnuplot failed");
+    }
+    println!("{table}");
+    eprintln!("bench scaling: plot written to {}", png.display());
+    let eight = rows.last().map_or(0.0, |&(n, rps)| rps / (n as f64 * one));
+    if eight < 0.9 {
+        bail!("efficiency at 8 nodes is {eight:.2}, below 0.9");
+    }
+    Ok(())
 }
 
 /// A lab with an iperf3 server on every node.
@@ -387,8 +442,12 @@ fn iperf(lab: &Lab, host: &str, port: u16, reverse: bool, secs: u32) -> Result<f
 
 /// One wrk run from the client, with keep-alive or `Connection: close`; also wrk's error counts.
 fn wrk(lab: &Lab, url: &str, close: bool, secs: u32) -> Result<(Wrk, Option<String>)> {
-    let (d, guard) = (format!("-d{secs}s"), (secs + 20).to_string());
-    let mut args = vec!["timeout", &guard, "wrk", "--latency", "-t1", "-c16", &d];
+    wrk_conns(lab, url, close, secs, 16)
+}
+
+fn wrk_conns(lab: &Lab, url: &str, close: bool, secs: u32, conns: usize) -> Result<(Wrk, Option<String>)> {
+    let (d, guard, c) = (format!("-d{secs}s"), (secs + 20).to_string(), format!("-c{conns}"));
+    let mut args = vec!["timeout", &guard, "wrk", "--latency", "-t1", &c, &d];
     if close {
         args.extend(["-H", "Connection: close"]);
     }

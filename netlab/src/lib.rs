@@ -31,6 +31,9 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 100);
 pub const ROUTER_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 254);
 const CARRIER_PORT: u16 = 6635;
 const CONTROL_PORT: u16 = 6636;
+/// Requests per second each node's `/cap` answers: a fixed per-node capacity for the
+/// scaling bench (excess requests wait in nginx's queue).
+pub const CAPACITY: u32 = 1000;
 /// Where labs keep configs, logs and pid files.
 pub const STATE_ROOT: &str = "/tmp/ringlb-netlab";
 
@@ -452,8 +455,10 @@ impl Lab {
              http {{\n  access_log off;\n  client_body_temp_path {d}/tmp-body;\n  proxy_temp_path {d}/tmp-proxy;\n\
              fastcgi_temp_path {d}/tmp-fcgi;\n  uwsgi_temp_path {d}/tmp-uwsgi;\n  scgi_temp_path {d}/tmp-scgi;\n\
              keepalive_requests 1000000;\n  sendfile on;\n\
+             limit_req_zone $host zone=cap:1m rate={CAPACITY}r/s;\n\
              server {{\n    listen 80 backlog=4096;\n    add_header X-Node n{i} always;\n\
              location = / {{ default_type text/plain; return 200 \"n{i}\\n\"; }}\n\
+             location = /cap {{ limit_req zone=cap burst=100000; alias {lab}/blob-small; default_type text/plain; }}\n\
              location = /1k {{ alias {lab}/blob-small; default_type application/octet-stream; }}\n\
              location /blob/ {{ alias {lab}/; default_type application/octet-stream; }}\n  }}\n}}\n",
             d = d.display(),

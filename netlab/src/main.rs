@@ -55,6 +55,9 @@ enum Cmd {
         /// Only the CI check: forwarded upload against direct, fails below this ratio.
         #[arg(long)]
         smoke: Option<f64>,
+        /// Only the scaling bench (1, 2, 4, 8 nodes behind one entry); writes this PNG.
+        #[arg(long)]
+        scaling: Option<PathBuf>,
     },
     /// Kill a node, cut the path between two nodes with nftables, heal; print what the
     /// cluster saw at each step.
@@ -127,11 +130,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { bin, out, quick, smoke } => {
+        Cmd::Bench { bin, out, quick, smoke, scaling } => {
             let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
-            match smoke {
-                Some(floor) => bench::smoke(&format!("{}s", cli.prefix), &bin, floor),
-                None => bench::run(&format!("{}b", cli.prefix), &bin, &out, quick),
+            match (smoke, scaling) {
+                (Some(floor), _) => bench::smoke(&format!("{}s", cli.prefix), &bin, floor),
+                (None, Some(png)) => bench::scaling(&format!("{}x", cli.prefix), &bin, &png, if quick { 3 } else { 8 }),
+                (None, None) => bench::run(&format!("{}b", cli.prefix), &bin, &out, quick),
             }
         }
         Cmd::Kill { node } | Cmd::Start { node } if node_index(&node).is_none() => {
