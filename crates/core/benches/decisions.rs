@@ -35,6 +35,12 @@ fn client(i: u32) -> [u8; 4] {
 
 fn decisions(c: &mut Criterion) {
     let vip = [10, 200, 0, 10];
+    let ack = tcp_v4(client(7), vip, 40_000, 80, 0x10, &[]);
+    c.bench_function("classify (parse, checksum, flow key)", |b| {
+        b.iter(|| black_box(ringlb_wire::classify(black_box(&ack))))
+    });
+    let key = ringlb_wire::classify(&ack).unwrap().key;
+    c.bench_function("stable flow hash", |b| b.iter(|| black_box(black_box(&key).stable_hash())));
     // Flow-table hit: 100,000 established flows, ACKs cycling through them.
     let mut n = node(64);
     let now = Timestamp::from_duration(Duration::from_secs(1));
