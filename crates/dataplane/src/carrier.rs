@@ -75,6 +75,14 @@ impl Carrier {
         }
     }
 
+    /// Like [`Carrier::recv`], but returns `WouldBlock` instead of waiting.
+    pub fn try_recv(&self, buf: &mut [u8]) -> Result<Received, RecvError> {
+        match self {
+            Carrier::Udp(c) => c.try_recv(buf).map_err(RecvError::Io),
+            Carrier::Ipip(c) => c.try_recv(buf),
+        }
+    }
+
     /// Sends `inner`, one or more inner packets of `segment` bytes back to back (the last may
     /// be shorter), to the peer at `to`.
     pub async fn send(&self, to: IpAddr, flow_hash: u64, inner: &[u8], segment: usize) -> io::Result<()> {

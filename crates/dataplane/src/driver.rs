@@ -9,7 +9,7 @@ use ringlb_core::{Counters, DropReason, MemberState, Node, Timestamp, Verdict};
 use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::AsyncDevice;
 
-use crate::carrier::{Carrier, RecvError};
+use crate::carrier::{Carrier, Received, RecvError};
 use crate::tun::{is_transient, MAX_PACKET, VIRTIO_NET_HDR_LEN};
 use tun_rs::VirtioNetHdr;
 
@@ -27,6 +27,11 @@ fn finish_checksum(pkt: &mut [u8], start: usize, offset: usize) {
     pkt[at..at + 2].copy_from_slice(&(!sum).to_be_bytes());
 }
 
+/// Reads taken from the TUN or the carrier per wakeup before the loop looks at other events.
+const MAX_READS_PER_WAKEUP: usize = 32;
+/// Most inner packets one carrier read returns (UDP GRO).
+const MAX_SEGMENTS_PER_READ: usize = 64;
+
 /// Headroom in front of each packet handed to the TUN's GRO: the virtio-net header goes there.
 const GRO_HEADROOM: usize = 16;
 
@@ -41,7 +46,7 @@ impl Coalesce {
     fn new() -> Self {
         Coalesce {
             table: tun_rs::GROTable::default(),
-            bufs: (0..64).map(|_| Vec::with_capacity(GRO_HEADROOM + 65_536)).collect(),
+            bufs: (0..2 * MAX_SEGMENTS_PER_READ).map(|_| Vec::with_capacity(GRO_HEADROOM + 65_536)).collect(),
         }
     }
 }
@@ -202,39 +207,43 @@ impl Driver {
                 () = &mut shutdown => break,
             };
             match event {
-                Event::Tun(Ok(n)) => self.on_tun_read(&mut tun_buf[..n], &mut segments).await,
-                Event::Tun(Err(e)) if is_transient(&e) => {}
-                Event::Tun(Err(e)) => return Err(e),
-                Event::Carrier(Ok(rx)) => {
-                    // Offsets from here on count from the start of carrier_buf. One read may
-                    // hold several inner packets (UDP GRO), `stride` bytes apart.
-                    let (start, end) = (rx.inner.start + VIRTIO_NET_HDR_LEN, rx.inner.end + VIRTIO_NET_HDR_LEN);
-                    let mut at = start;
-                    let mut accepted = 0;
-                    while at < end {
-                        let inner = at..(at + rx.stride).min(end);
-                        at = inner.end;
-                        let now = self.now();
-                        let verdict = self.node.on_carrier_packet(now, rx.from, &carrier_buf[inner.clone()]);
-                        tracing::trace!(from = %rx.from, len = inner.len(), ?verdict, "carrier packet");
-                        if verdict == Verdict::Deliver && accepted < coalesce.bufs.len() {
-                            let b = &mut coalesce.bufs[accepted];
-                            b.clear();
-                            b.resize(GRO_HEADROOM, 0);
-                            b.extend_from_slice(&carrier_buf[inner]);
-                            accepted += 1;
+                Event::Tun(Ok(n)) => {
+                    self.on_tun_read(&mut tun_buf[..n], &mut segments).await;
+                    // More may be queued: take them before going back to the select.
+                    for _ in 1..MAX_READS_PER_WAKEUP {
+                        match self.tun.try_recv(&mut tun_buf) {
+                            Ok(n) => self.on_tun_read(&mut tun_buf[..n], &mut segments).await,
+                            Err(_) => break,
                         }
                     }
-                    self.deliver_batch(&mut coalesce, accepted).await;
                 }
-                Event::Carrier(Err(RecvError::Malformed(reason))) => {
-                    tracing::trace!(?reason, "malformed carrier packet");
-                    self.node.count_drop(DropReason::BadCarrierHeader);
-                }
-                Event::Carrier(Err(RecvError::Io(e))) => {
-                    if !is_transient(&e) {
-                        tracing::debug!(error = %e, "carrier receive error");
+                Event::Tun(Err(e)) if is_transient(&e) => {}
+                Event::Tun(Err(e)) => return Err(e),
+                Event::Carrier(first) => {
+                    // Drain what the carrier has queued (a bounded number of reads), then hand
+                    // all accepted packets to the TUN in one coalescing write.
+                    let mut accepted = 0;
+                    let mut result = first;
+                    for _ in 0..MAX_READS_PER_WAKEUP {
+                        match result {
+                            Ok(rx) => accepted = self.accept_carrier(&carrier_buf, &rx, &mut coalesce, accepted),
+                            Err(RecvError::Malformed(reason)) => {
+                                tracing::trace!(?reason, "malformed carrier packet");
+                                self.node.count_drop(DropReason::BadCarrierHeader);
+                            }
+                            Err(RecvError::Io(e)) => {
+                                if !is_transient(&e) {
+                                    tracing::debug!(error = %e, "carrier receive error");
+                                }
+                                break;
+                            }
+                        }
+                        if accepted + MAX_SEGMENTS_PER_READ > coalesce.bufs.len() {
+                            break;
+                        }
+                        result = self.carrier.try_recv(&mut carrier_buf[VIRTIO_NET_HDR_LEN..]);
                     }
+                    self.deliver_batch(&mut coalesce, accepted).await;
                 }
                 Event::Tick => {
                     let now = self.now();
@@ -343,6 +352,33 @@ impl Driver {
             tracing::trace!(error = %e, %addr, "carrier send failed");
             self.node.count_drop(reason);
         }
+    }
+
+    /// Checks the inner packets of one carrier read (several with UDP GRO, `stride` bytes apart)
+    /// and copies those to deliver into `c` from position `accepted` on; returns the new count.
+    fn accept_carrier(&mut self, buf: &[u8], rx: &Received, c: &mut Coalesce, mut accepted: usize) -> usize {
+        // Received offsets count from where the read began, after the header headroom.
+        let (start, end) = (rx.inner.start + VIRTIO_NET_HDR_LEN, rx.inner.end + VIRTIO_NET_HDR_LEN);
+        let mut at = start;
+        while at < end {
+            let inner = at..(at + rx.stride).min(end);
+            at = inner.end;
+            let now = self.now();
+            let verdict = self.node.on_carrier_packet(now, rx.from, &buf[inner.clone()]);
+            tracing::trace!(from = %rx.from, len = inner.len(), ?verdict, "carrier packet");
+            if verdict != Verdict::Deliver {
+                continue;
+            }
+            let Some(b) = c.bufs.get_mut(accepted) else {
+                self.node.count_drop(DropReason::TunWriteError);
+                continue;
+            };
+            b.clear();
+            b.resize(GRO_HEADROOM, 0);
+            b.extend_from_slice(&buf[inner]);
+            accepted += 1;
+        }
+        accepted
     }
 
     /// Writes the first `n` packets of `c` into the TUN, coalescing those of one TCP or UDP

@@ -37,6 +37,14 @@ impl IpipCarrier {
         Ok(Received { from: IpAddr::V4(from), stride: inner.len().max(1), inner })
     }
 
+    /// A non-blocking read; readiness bookkeeping stays with tokio, which retries on the next
+    /// `recv` if this one drained the socket.
+    pub(super) fn try_recv(&self, buf: &mut [u8]) -> Result<Received, RecvError> {
+        let n = (&*self.sock.get_ref()).read(buf).map_err(RecvError::Io)?;
+        let (from, inner) = ringlb_wire::ipip::decap(&buf[..n]).map_err(RecvError::Malformed)?;
+        Ok(Received { from: IpAddr::V4(from), stride: inner.len().max(1), inner })
+    }
+
     pub(super) async fn send(&self, to: IpAddr, inner: &[u8]) -> io::Result<()> {
         let addr = SockAddr::from(SocketAddr::new(to, 0));
         self.sock.async_io(Interest::WRITABLE, |s| s.send_to(inner, &addr)).await.map(drop)

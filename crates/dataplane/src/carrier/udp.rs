@@ -53,6 +53,14 @@ impl UdpCarrier {
         Ok(Received { from: m.addr.ip(), inner: 0..m.len, stride: m.stride.max(1) })
     }
 
+    pub(super) fn try_recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        let (sock, state) = &self.rx;
+        let mut meta = [RecvMeta::default()];
+        sock.try_io(Interest::READABLE, || state.recv(sock.into(), &mut [IoSliceMut::new(buf)], &mut meta))?;
+        let m = &meta[0];
+        Ok(Received { from: m.addr.ip(), inner: 0..m.len, stride: m.stride.max(1) })
+    }
+
     /// Sends `contents`: inner packets of `segment` bytes each (the last may be shorter).
     pub(super) async fn send(&self, to: IpAddr, flow_hash: u64, contents: &[u8], segment: usize) -> io::Result<()> {
         let len = self.tx.len() as u64;
