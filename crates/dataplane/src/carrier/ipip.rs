@@ -40,7 +40,8 @@ impl IpipCarrier {
     /// A non-blocking read; readiness bookkeeping stays with tokio, which retries on the next
     /// `recv` if this one drained the socket.
     pub(super) fn try_recv(&self, buf: &mut [u8]) -> Result<Received, RecvError> {
-        let n = (&*self.sock.get_ref()).read(buf).map_err(RecvError::Io)?;
+        let mut sock: &Socket = self.sock.get_ref();
+        let n = sock.read(buf).map_err(RecvError::Io)?;
         let (from, inner) = ringlb_wire::ipip::decap(&buf[..n]).map_err(RecvError::Malformed)?;
         Ok(Received { from: IpAddr::V4(from), stride: inner.len().max(1), inner })
     }
