@@ -9,9 +9,13 @@
 //! that is merely slow (CPU load) is not thrown out. Refutation: a node that hears itself
 //! suspected raises its incarnation and gossips that it is alive.
 //!
-//! Updates travel piggybacked on pings and acks, each sent a few times times log(N), so the
+//! Updates travel piggybacked on pings and acks, each sent a few times log(N) times, so the
 //! cost per node stays constant as the cluster grows. The driver may also report that a peer
-//! is unreachable (connection lost, send failed): that starts a suspicion at once.
+//! is unreachable (connection lost, send failed): that peer is probed next.
+//!
+//! Coming back: once a second a node sends a `Join` to one member it holds dead; a member that
+//! is back answers and rejoins, even one with no seeds of its own. A member that talks to a node
+//! holding it suspect or dead is told so, and refutes.
 //!
 //! Sans-IO: messages in through [`Membership::handle`], out through [`Membership::poll_transmit`],
 //! time through `now` arguments and [`Membership::poll_timeout`].
@@ -216,7 +220,8 @@ impl Membership {
                 t = t.min(p.started.saturating_add(self.config.probe_timeout));
             }
         }
-        if self.live_peers() == 0 && !self.seeds.is_empty() {
+        let dead = self.peers.values().any(|p| p.update.state == UpdateState::Dead);
+        if (self.live_peers() == 0 && !self.seeds.is_empty()) || dead {
             t = t.min(self.next_join);
         }
         for p in self.peers.values() {
@@ -231,15 +236,26 @@ impl Membership {
     }
 
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        // Join (again) while no peer is known alive.
-        if self.live_peers() == 0 && now >= self.next_join {
+        if now >= self.next_join {
             self.next_join = now.saturating_add(self.config.join_retry);
-            for (name, addr) in self.seeds.clone() {
-                self.outbox.push_back(Transmit {
-                    to_name: name,
-                    to_addr: addr,
-                    msg: Message::Join { gossip: vec![self.me.clone()] },
-                });
+            // Join (again) while no peer is known alive.
+            if self.live_peers() == 0 {
+                for (name, addr) in self.seeds.clone() {
+                    self.outbox.push_back(Transmit {
+                        to_name: name,
+                        to_addr: addr,
+                        msg: Message::Join { gossip: vec![self.me.clone()] },
+                    });
+                }
+            }
+            // Reach out to one member held dead: if it is back (restarted, or the partition
+            // healed) it answers with its news and rejoins, even when it has no seeds itself.
+            let mut dead: Vec<String> =
+                self.peers.values().filter(|p| p.update.state == UpdateState::Dead).map(|p| p.update.name.clone()).collect();
+            if !dead.is_empty() {
+                dead.sort_unstable();
+                let name = dead.swap_remove(self.rng.below(dead.len()));
+                self.send(&name, Message::Join { gossip: vec![self.me.clone()] });
             }
         }
         // Direct probe unanswered: ask others.
@@ -293,7 +309,7 @@ impl Membership {
 
     /// Announces a graceful departure to every peer; the caller sends the transmits and stops.
     pub fn leave(&mut self) {
-        self.me.incarnation += 1;
+        self.me.incarnation = self.me.incarnation.saturating_add(1);
         self.me.state = UpdateState::Left;
         let names: Vec<String> = self
             .peers
@@ -308,6 +324,14 @@ impl Membership {
 
     /// A message from the authenticated peer `from`.
     pub fn handle(&mut self, now: Timestamp, from: &str, msg: Message) {
+        // A member we hold suspect or dead is talking to us: tell it, so that it refutes (it
+        // may have been paused, or cut off, and believe all is well).
+        if let Some(p) = self.peers.get(from) {
+            if matches!(p.update.state, UpdateState::Suspect | UpdateState::Dead) {
+                let record = p.update.clone();
+                self.send(from, Message::Members { gossip: vec![record] });
+            }
+        }
         match msg {
             Message::Ping { seq, gossip } => {
                 self.apply_all(gossip, now);
@@ -442,7 +466,7 @@ impl Membership {
                 && self.me.state == UpdateState::Alive
             {
                 // Refute: we are alive, at a newer incarnation.
-                self.me.incarnation = u.incarnation + 1;
+                self.me.incarnation = u.incarnation.saturating_add(1);
                 let me = self.me.clone();
                 self.enqueue_gossip(me);
             }

@@ -161,6 +161,12 @@ fn fifty_nodes_converge_under_loss_and_nobody_live_is_declared_dead() {
     with_seed(|seed| {
         let mut sim = Sim::new(50, seed, 0.05);
         sim.run_for(Duration::from_secs(30));
+        // Under loss a suspicion is always in flight somewhere; once the loss stops, every
+        // view must settle to all alive within a few protocol periods.
+        let unknown = sim.views().into_iter().filter(|(_, s)| s.is_none()).count();
+        assert_eq!(unknown, 0, "seed {seed}: some members never learned of others");
+        sim.loss = 0.0;
+        sim.run_for(Duration::from_secs(3));
         let bad: Vec<_> = sim.views().into_iter().filter(|(_, s)| *s != Some(UpdateState::Alive)).collect();
         assert!(bad.is_empty(), "seed {seed}: not converged: {:?}", &bad[..bad.len().min(10)]);
         assert!(sim.deaths.is_empty(), "seed {seed}: live members declared dead: {:?}", sim.deaths);
@@ -208,5 +214,26 @@ fn a_cut_path_does_not_kill_and_a_partition_heals() {
         sim.cut.clear();
         sim.run_for(Duration::from_secs(8));
         assert!(sim.all_alive(), "seed {seed}: partition did not heal: {:?}", sim.views());
+    });
+}
+
+#[test]
+fn a_restarted_seed_and_a_paused_node_both_come_back() {
+    with_seed(|seed| {
+        let mut sim = Sim::new(6, seed, 0.0);
+        sim.run_for(Duration::from_secs(4));
+        assert!(sim.all_alive());
+        // n0 is everyone's seed and has none itself.
+        sim.nodes[0] = None;
+        sim.run_for(Duration::from_secs(8));
+        sim.start(0);
+        sim.run_for(Duration::from_secs(5));
+        assert!(sim.all_alive(), "seed {seed}: the restarted seed did not rejoin: {:?}", sim.views());
+        // n3 freezes (no timers, messages to it lost) for longer than the suspicion timeout.
+        let frozen = sim.nodes[3].take();
+        sim.run_for(Duration::from_secs(6));
+        sim.nodes[3] = frozen;
+        sim.run_for(Duration::from_secs(5));
+        assert!(sim.all_alive(), "seed {seed}: the paused node did not come back: {:?}", sim.views());
     });
 }
