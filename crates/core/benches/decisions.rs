@@ -23,6 +23,7 @@ fn node(members: u8) -> Node {
             seed: 7,
             on_failure: FailurePolicy::Reset,
             load_stale_after: Duration::from_secs(1),
+            require_load: false,
         },
         m,
     )

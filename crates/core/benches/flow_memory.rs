@@ -32,6 +32,7 @@ fn main() {
             seed: 1,
             on_failure: FailurePolicy::Reset,
             load_stale_after: Duration::from_secs(1),
+            require_load: false,
         },
         members,
     );

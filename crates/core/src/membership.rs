@@ -250,8 +250,12 @@ impl Membership {
             }
             // Reach out to one member held dead: if it is back (restarted, or the partition
             // healed) it answers with its news and rejoins, even when it has no seeds itself.
-            let mut dead: Vec<String> =
-                self.peers.values().filter(|p| p.update.state == UpdateState::Dead).map(|p| p.update.name.clone()).collect();
+            let mut dead: Vec<String> = self
+                .peers
+                .values()
+                .filter(|p| p.update.state == UpdateState::Dead)
+                .map(|p| p.update.name.clone())
+                .collect();
             if !dead.is_empty() {
                 dead.sort_unstable();
                 let name = dead.swap_remove(self.rng.below(dead.len()));
@@ -334,12 +338,12 @@ impl Membership {
         }
         match msg {
             Message::Ping { seq, gossip } => {
-                self.apply_all(gossip, now);
+                self.apply_all(gossip, now, from);
                 let gossip = self.take_gossip(9 + 2);
                 self.send(from, Message::Ack { seq, gossip });
             }
             Message::Ack { seq, gossip } => {
-                self.apply_all(gossip, now);
+                self.apply_all(gossip, now, from);
                 if self.probe.as_ref().is_some_and(|p| p.seq == seq) {
                     self.probe = None;
                 }
@@ -362,7 +366,7 @@ impl Membership {
                 }
             }
             Message::Join { gossip } => {
-                self.apply_all(gossip, now);
+                self.apply_all(gossip, now, from);
                 // Answer with everything known, in as many messages as it takes.
                 let mut all: Vec<MemberUpdate> = self.peers.values().map(|p| p.update.clone()).collect();
                 all.push(self.me.clone());
@@ -370,7 +374,7 @@ impl Membership {
                     self.send(from, Message::Members { gossip: chunk });
                 }
             }
-            Message::Members { gossip } => self.apply_all(gossip, now),
+            Message::Members { gossip } => self.apply_all(gossip, now, from),
             Message::Load(_) => {} // the driver routes load vectors to the data plane
         }
     }
@@ -451,8 +455,16 @@ impl Membership {
         }
     }
 
-    fn apply_all(&mut self, updates: Vec<MemberUpdate>, now: Timestamp) {
-        for u in updates {
+    fn apply_all(&mut self, updates: Vec<MemberUpdate>, now: Timestamp, from: &str) {
+        for mut u in updates {
+            // Where a member lives is its own word: others may spread its state, but a change of
+            // its addresses is taken only from the member itself.
+            if u.name != from {
+                if let Some(p) = self.peers.get(&u.name) {
+                    u.underlay = p.update.underlay;
+                    u.control = p.update.control;
+                }
+            }
             self.apply(u, now);
         }
     }

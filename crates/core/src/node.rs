@@ -43,8 +43,12 @@ pub struct NodeConfig {
     /// What happens to TCP flows pinned to a member that died.
     pub on_failure: FailurePolicy,
     /// A member whose load vectors stop arriving for this long takes no new flows, as if
-    /// suspect. Members that never sent one (static member lists) are not affected.
+    /// suspect.
     pub load_stale_after: Duration,
+    /// Whether a member takes new flows only once its first load vector arrived (over its
+    /// authenticated control connection). On with a control plane; off for static member lists,
+    /// which have no load vectors.
+    pub require_load: bool,
 }
 
 /// What to do with TCP flows pinned to a member that died (UDP flows are always re-placed).
@@ -272,15 +276,15 @@ impl Node {
             self.flows.touch(h, now, next);
             let target = self.flows.target(h);
             let state = self.members.get(target).map(|m| m.state);
-            if state == Some(MemberState::Dead) {
-                return self.rescue(now, h, meta);
-            }
             // A SYN on a tracked tuple is a new connection (the client reused its port): it
-            // may be placed anew, and must be when its node takes no new flows.
+            // is placed anew when its node takes no new flows (dead ones included).
             if meta.is_tcp_syn() && !state.is_some_and(MemberState::takes_new_flows) {
                 let target = self.place(now, &key, true);
                 self.flows.retarget(h, target);
                 return target;
+            }
+            if state == Some(MemberState::Dead) {
+                return self.rescue(now, h, meta);
             }
             return target;
         }
@@ -321,7 +325,7 @@ impl Node {
                 (Some(r), false) => {
                     (pinned.max(f64::from(r.served_flows)), now.saturating_since(r.received) <= stale_after)
                 }
-                (None, false) => (pinned, true),
+                (None, false) => (pinned, !self.config.require_load),
             };
             self.candidates.push(Candidate {
                 id,
@@ -404,6 +408,7 @@ mod tests {
                 seed: 42,
                 on_failure: FailurePolicy::Reset,
                 load_stale_after: Duration::from_secs(1),
+                require_load: false,
             },
             members,
         )
@@ -411,6 +416,10 @@ mod tests {
 
     fn at(ms: u64) -> Timestamp {
         Timestamp::from_duration(Duration::from_millis(ms))
+    }
+
+    fn classify_key(port: u16) -> FlowKey {
+        ringlb_wire::classify(&tcp_v4(CLIENT, VIP, port, 80, ACK, &[])).unwrap().key
     }
 
     fn syn(port: u16) -> Vec<u8> {
@@ -558,10 +567,10 @@ mod tests {
         for port in 200..230 {
             assert_eq!(target(n.on_tun_packet(at(5_500), &mut syn(port))), Some(NodeId(1)));
         }
-        assert_eq!(
-            target(n.on_tun_packet(at(5_500), &mut tcp_v4(CLIENT, VIP, 100, 80, ACK, &[]))).map(|t| t.index() < 3),
-            Some(true)
-        );
+        // Pinned flows stay where they are, drained node or not.
+        let pinned = n.flows().find(&classify_key(100)).map(|h| n.flows().target(h));
+        assert!(pinned.is_some());
+        assert_eq!(target(n.on_tun_packet(at(5_500), &mut tcp_v4(CLIENT, VIP, 100, 80, ACK, &[]))), pinned);
     }
 
     #[test]

@@ -189,9 +189,8 @@ impl Driver {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         // TUN reads: virtio-net header, then a packet or a GSO super-packet.
         let mut tun_buf = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
-        // Carrier reads land after room for the virtio-net header the TUN write needs; one read
-        // may return up to 64 coalesced datagrams (UDP GRO).
-        let mut carrier_buf = vec![0u8; VIRTIO_NET_HDR_LEN + 64 * 9216];
+        // One carrier read may return up to 64 coalesced datagrams (UDP GRO).
+        let mut carrier_buf = vec![0u8; MAX_SEGMENTS_PER_READ * 9216];
         let mut segments = Segments::new();
         let mut coalesce = Coalesce::new();
         let mut tick = tokio::time::interval(TICK);
@@ -200,7 +199,7 @@ impl Driver {
         loop {
             let event = tokio::select! {
                 r = self.tun.recv(&mut tun_buf) => Event::Tun(r),
-                r = self.carrier.recv(&mut carrier_buf[VIRTIO_NET_HDR_LEN..]) => Event::Carrier(r),
+                r = self.carrier.recv(&mut carrier_buf) => Event::Carrier(r),
                 _ = tick.tick() => Event::Tick,
                 Some(reply) = self.requests.recv() => Event::Snapshot(reply),
                 Some(update) = self.updates.recv() => Event::Update(update),
@@ -241,7 +240,7 @@ impl Driver {
                         if accepted + MAX_SEGMENTS_PER_READ > coalesce.bufs.len() {
                             break;
                         }
-                        result = self.carrier.try_recv(&mut carrier_buf[VIRTIO_NET_HDR_LEN..]);
+                        result = self.carrier.try_recv(&mut carrier_buf);
                     }
                     self.deliver_batch(&mut coalesce, accepted).await;
                 }
@@ -315,8 +314,9 @@ impl Driver {
                 ) {
                     Ok(n) => n,
                     Err(e) => {
+                        // More segments than the buffers hold, or a header it cannot split.
                         tracing::trace!(error = %e, "gso split failed");
-                        self.node.count_drop(DropReason::BadTransportHeader);
+                        self.node.count_drop(DropReason::TooBig);
                         return;
                     }
                 };
@@ -357,9 +357,7 @@ impl Driver {
     /// Checks the inner packets of one carrier read (several with UDP GRO, `stride` bytes apart)
     /// and copies those to deliver into `c` from position `accepted` on; returns the new count.
     fn accept_carrier(&mut self, buf: &[u8], rx: &Received, c: &mut Coalesce, mut accepted: usize) -> usize {
-        // Received offsets count from where the read began, after the header headroom.
-        let (start, end) = (rx.inner.start + VIRTIO_NET_HDR_LEN, rx.inner.end + VIRTIO_NET_HDR_LEN);
-        let mut at = start;
+        let (mut at, end) = (rx.inner.start, rx.inner.end);
         while at < end {
             let inner = at..(at + rx.stride).min(end);
             at = inner.end;

@@ -359,8 +359,8 @@ impl Config {
             p.push(format!("tun.name = {:?}: must be 1 to 15 characters", self.tun.name));
         }
         if let Some(mtu) = self.tun.mtu {
-            if mtu < 576 {
-                p.push(format!("tun.mtu = {mtu}: must be at least 576"));
+            if !(576..=9000).contains(&mtu) {
+                p.push(format!("tun.mtu = {mtu}: must be 576 to 9000"));
             }
         }
         if self.carrier.port == 0 {

@@ -190,7 +190,8 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
     let local_id = members.by_name(&local.name).context("node.name is not among members")?;
     let tun_mtu = match config.tun.mtu {
         Some(m) => m,
-        None => underlay_mtu(&config.node.underlay_interface)?.saturating_sub(config.carrier.kind.overhead()),
+        // At most 9000: the data plane's segment buffers are sized for jumbo frames, no more.
+        None => underlay_mtu(&config.node.underlay_interface)?.saturating_sub(config.carrier.kind.overhead()).min(9000),
     };
     let steering = config.steering();
     let tun = ringlb_dataplane::tun::open(&config.tun.name, tun_mtu, config.node.vip, steering.table)
@@ -210,6 +211,7 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
                 TcpOnFailure::Replace => ringlb_core::FailurePolicy::Replace,
             },
             load_stale_after: config.failure.load_stale_after,
+            require_load: config.control.is_some(),
         },
         members,
     );
