@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ringlb_core::membership::{Identity, Membership, MembershipConfig, MembershipEvent};
-use ringlb_core::{MemberState, Timestamp};
+use ringlb_core::{LocalLoad, MemberState, Timestamp};
 use ringlb_wire::control::{decode, encode, LoadVector, Message, UpdateState};
 use tokio::sync::{mpsc, watch};
 
@@ -43,14 +43,6 @@ pub enum ControlEvent {
     Member { name: String, underlay: IpAddr, weight: f64, state: MemberState },
     Load { name: String, load: LoadVector },
     Drain(bool),
-}
-
-/// This node's load as the data plane measures it.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct LocalLoad {
-    pub served_flows: u32,
-    /// Monotonic count of new flows served, for the rate.
-    pub served_new_flows: u64,
 }
 
 /// One member as `ringlb status` shows it.
@@ -431,6 +423,12 @@ impl Control {
         while let Some(MembershipEvent::Member(u)) = self.membership.poll_event() {
             changed = true;
             tracing::info!(member = %u.name, state = ?u.state, incarnation = u.incarnation, "member update");
+            if matches!(u.state, UpdateState::Dead | UpdateState::Left) {
+                // Dropping its sender ends the task and closes the connection.
+                self.senders.remove(&u.name);
+                self.loads.remove(&u.name);
+                self.rtts.remove(&u.name);
+            }
             let state = match u.state {
                 UpdateState::Alive => MemberState::Alive,
                 UpdateState::Suspect => MemberState::Suspect,

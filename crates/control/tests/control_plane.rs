@@ -9,8 +9,9 @@ use std::time::Duration;
 use ringlb_control::certs;
 use ringlb_control::driver::spawn;
 use ringlb_control::tls::{self, TlsFiles};
-use ringlb_control::{ControlConfig, ControlEvent, ControlHandle, LocalLoad};
+use ringlb_control::{ControlConfig, ControlEvent, ControlHandle};
 use ringlb_core::membership::{Identity, MembershipConfig};
+use ringlb_core::LocalLoad;
 use ringlb_wire::control::{encode, MemberUpdate, Message, UpdateState};
 use tokio::sync::{mpsc, watch};
 

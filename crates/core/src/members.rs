@@ -51,6 +51,14 @@ pub struct Member {
     pub(crate) name_hash: u64,
 }
 
+/// This node's own load as its data plane measures it, for its load vector.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LocalLoad {
+    pub served_flows: u32,
+    /// Monotonic count of new flows served, for the rate.
+    pub served_new_flows: u64,
+}
+
 /// What a member last said about its own load.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoadReport {

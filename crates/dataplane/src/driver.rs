@@ -5,7 +5,7 @@ use std::io;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use ringlb_core::{Counters, DropReason, MemberState, Node, Timestamp, Verdict};
+use ringlb_core::{Counters, DropReason, LocalLoad, MemberState, Node, Timestamp, Verdict};
 use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::AsyncDevice;
 
@@ -122,27 +122,19 @@ pub struct Driver {
     origin: Instant,
     requests: mpsc::Receiver<oneshot::Sender<Snapshot>>,
     updates: mpsc::Receiver<NodeUpdate>,
-    load: watch::Sender<NodeLoad>,
+    load: watch::Sender<LocalLoad>,
 }
 
 /// A change to apply to the core between packets (members, loads, drain), from the control
 /// plane. A closure keeps this crate free of the control plane's types.
 pub type NodeUpdate = Box<dyn FnOnce(&mut Node, Timestamp) + Send>;
 
-/// This node's own load, published every tick for the control plane's load vector.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct NodeLoad {
-    pub served_flows: u32,
-    /// Monotonic count of new flows served.
-    pub served_new_flows: u64,
-}
-
 /// How the rest of the process talks to a running [`Driver`].
 #[derive(Debug)]
 pub struct DriverHandle {
     pub snapshots: SnapshotRequests,
     pub updates: mpsc::Sender<NodeUpdate>,
-    pub load: watch::Receiver<NodeLoad>,
+    pub load: watch::Receiver<LocalLoad>,
 }
 
 /// Asks the packet loop for a fresh [`Snapshot`].
@@ -176,7 +168,7 @@ impl Driver {
     pub fn new(node: Node, tun: AsyncDevice, carrier: Carrier) -> (Self, DriverHandle) {
         let (tx, rx) = mpsc::channel(16);
         let (up_tx, up_rx) = mpsc::channel(1024);
-        let (load_tx, load_rx) = watch::channel(NodeLoad::default());
+        let (load_tx, load_rx) = watch::channel(LocalLoad::default());
         let driver = Driver { node, tun, carrier, origin: Instant::now(), requests: rx, updates: up_rx, load: load_tx };
         (driver, DriverHandle { snapshots: SnapshotRequests(tx), updates: up_tx, load: load_rx })
     }
@@ -247,7 +239,7 @@ impl Driver {
                 Event::Tick => {
                     let now = self.now();
                     self.node.handle_timeout(now);
-                    self.load.send_replace(NodeLoad {
+                    self.load.send_replace(LocalLoad {
                         served_flows: u32::try_from(self.node.served_flows()).unwrap_or(u32::MAX),
                         served_new_flows: self.node.counters().served_new_flows,
                     });

@@ -16,4 +16,4 @@ pub mod steering;
 pub mod tun;
 
 pub use carrier::{Carrier, CarrierKind};
-pub use driver::{Driver, DriverHandle, MemberSnapshot, NodeLoad, NodeUpdate, Snapshot, SnapshotRequests};
+pub use driver::{Driver, DriverHandle, MemberSnapshot, NodeUpdate, Snapshot, SnapshotRequests};

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use ringlb_control::{ControlConfig, ControlEvent, ControlHandle, LocalLoad};
+use ringlb_control::{ControlConfig, ControlEvent, ControlHandle};
 use ringlb_core::membership::{Identity, MembershipConfig};
 use ringlb_core::{LoadReport, Member, Members, Node, NodeConfig};
 use ringlb_dataplane::{Carrier, Driver, NodeUpdate};
@@ -248,8 +248,8 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the QUIC control plane and the two bridges between it and the data plane: members,
-/// loads and drain into the core; this node's load out to the load vector.
+/// Starts the QUIC control plane, which reads this node's load straight from the data plane,
+/// and the bridge that applies its members, loads and drain to the core.
 fn start_control(
     c: &config::ControlSection,
     local: &config::MemberEntry,
@@ -277,8 +277,7 @@ fn start_control(
         incarnation,
     };
     let (events_tx, mut events_rx) = mpsc::channel::<ControlEvent>(1024);
-    let (load_tx, load_rx) = watch::channel(LocalLoad::default());
-    let (control, task) = ringlb_control::driver::spawn(control_config, events_tx, load_rx, stop)
+    let (control, task) = ringlb_control::driver::spawn(control_config, events_tx, handle.load.clone(), stop)
         .context("starting the control plane")?;
     let updates = handle.updates.clone();
     tokio::spawn(async move {
@@ -286,13 +285,6 @@ fn start_control(
             if updates.send(node_update(ev)).await.is_err() {
                 return;
             }
-        }
-    });
-    let mut dp_load = handle.load.clone();
-    tokio::spawn(async move {
-        while dp_load.changed().await.is_ok() {
-            let l = *dp_load.borrow();
-            load_tx.send_replace(LocalLoad { served_flows: l.served_flows, served_new_flows: l.served_new_flows });
         }
     });
     Ok((control, task))
