@@ -139,8 +139,13 @@ impl Node {
             return self.drop(DropReason::NotVip);
         }
         let target = match meta.l4 {
-            // ICMP has no ports to pin; every member owns the VIP, so answer here.
-            L4::Icmp => self.config.local,
+            // An error about a packet a server sent (e.g. "fragmentation needed" for a DSR
+            // reply) goes to the node serving that flow, so its path-MTU discovery works.
+            L4::Icmp { error_for: Some(flow) } => {
+                self.flows.find(&flow).map_or(self.config.local, |h| self.flows.target(h))
+            }
+            // Other ICMP has no ports to pin; every member owns the VIP, so answer here.
+            L4::Icmp { error_for: None } => self.config.local,
             _ => self.flow_target(now, &meta),
         };
         if target == self.config.local {
@@ -176,7 +181,7 @@ impl Node {
             return self.drop(DropReason::NotVip);
         }
         self.counters.decapsulated += 1;
-        if !matches!(meta.l4, L4::Icmp) {
+        if !matches!(meta.l4, L4::Icmp { .. }) {
             self.track_served(now, &meta);
         }
         Verdict::Deliver
@@ -571,6 +576,34 @@ mod tests {
         let pinned = n.flows().find(&classify_key(100)).map(|h| n.flows().target(h));
         assert!(pinned.is_some());
         assert_eq!(target(n.on_tun_packet(at(5_500), &mut tcp_v4(CLIENT, VIP, 100, 80, ACK, &[]))), pinned);
+    }
+
+    #[test]
+    fn icmp_errors_follow_the_flow_they_quote() {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.0 });
+        // Place a few flows; find one on a peer.
+        let (port, peer) = (1..20)
+            .find_map(|p| match n.on_tun_packet(at(0), &mut syn(p)) {
+                Verdict::Forward { peer, .. } => Some((p, peer)),
+                _ => None,
+            })
+            .unwrap();
+        // The peer's reply (VIP -> client) hit a smaller MTU; the router answers the VIP.
+        let reply = tcp_v4(VIP, CLIENT, 80, port, ACK, &[]);
+        let mut icmp_body = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78]; // frag needed, MTU 1400
+        icmp_body.extend_from_slice(&reply[..28]);
+        // (The core does not check ICMP checksums; the serving node's kernel does.)
+        let mut pkt = ringlb_wire::build::udp_v4([10, 77, 0, 254], VIP, 0, 0, &[]);
+        pkt.truncate(20);
+        pkt[9] = 1; // ICMP
+        pkt.extend_from_slice(&icmp_body);
+        let len = u16::try_from(pkt.len()).unwrap();
+        pkt[2..4].copy_from_slice(&len.to_be_bytes());
+        ringlb_wire::build::fix_ipv4_checksum(&mut pkt);
+        assert_eq!(target(n.on_tun_packet(at(1), &mut pkt)), Some(peer), "error not sent to the flow's node");
+        // An echo request is answered here.
+        pkt[20] = 8;
+        assert_eq!(target(n.on_tun_packet(at(1), &mut pkt)), Some(NodeId(0)));
     }
 
     #[test]

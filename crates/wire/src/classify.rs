@@ -79,8 +79,12 @@ pub struct TcpFlags {
 pub enum L4 {
     Tcp(TcpFlags),
     Udp,
-    /// ICMP carries no ports; its key has ports 0.
-    Icmp,
+    /// ICMP carries no ports; its key has ports 0. An error (destination unreachable, e.g.
+    /// "fragmentation needed"; time exceeded; parameter problem) about a packet the VIP sent
+    /// names that packet's flow, as seen from the client.
+    Icmp {
+        error_for: Option<FlowKey>,
+    },
 }
 
 /// What ringlb needs to know about one inner packet.
@@ -110,6 +114,23 @@ pub enum MalformedReason {
     Fragment,
     #[error("transport protocol not balanced")]
     UnsupportedProtocol,
+}
+
+/// The flow of the IPv4 packet an ICMP error quotes (its header and at least 8 bytes), turned
+/// around: the quoted packet went from the VIP to the client, the flow is keyed client first.
+fn quoted_flow(quoted: &[u8]) -> Option<FlowKey> {
+    let ihl = usize::from(*quoted.first()? & 0x0f) * 4;
+    if quoted[0] >> 4 != 4 || ihl < 20 || quoted.len() < ihl + 4 {
+        return None;
+    }
+    let proto = quoted[9];
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    let addr =
+        |at: usize| IpAddr::V4(std::net::Ipv4Addr::new(quoted[at], quoted[at + 1], quoted[at + 2], quoted[at + 3]));
+    let port = |at: usize| u16::from_be_bytes([quoted[at], quoted[at + 1]]);
+    Some(FlowKey { src: addr(16), dst: addr(12), src_port: port(ihl + 2), dst_port: port(ihl), proto })
 }
 
 /// Parses an inner IP packet (no link header) into its flow key.
@@ -149,7 +170,10 @@ pub fn classify(pkt: &[u8]) -> Result<PacketMeta, MalformedReason> {
             (t.source_port(), t.destination_port(), IPPROTO_TCP, L4::Tcp(flags))
         }
         Some(TransportSlice::Udp(u)) => (u.source_port(), u.destination_port(), IPPROTO_UDP, L4::Udp),
-        Some(TransportSlice::Icmpv4(_)) => (0, 0, IPPROTO_ICMP, L4::Icmp),
+        Some(TransportSlice::Icmpv4(icmp)) => {
+            let error_for = matches!(icmp.type_u8(), 3 | 11 | 12).then(|| quoted_flow(icmp.payload())).flatten();
+            (0, 0, IPPROTO_ICMP, L4::Icmp { error_for })
+        }
         _ => return Err(MalformedReason::UnsupportedProtocol),
     };
     Ok(PacketMeta { key: FlowKey { src, dst, src_port, dst_port, proto }, l4 })
