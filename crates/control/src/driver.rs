@@ -238,6 +238,8 @@ struct Control {
     senders: HashMap<String, mpsc::Sender<(SocketAddr, Bytes)>>,
     loads: HashMap<String, (LoadVector, Instant)>,
     rtts: HashMap<String, Duration>,
+    /// Last incarnation seen per member, to notice restarts.
+    incarnations: HashMap<String, u64>,
     draining: bool,
     cpu: CpuMeter,
     last_new_flows: Option<(u64, Instant)>,
@@ -270,6 +272,7 @@ impl Control {
             senders: HashMap::new(),
             loads: HashMap::new(),
             rtts: HashMap::new(),
+            incarnations: HashMap::new(),
             draining: false,
             cpu: CpuMeter::default(),
             last_new_flows: None,
@@ -413,16 +416,16 @@ impl Control {
     }
 
     async fn flush(&mut self) {
-        while let Some(t) = self.membership.poll_transmit() {
-            match encode(&t.msg) {
-                Some(bytes) => self.send_bytes(&t.to_name, t.to_addr, Bytes::from(bytes)),
-                None => tracing::warn!(to = %t.to_name, "control message too large; not sent"),
-            }
-        }
         let mut changed = false;
         while let Some(MembershipEvent::Member(u)) = self.membership.poll_event() {
             changed = true;
             tracing::info!(member = %u.name, state = ?u.state, incarnation = u.incarnation, "member update");
+            // A new incarnation may be a new process: a connection to the old one would
+            // swallow what we send until it times out.
+            let restarted = self.incarnations.insert(u.name.clone(), u.incarnation).is_some_and(|i| i != u.incarnation);
+            if restarted && u.state == UpdateState::Alive {
+                self.senders.remove(&u.name);
+            }
             if matches!(u.state, UpdateState::Dead | UpdateState::Left) {
                 // Dropping its sender ends the task and closes the connection.
                 self.senders.remove(&u.name);
@@ -436,6 +439,13 @@ impl Control {
             };
             let ev = ControlEvent::Member { name: u.name, underlay: u.underlay, weight: f64::from(u.weight), state };
             let _ = self.to_dataplane.send(ev).await;
+        }
+        // Transmits after events: a restart noticed above replaces the connection first.
+        while let Some(t) = self.membership.poll_transmit() {
+            match encode(&t.msg) {
+                Some(bytes) => self.send_bytes(&t.to_name, t.to_addr, Bytes::from(bytes)),
+                None => tracing::warn!(to = %t.to_name, "control message too large; not sent"),
+            }
         }
         if changed {
             self.publish_status(None);
