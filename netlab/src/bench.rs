@@ -124,15 +124,7 @@ pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool) -> Result<()> {
 pub fn smoke(prefix: &str, bin: &Path, floor: f64) -> Result<()> {
     let started = Instant::now();
     let lab = lab(prefix, bin, |s| s.weights = vec![0.0, 1.0, 1.0])?;
-    lab.ringlb(3, "drain")?; // iperf3's two connections must meet on one server: n2
-    let drained = "ringlb_peer_up{node=\"n1\",peer=\"n3\"} 0";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !lab.metrics(1)?.lines().any(|l| l == drained) {
-        if Instant::now() > deadline {
-            bail!("n1 did not see n3 drained");
-        }
-        sleep(Duration::from_millis(50));
-    }
+    drain_n3(&lab)?; // iperf3's two connections must meet on one server: n2
     let mut ratios = Vec::new();
     for attempt in 1..=3 {
         let direct = iperf(&lab, &node_addr(2).to_string(), IPERF_PORT, false, 3)?;
@@ -201,6 +193,20 @@ pub fn scaling(prefix: &str, bin: &Path, png: &Path, secs: u32) -> Result<()> {
     let eight = rows.last().map_or(0.0, |&(n, rps)| rps / (n as f64 * one));
     if eight < 0.9 {
         bail!("efficiency at 8 nodes is {eight:.2}, below 0.9");
+    }
+    Ok(())
+}
+
+/// Drains n3 and waits until the entry n1 has heard of it, so every new flow goes to n2.
+fn drain_n3(lab: &Lab) -> Result<()> {
+    lab.ringlb(3, "drain")?;
+    let drained = "ringlb_peer_up{node=\"n1\",peer=\"n3\"} 0";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.metrics(1)?.lines().any(|l| l == drained) {
+        if Instant::now() > deadline {
+            bail!("n1 did not see n3 drained");
+        }
+        sleep(Duration::from_millis(50));
     }
     Ok(())
 }
@@ -274,15 +280,7 @@ fn forwarded(b: &mut Bench, prefix: &str, bin: &Path, key: char, carrier: &str) 
     // iperf3 opens a control and a data connection and both must reach the same server, but
     // placement spreads them over n2 and n3: drain n3, so every flow goes to n2 (still over
     // the carrier), once the entry has heard of it.
-    lab.ringlb(3, "drain")?;
-    let drained = "ringlb_peer_up{node=\"n1\",peer=\"n3\"} 0";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !lab.metrics(1)?.lines().any(|l| l == drained) {
-        if Instant::now() > deadline {
-            bail!("n1 did not see n3 drained");
-        }
-        sleep(Duration::from_millis(50));
-    }
+    drain_n3(&lab)?;
     b.iperf(key, &lab, &VIP.to_string(), IPERF_PORT);
     Ok(())
 }
