@@ -88,12 +88,7 @@ impl Carrier {
     pub async fn send(&self, to: IpAddr, flow_hash: u64, inner: &[u8], segment: usize) -> io::Result<()> {
         match self {
             Carrier::Udp(c) => c.send(to, flow_hash, inner, segment).await,
-            Carrier::Ipip(c) => {
-                for pkt in inner.chunks(segment.max(1)) {
-                    c.send(to, pkt).await?;
-                }
-                Ok(())
-            }
+            Carrier::Ipip(c) => c.send(to, inner, segment).await,
         }
     }
 
