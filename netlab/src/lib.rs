@@ -16,6 +16,8 @@
 //! Everything a lab creates lives in its namespaces and in its state directory, so [`down`]
 //! (also run when a [`Lab`] is dropped) leaves nothing behind.
 
+#![forbid(unsafe_code)]
+
 use std::fmt::Write as _;
 use std::fs;
 use std::net::Ipv4Addr;

@@ -1,5 +1,7 @@
 //! `netlab`: bring a ringlb lab up or down, run commands in it, show its state.
 
+#![forbid(unsafe_code)]
+
 mod bench;
 
 use std::path::PathBuf;

@@ -1,6 +1,8 @@
 //! The `ringlb` binary: CLI, configuration, and wiring of core, data plane, control plane and
 //! admin endpoint.
 
+#![forbid(unsafe_code)]
+
 mod admin;
 mod config;
 
