@@ -50,8 +50,22 @@ deps() {
     fi
 }
 
+# Runs the test suite and closes with one line that sums every cargo test binary's result.
+run_tests() {
+    local log status
+    log=$(mktemp /tmp/ringlb-test.XXXXXX)
+    set +e
+    just test 2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
+    set -e
+    grep -aoE 'test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' "$log" |
+        awk '{p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}'
+    rm -f "$log"
+    return "$status"
+}
+
 case "${1:-}" in
     demo) deps; just demo ;;
-    test) deps; just test ;;
+    test) deps; run_tests ;;
     *) echo "usage: $0 demo|test" >&2; exit 2 ;;
 esac
