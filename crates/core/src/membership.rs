@@ -185,11 +185,6 @@ impl Membership {
         self.peers.values().map(|p| &p.update)
     }
 
-    /// Whether a name is a member this node knows (in any state).
-    pub fn knows(&self, name: &str) -> bool {
-        self.peers.contains_key(name)
-    }
-
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.outbox.pop_front()
     }
