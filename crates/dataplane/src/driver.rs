@@ -350,10 +350,10 @@ impl Driver {
     /// and copies those to deliver into `c` from position `accepted` on; returns the new count.
     fn accept_carrier(&mut self, buf: &[u8], rx: &Received, c: &mut Coalesce, mut accepted: usize) -> usize {
         let (mut at, end) = (rx.inner.start, rx.inner.end);
+        let now = self.now(); // one clock read per carrier read, not per inner packet
         while at < end {
             let inner = at..(at + rx.stride).min(end);
             at = inner.end;
-            let now = self.now();
             let verdict = self.node.on_carrier_packet(now, rx.from, &buf[inner.clone()]);
             tracing::trace!(from = %rx.from, len = inner.len(), ?verdict, "carrier packet");
             if verdict != Verdict::Deliver {
