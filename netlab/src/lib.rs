@@ -379,19 +379,42 @@ impl Lab {
         Ok(())
     }
 
-    /// Waits until every running node sees `n` members alive (itself included).
+    /// Waits until every running node sees `n` members alive (itself included) and holds a
+    /// fresh load vector (younger than 1 s) from each of its `n - 1` peers: only then does
+    /// placement consider them all.
     pub fn wait_converged(&self, nodes: &[usize], n: usize, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            let seen: Vec<u64> = nodes.iter().map(|&i| self.metric(i, "ringlb_members_alive{").unwrap_or(0)).collect();
-            if seen.iter().all(|&s| s == n as u64) {
+            let seen: Vec<(u64, usize)> = nodes.iter().map(|&i| self.converged_view(i)).collect();
+            if seen.iter().all(|&(alive, fresh)| alive == n as u64 && fresh + 1 == n) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("cluster did not converge to {n} alive members: nodes {nodes:?} see {seen:?}");
+                bail!(
+                    "cluster did not converge to {n} alive members with fresh load: \
+                     nodes {nodes:?} see (alive, fresh peer loads) {seen:?}"
+                );
             }
             sleep(Duration::from_millis(100));
         }
+    }
+
+    /// (members alive, peers whose load vector is younger than 1 s) as node `i` sees them.
+    fn converged_view(&self, i: usize) -> (u64, usize) {
+        let Ok(text) = self.metrics(i) else { return (0, 0) };
+        let me = format!("peer=\"n{i}\"");
+        let alive = text
+            .lines()
+            .filter(|l| l.starts_with("ringlb_members_alive{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        let fresh = text
+            .lines()
+            .filter(|l| l.starts_with("ringlb_peer_load_age_seconds{") && !l.contains(&me))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .filter(|&age| age < 1.0)
+            .count();
+        (alive, fresh)
     }
 
     /// Runs `ringlb setup` and starts `ringlb node` on node `i`, writing its config first
