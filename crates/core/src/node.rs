@@ -275,8 +275,8 @@ impl Node {
 
     /// The node serving `meta`'s flow, creating the flow if it is new.
     fn flow_target(&mut self, now: Timestamp, meta: &PacketMeta) -> NodeId {
-        let key = meta.key;
-        if let Some(h) = self.flows.find(&key) {
+        let key = &meta.key;
+        if let Some(h) = self.flows.find(key) {
             let next = next_state(self.flows.state(h), meta.l4);
             self.flows.touch(h, now, next);
             let target = self.flows.target(h);
@@ -284,7 +284,7 @@ impl Node {
             // A SYN on a tracked tuple is a new connection (the client reused its port): it
             // is placed anew when its node takes no new flows (dead ones included).
             if meta.is_tcp_syn() && !state.is_some_and(MemberState::takes_new_flows) {
-                let target = self.place(now, &key, true);
+                let target = self.place(now, key, true);
                 self.flows.retarget(h, target);
                 return target;
             }
@@ -295,8 +295,8 @@ impl Node {
         }
         let state = initial_state(meta.l4);
         let by_policy = !matches!(state, FlowState::TcpEstablished | FlowState::TcpClosing);
-        let target = self.place(now, &key, by_policy);
-        let ins = self.flows.insert(now, key, target, state);
+        let target = self.place(now, key, by_policy);
+        let ins = self.flows.insert(now, *key, target, state);
         self.counters.flows_created += 1;
         if ins.evicted.is_some() {
             self.counters.flows_evicted += 1;
@@ -322,14 +322,15 @@ impl Node {
 
     fn place(&mut self, now: Timestamp, key: &FlowKey, by_policy: bool) -> NodeId {
         self.candidates.clear();
-        let stale_after = self.config.load_stale_after;
+        // A load report is fresh if it arrived at or after this instant.
+        let fresh_since = Timestamp::from_nanos(
+            now.as_nanos().saturating_sub(u64::try_from(self.config.load_stale_after.as_nanos()).unwrap_or(u64::MAX)),
+        );
         for (id, m) in self.members.iter() {
             let pinned = f64::from(self.flows.flows_on(id));
             let (load, fresh) = match (&m.load, id == self.config.local) {
                 (_, true) => (self.served_flows() as f64, true),
-                (Some(r), false) => {
-                    (pinned.max(f64::from(r.served_flows)), now.saturating_since(r.received) <= stale_after)
-                }
+                (Some(r), false) => (pinned.max(f64::from(r.served_flows)), r.received >= fresh_since),
                 (None, false) => (pinned, !self.config.require_load),
             };
             self.candidates.push(Candidate {

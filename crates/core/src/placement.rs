@@ -71,34 +71,51 @@ impl Policy {
 }
 
 fn power_of_two(candidates: &[Candidate], local: usize, margin: f64, rng: &mut Rng) -> Placement {
-    let me = &candidates[local];
-    let (load, weight) =
-        candidates.iter().filter(|c| c.takes_flows()).fold((0.0, 0.0), |(l, w), c| (l + c.load, w + c.weight));
+    // One pass for the cluster's utilisation and the number of peers to choose from.
+    let (mut load, mut weight, mut peers) = (0.0, 0.0, 0usize);
+    for (i, c) in candidates.iter().enumerate() {
+        if c.takes_flows() {
+            load += c.load;
+            weight += c.weight;
+            peers += usize::from(i != local);
+        }
+    }
     if weight == 0.0 {
         return Placement::NoCandidate;
     }
-    let cluster = load / weight;
-    if me.takes_flows() && me.utilisation() <= cluster * (1.0 + margin) {
+    let me = &candidates[local];
+    if me.takes_flows() && me.utilisation() <= load / weight * (1.0 + margin) {
         return Placement::Chosen(me.id);
     }
-    // Two distinct random peers, drawn without building a list: pick ranks among the eligible.
-    let peers = candidates.iter().enumerate().filter(|(i, c)| *i != local && c.takes_flows()).count();
-    let nth =
-        |n: usize| candidates.iter().enumerate().filter(|(i, c)| *i != local && c.takes_flows()).nth(n).map(|(_, c)| c);
-    match peers {
-        0 => Placement::Chosen(me.id), // only this node takes flows
-        1 => nth(0).map_or(Placement::NoCandidate, |c| Placement::Chosen(c.id)),
+    // Two distinct random peers by rank among the eligible, found in one more pass.
+    let (a, b) = match peers {
+        0 => return Placement::Chosen(me.id), // only this node takes flows
+        1 => (0, 0),
         n => {
             let a = rng.below(n);
             let mut b = rng.below(n - 1);
             if b >= a {
                 b += 1;
             }
-            match (nth(a), nth(b)) {
-                (Some(x), Some(y)) => Placement::Chosen(if y.utilisation() < x.utilisation() { y.id } else { x.id }),
-                _ => Placement::NoCandidate,
-            }
+            (a, b)
         }
+    };
+    let (mut x, mut y) = (None, None);
+    let eligible_peers = candidates.iter().enumerate().filter(|&(i, c)| i != local && c.takes_flows());
+    for (rank, (_, c)) in eligible_peers.enumerate() {
+        if rank == a {
+            x = Some(c);
+        }
+        if rank == b {
+            y = Some(c);
+        }
+        if x.is_some() && y.is_some() {
+            break;
+        }
+    }
+    match (x, y) {
+        (Some(x), Some(y)) => Placement::Chosen(if y.utilisation() < x.utilisation() { y.id } else { x.id }),
+        _ => Placement::NoCandidate,
     }
 }
 

@@ -14,6 +14,10 @@ impl Timestamp {
         Timestamp(u64::try_from(since_origin.as_nanos()).unwrap_or(u64::MAX))
     }
 
+    pub fn from_nanos(since_origin: u64) -> Self {
+        Timestamp(since_origin)
+    }
+
     pub fn as_nanos(self) -> u64 {
         self.0
     }

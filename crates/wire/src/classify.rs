@@ -12,7 +12,7 @@ pub const IPPROTO_UDP: u8 = 17;
 /// The 5-tuple that names a flow, as seen from the client (source = client).
 ///
 /// Addresses are [`IpAddr`] so that IPv6 VIPs fit later without a new key type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowKey {
     pub src: IpAddr,
     pub dst: IpAddr,
@@ -21,44 +21,68 @@ pub struct FlowKey {
     pub proto: u8,
 }
 
+/// Whole words into the hasher (two for IPv4), rather than the field-by-field derive, which
+/// also feeds it the address enum's discriminant and byte lengths. Consistent with `Eq`: equal
+/// keys write the same words.
+impl std::hash::Hash for FlowKey {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.ports_word());
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => state.write_u64(u64::from(s.to_bits()) << 32 | u64::from(d.to_bits())),
+            (s, d) => {
+                state.write_u128(to_v6_bits(s));
+                state.write_u128(to_v6_bits(d));
+            }
+        }
+    }
+}
+
+fn to_v6_bits(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(a) => a.to_ipv6_mapped().to_bits(),
+        IpAddr::V6(a) => a.to_bits(),
+    }
+}
+
 impl FlowKey {
+    /// Ports and protocol in one word.
+    #[inline]
+    fn ports_word(&self) -> u64 {
+        u64::from(self.src_port) << 24 | u64::from(self.dst_port) << 8 | u64::from(self.proto)
+    }
+
     /// A hash of the 5-tuple that is the same on every node and every run.
     ///
     /// Used where nodes must agree without talking (consistent hashing, the carrier's outer
     /// source port), so it is a fixed function, not a per-process keyed hasher.
+    ///
+    /// Word-wise: the ports and protocol make one word, each address one (IPv4) or two
+    /// (IPv6) more, and every word goes through [`mix64`] before the next is folded in.
+    #[inline]
     pub fn stable_hash(&self) -> u64 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |bytes: &[u8]| {
-            for &b in bytes {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        };
+        let mut h = mix64(self.ports_word() ^ 0x9e37_79b9_7f4a_7c15);
+        let mut eat = |w: u64| h = mix64(h ^ w);
         match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                eat(&s.octets());
-                eat(&d.octets());
-            }
+            (IpAddr::V4(s), IpAddr::V4(d)) => eat(u64::from(s.to_bits()) << 32 | u64::from(d.to_bits())),
             (s, d) => {
-                eat(&to_v6(s));
-                eat(&to_v6(d));
+                for a in [s, d] {
+                    let bits = to_v6_bits(a);
+                    // Truncations intended: the high and the low half of the address.
+                    #[allow(clippy::cast_possible_truncation)]
+                    {
+                        eat((bits >> 64) as u64);
+                        eat(bits as u64);
+                    }
+                }
             }
         }
-        eat(&self.src_port.to_be_bytes());
-        eat(&self.dst_port.to_be_bytes());
-        eat(&[self.proto]);
-        mix64(h)
-    }
-}
-
-fn to_v6(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
+        h
     }
 }
 
 /// SplitMix64's finaliser: spreads a hash's weak low bits over the whole word.
+#[inline]
 pub fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -138,7 +162,86 @@ fn quoted_flow(quoted: &[u8]) -> Option<FlowKey> {
 /// Checks what the kernel checks before it would deliver the packet (IPv4 header checksum,
 /// lengths), so that nothing ringlb forwards can be refused later for a reason it could have
 /// seen here. Fragments are refused: ringlb never depends on IP fragmentation.
+#[inline(always)]
 pub fn classify(pkt: &[u8]) -> Result<PacketMeta, MalformedReason> {
+    match classify_fast(pkt) {
+        Some(meta) => Ok(meta),
+        None => classify_full(pkt),
+    }
+}
+
+/// The common case, read straight from the bytes: an unfragmented IPv4 packet whose total
+/// length is the buffer's length, with a valid header checksum, carrying a TCP segment or a
+/// UDP datagram whose headers fit. It answers only when it is sure; anything else (IPv6,
+/// ICMP, options it cannot vouch for, any error) is left to [`classify_full`], so both give
+/// the same answer for every input (a property test holds them to that).
+#[inline(always)]
+fn classify_fast(pkt: &[u8]) -> Option<PacketMeta> {
+    let first = *pkt.first()?;
+    let ihl = usize::from(first & 0x0f) * 4;
+    if first >> 4 != 4 || ihl < 20 || pkt.len() < ihl || usize::from(u16::from_be_bytes([pkt[2], pkt[3]])) != pkt.len()
+    {
+        return None;
+    }
+    // More fragments, or a fragment offset: not ours to judge here.
+    if pkt[6] & 0x3f != 0 || pkt[7] != 0 {
+        return None;
+    }
+    if !ipv4_header_sum_ok(&pkt[..ihl]) {
+        return None;
+    }
+    let l4 = &pkt[ihl..];
+    let proto = pkt[9];
+    let kind = match proto {
+        IPPROTO_TCP => {
+            let doff = usize::from(*l4.get(12)? >> 4) * 4;
+            if doff < 20 || l4.len() < doff {
+                return None;
+            }
+            let f = l4[13];
+            L4::Tcp(TcpFlags { syn: f & 0x02 != 0, ack: f & 0x10 != 0, fin: f & 0x01 != 0, rst: f & 0x04 != 0 })
+        }
+        IPPROTO_UDP => {
+            if l4.len() < 8 || usize::from(u16::from_be_bytes([l4[4], l4[5]])) != l4.len() {
+                return None;
+            }
+            L4::Udp
+        }
+        _ => return None,
+    };
+    // Whole words, not bytes: assembling addresses byte by byte on the stack and reading
+    // them back as one value stalls store forwarding, which was most of this function's time.
+    let word = |at: usize| u32::from_be_bytes([pkt[at], pkt[at + 1], pkt[at + 2], pkt[at + 3]]);
+    let ports = u32::from_be_bytes([l4[0], l4[1], l4[2], l4[3]]);
+    #[allow(clippy::cast_possible_truncation)] // the two halves of the ports word
+    let (src_port, dst_port) = ((ports >> 16) as u16, ports as u16);
+    Some(PacketMeta {
+        key: FlowKey {
+            src: IpAddr::V4(std::net::Ipv4Addr::from_bits(word(12))),
+            dst: IpAddr::V4(std::net::Ipv4Addr::from_bits(word(16))),
+            src_port,
+            dst_port,
+            proto,
+        },
+        l4: kind,
+    })
+}
+
+/// Whether an IPv4 header (a multiple of 4 bytes long) sums to 0xffff, one's complement.
+/// Adding 32-bit words and folding the carries gives the same sum as adding 16-bit ones.
+#[inline]
+fn ipv4_header_sum_ok(header: &[u8]) -> bool {
+    let mut sum: u64 = header.chunks_exact(4).map(|w| u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]))).sum();
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
+}
+
+/// Every case, through etherparse. Kept out of line so that the fast path stays small.
+#[inline(never)]
+fn classify_full(pkt: &[u8]) -> Result<PacketMeta, MalformedReason> {
     let sliced = SlicedPacket::from_ip(pkt).map_err(|e| match e {
         SliceError::Len(_) => MalformedReason::Truncated,
         SliceError::Tcp(_) => MalformedReason::BadTransportHeader,
@@ -223,7 +326,68 @@ mod tests {
         check(&gre, Err(MalformedReason::UnsupportedProtocol));
     }
 
-    const STABLE_HASH_OF_TEST_KEY: u64 = 0xe57e_3f96_e056_2133;
+    /// Packets near the common case: well-formed TCP, UDP and ICMP ones with a few bytes
+    /// changed, some of them with the header checksum fixed again afterwards.
+    fn near_valid() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let base = (any::<[u8; 4]>(), any::<u16>(), any::<u16>(), any::<u8>(), 0usize..3, 0usize..40).prop_map(
+            |(src, sport, dport, flags, kind, len)| {
+                let payload = vec![0x5a; len];
+                match kind {
+                    0 => {
+                        let mut p = tcp_v4(src, [10, 200, 0, 10], sport, dport, flags, &[]);
+                        p.extend_from_slice(&payload);
+                        let total = u16::try_from(p.len()).unwrap();
+                        p[2..4].copy_from_slice(&total.to_be_bytes());
+                        crate::build::fix_ipv4_checksum(&mut p);
+                        p
+                    }
+                    1 => udp_v4(src, [10, 200, 0, 10], sport, dport, &payload),
+                    _ => {
+                        let mut p = udp_v4(src, [10, 200, 0, 10], sport, dport, &payload);
+                        p[9] = IPPROTO_ICMP;
+                        crate::build::fix_ipv4_checksum(&mut p);
+                        p
+                    }
+                }
+            },
+        );
+        let edits = proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4);
+        (base, edits, any::<bool>(), 0usize..8).prop_map(|(mut p, edits, fix, cut)| {
+            for (at, v) in edits {
+                let i = at.index(p.len());
+                p[i] = v;
+            }
+            if fix && p.len() >= 20 && (p[0] & 0x0f) >= 5 && usize::from(p[0] & 0x0f) * 4 <= p.len() {
+                crate::build::fix_ipv4_checksum(&mut p);
+            }
+            p.truncate(p.len().saturating_sub(cut));
+            p
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(20_000))]
+        /// The fast path is only a shortcut: wherever it answers, etherparse agrees.
+        #[test]
+        fn fast_path_agrees_with_etherparse(p in near_valid()) {
+            if let Some(fast) = classify_fast(&p) {
+                proptest::prop_assert_eq!(Ok(fast), classify_full(&p));
+            }
+            proptest::prop_assert_eq!(classify(&p), classify_full(&p));
+        }
+    }
+
+    #[test]
+    fn fast_path_takes_the_common_cases() {
+        let tcp = tcp_v4([10, 0, 0, 1], [10, 200, 0, 10], 40000, 80, 0x12, &[2, 4, 5, 0xb4]);
+        let udp = udp_v4([10, 0, 0, 1], [10, 200, 0, 10], 5353, 53, b"hi");
+        assert!(classify_fast(&tcp).is_some());
+        assert!(classify_fast(&udp).is_some());
+        assert_eq!(classify_fast(&tcp), classify_full(&tcp).ok());
+    }
+
+    const STABLE_HASH_OF_TEST_KEY: u64 = 0xeed5_f90a_ea4c_b3b7;
 
     #[test]
     fn stable_hash_is_stable() {
