@@ -335,14 +335,13 @@ mod tests {
     use proptest::prelude::*;
     use std::net::{IpAddr, Ipv4Addr};
 
+    #[test]
+    fn a_slot_fits_a_cache_line() {
+        assert!(std::mem::size_of::<Slot>() <= 64, "{} bytes", std::mem::size_of::<Slot>());
+    }
+
     fn key(port: u16) -> FlowKey {
-        FlowKey {
-            src: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
-            dst: IpAddr::V4(Ipv4Addr::new(10, 200, 0, 10)),
-            src_port: port,
-            dst_port: 80,
-            proto: 6,
-        }
+        FlowKey::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), IpAddr::V4(Ipv4Addr::new(10, 200, 0, 10)), port, 80, 6)
     }
 
     fn at(secs: u64) -> Timestamp {

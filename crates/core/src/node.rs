@@ -135,7 +135,7 @@ impl Node {
             Ok(m) => m,
             Err(e) => return self.drop(e.into()),
         };
-        if meta.key.dst != self.config.vip {
+        if !meta.key.dst_is(self.config.vip) {
             return self.drop(DropReason::NotVip);
         }
         let target = match meta.l4 {
@@ -177,7 +177,7 @@ impl Node {
             Ok(m) => m,
             Err(e) => return self.drop(e.into()),
         };
-        if meta.key.dst != self.config.vip {
+        if !meta.key.dst_is(self.config.vip) {
             return self.drop(DropReason::NotVip);
         }
         self.counters.decapsulated += 1;

@@ -144,13 +144,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     fn key(port: u16) -> FlowKey {
-        FlowKey {
-            src: IpAddr::V4(Ipv4Addr::new(10, 78, 0, 100)),
-            dst: IpAddr::V4(Ipv4Addr::new(10, 200, 0, 10)),
-            src_port: port,
-            dst_port: 80,
-            proto: 6,
-        }
+        FlowKey::new(IpAddr::V4(Ipv4Addr::new(10, 78, 0, 100)), IpAddr::V4(Ipv4Addr::new(10, 200, 0, 10)), port, 80, 6)
     }
 
     fn cand(i: u16, weight: f64, load: f64, eligible: bool) -> Candidate {

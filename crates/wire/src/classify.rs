@@ -11,29 +11,39 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// The 5-tuple that names a flow, as seen from the client (source = client).
 ///
-/// Addresses are [`IpAddr`] so that IPv6 VIPs fit later without a new key type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Either IP family: addresses are held as 128 bits (an IPv4 address in the low 32, or
+/// IPv4-mapped when the other address is IPv6) with a family flag, so that keys are built,
+/// copied and compared in whole registers. [`FlowKey::src`] and [`FlowKey::dst`] give
+/// them back as [`IpAddr`].
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct FlowKey {
-    pub src: IpAddr,
-    pub dst: IpAddr,
+    // 32-bit words, not u128: 4-byte alignment keeps the key at 40 bytes and a flow-table
+    // slot within one cache line.
+    src: [u32; 4],
+    dst: [u32; 4],
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
+    v6: bool,
 }
 
-/// Whole words into the hasher (two for IPv4), rather than the field-by-field derive, which
-/// also feeds it the address enum's discriminant and byte lengths. Consistent with `Eq`: equal
-/// keys write the same words.
+impl std::fmt::Debug for FlowKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}:{} > {}:{}", self.proto, self.src(), self.src_port, self.dst(), self.dst_port)
+    }
+}
+
+/// Whole words into the hasher (two for IPv4) rather than byte by byte. Consistent with
+/// `Eq`: equal keys write the same words.
 impl std::hash::Hash for FlowKey {
     #[inline]
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         state.write_u64(self.ports_word());
-        match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => state.write_u64(u64::from(s.to_bits()) << 32 | u64::from(d.to_bits())),
-            (s, d) => {
-                state.write_u128(to_v6_bits(s));
-                state.write_u128(to_v6_bits(d));
-            }
+        if self.v6 {
+            state.write_u128(bits(self.src));
+            state.write_u128(bits(self.dst));
+        } else {
+            state.write_u64(self.v4_word());
         }
     }
 }
@@ -45,11 +55,70 @@ fn to_v6_bits(a: IpAddr) -> u128 {
     }
 }
 
+fn to_ip(words: [u32; 4], v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(std::net::Ipv6Addr::from_bits(bits(words)))
+    } else {
+        IpAddr::V4(std::net::Ipv4Addr::from_bits(words[3]))
+    }
+}
+
+/// 128 bits as four words, most significant first.
+fn words(b: u128) -> [u32; 4] {
+    // Truncations intended: each takes one 32-bit quarter.
+    #[allow(clippy::cast_possible_truncation)]
+    [(b >> 96) as u32, (b >> 64) as u32, (b >> 32) as u32, b as u32]
+}
+
+fn bits(w: [u32; 4]) -> u128 {
+    u128::from(w[0]) << 96 | u128::from(w[1]) << 64 | u128::from(w[2]) << 32 | u128::from(w[3])
+}
+
 impl FlowKey {
+    pub fn new(src: IpAddr, dst: IpAddr, src_port: u16, dst_port: u16, proto: u8) -> Self {
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => FlowKey::v4(s.to_bits(), d.to_bits(), src_port, dst_port, proto),
+            (s, d) => {
+                FlowKey { src: words(to_v6_bits(s)), dst: words(to_v6_bits(d)), src_port, dst_port, proto, v6: true }
+            }
+        }
+    }
+
+    #[inline]
+    fn v4(src: u32, dst: u32, src_port: u16, dst_port: u16, proto: u8) -> Self {
+        FlowKey { src: [0, 0, 0, src], dst: [0, 0, 0, dst], src_port, dst_port, proto, v6: false }
+    }
+
+    /// The client's address.
+    pub fn src(&self) -> IpAddr {
+        to_ip(self.src, self.v6)
+    }
+
+    /// The service address (the VIP, for packets ringlb routes).
+    pub fn dst(&self) -> IpAddr {
+        to_ip(self.dst, self.v6)
+    }
+
+    /// Whether the destination is `addr`, without building an [`IpAddr`].
+    #[inline]
+    pub fn dst_is(&self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(a) if !self.v6 => self.dst[3] == a.to_bits(),
+            _ => self.dst() == addr,
+        }
+    }
+
     /// Ports and protocol in one word.
     #[inline]
     fn ports_word(&self) -> u64 {
         u64::from(self.src_port) << 24 | u64::from(self.dst_port) << 8 | u64::from(self.proto)
+    }
+
+    /// Both IPv4 addresses in one word.
+    #[inline]
+    fn v4_word(&self) -> u64 {
+        // IPv4 keys hold each address in the last word.
+        u64::from(self.src[3]) << 32 | u64::from(self.dst[3])
     }
 
     /// A hash of the 5-tuple that is the same on every node and every run.
@@ -57,25 +126,23 @@ impl FlowKey {
     /// Used where nodes must agree without talking (consistent hashing, the carrier's outer
     /// source port), so it is a fixed function, not a per-process keyed hasher.
     ///
-    /// Word-wise: the ports and protocol make one word, each address one (IPv4) or two
-    /// (IPv6) more, and every word goes through [`mix64`] before the next is folded in.
+    /// Word-wise: the ports and protocol make one word, the IPv4 addresses one more (IPv6:
+    /// two per address), and every word goes through [`mix64`] before the next is folded in.
     #[inline]
     pub fn stable_hash(&self) -> u64 {
         let mut h = mix64(self.ports_word() ^ 0x9e37_79b9_7f4a_7c15);
         let mut eat = |w: u64| h = mix64(h ^ w);
-        match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => eat(u64::from(s.to_bits()) << 32 | u64::from(d.to_bits())),
-            (s, d) => {
-                for a in [s, d] {
-                    let bits = to_v6_bits(a);
-                    // Truncations intended: the high and the low half of the address.
-                    #[allow(clippy::cast_possible_truncation)]
-                    {
-                        eat((bits >> 64) as u64);
-                        eat(bits as u64);
-                    }
+        if self.v6 {
+            for bits in [bits(self.src), bits(self.dst)] {
+                // Truncations intended: the high and the low half of the address.
+                #[allow(clippy::cast_possible_truncation)]
+                {
+                    eat((bits >> 64) as u64);
+                    eat(bits as u64);
                 }
             }
+        } else {
+            eat(self.v4_word());
         }
         h
     }
@@ -154,7 +221,7 @@ fn quoted_flow(quoted: &[u8]) -> Option<FlowKey> {
     let addr =
         |at: usize| IpAddr::V4(std::net::Ipv4Addr::new(quoted[at], quoted[at + 1], quoted[at + 2], quoted[at + 3]));
     let port = |at: usize| u16::from_be_bytes([quoted[at], quoted[at + 1]]);
-    Some(FlowKey { src: addr(16), dst: addr(12), src_port: port(ihl + 2), dst_port: port(ihl), proto })
+    Some(FlowKey::new(addr(16), addr(12), port(ihl + 2), port(ihl), proto))
 }
 
 /// Parses an inner IP packet (no link header) into its flow key.
@@ -215,16 +282,7 @@ fn classify_fast(pkt: &[u8]) -> Option<PacketMeta> {
     let ports = u32::from_be_bytes([l4[0], l4[1], l4[2], l4[3]]);
     #[allow(clippy::cast_possible_truncation)] // the two halves of the ports word
     let (src_port, dst_port) = ((ports >> 16) as u16, ports as u16);
-    Some(PacketMeta {
-        key: FlowKey {
-            src: IpAddr::V4(std::net::Ipv4Addr::from_bits(word(12))),
-            dst: IpAddr::V4(std::net::Ipv4Addr::from_bits(word(16))),
-            src_port,
-            dst_port,
-            proto,
-        },
-        l4: kind,
-    })
+    Some(PacketMeta { key: FlowKey::v4(word(12), word(16), src_port, dst_port, proto), l4: kind })
 }
 
 /// Whether an IPv4 header (a multiple of 4 bytes long) sums to 0xffff, one's complement.
@@ -279,7 +337,7 @@ fn classify_full(pkt: &[u8]) -> Result<PacketMeta, MalformedReason> {
         }
         _ => return Err(MalformedReason::UnsupportedProtocol),
     };
-    Ok(PacketMeta { key: FlowKey { src, dst, src_port, dst_port, proto }, l4 })
+    Ok(PacketMeta { key: FlowKey::new(src, dst, src_port, dst_port, proto), l4 })
 }
 
 #[cfg(test)]
@@ -385,6 +443,26 @@ mod tests {
         assert!(classify_fast(&tcp).is_some());
         assert!(classify_fast(&udp).is_some());
         assert_eq!(classify_fast(&tcp), classify_full(&tcp).ok());
+    }
+
+    #[test]
+    fn keys_give_back_their_addresses() {
+        let (c4, v4): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.200.0.10".parse().unwrap());
+        let (c6, v6): (IpAddr, IpAddr) = ("2001:db8::1".parse().unwrap(), "2001:db8::10".parse().unwrap());
+        for (c, v) in [(c4, v4), (c6, v6)] {
+            let k = FlowKey::new(c, v, 40000, 80, IPPROTO_TCP);
+            assert_eq!((k.src(), k.dst()), (c, v));
+            assert!(k.dst_is(v) && !k.dst_is(c));
+        }
+        // The same bits in the two families are different keys.
+        let k4 = FlowKey::new(c4, v4, 1, 2, IPPROTO_UDP);
+        let mapped = |a: IpAddr| match a {
+            IpAddr::V4(a) => IpAddr::V6(a.to_ipv6_mapped()),
+            a => a,
+        };
+        let k6 = FlowKey::new(mapped(c4), mapped(v4), 1, 2, IPPROTO_UDP);
+        assert_ne!(k4, k6);
+        assert!(!k6.dst_is(v4));
     }
 
     const STABLE_HASH_OF_TEST_KEY: u64 = 0xeed5_f90a_ea4c_b3b7;
