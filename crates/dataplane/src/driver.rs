@@ -11,9 +11,10 @@ use tun_rs::AsyncDevice;
 
 use crate::carrier::{Carrier, Received, RecvError};
 use crate::tun::{is_transient, MAX_PACKET, VIRTIO_NET_HDR_LEN};
-use tun_rs::VirtioNetHdr;
+use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6};
 
 const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 
 /// Completes a CHECKSUM_PARTIAL packet: the field at `start + offset` holds the pseudo-header
@@ -51,9 +52,12 @@ impl Coalesce {
     }
 }
 
+/// Most segments one GSO super-packet is split into: 64 KiB in segments of at least 576 bytes
+/// (the smallest TUN MTU ringlb accepts) is at most 114.
+const MAX_SEGMENTS: usize = 128;
+
 /// Room for the segments of one GSO super-packet, allocated once.
 struct Segments {
-    bufs: Vec<Vec<u8>>,
     sizes: Vec<usize>,
     /// The segments back to back, for one batched send.
     joined: Vec<u8>,
@@ -61,11 +65,38 @@ struct Segments {
 
 impl Segments {
     fn new() -> Self {
-        // 64 KiB in segments of at least 576 bytes: at most 114; each at most an MTU of 64 KiB
-        // would waste memory, so segments are sized for the largest TUN MTU ringlb sets (9000).
-        let n = 128;
-        Segments { bufs: vec![vec![0u8; 9216]; n], sizes: vec![0; n], joined: vec![0u8; 2 * 65_536] }
+        Segments { sizes: vec![0; MAX_SEGMENTS], joined: vec![0u8; 2 * 65_536] }
     }
+}
+
+/// Splits a GSO super-packet (`pkt`, after its virtio-net header `hdr`) straight into
+/// `s.joined`, segment `i` at `i × stride`, so that the segments lie back to back for one UDP
+/// GSO send without a second copy. Returns (segments, stride, bytes used).
+fn split_joined(pkt: &mut [u8], mut hdr: VirtioNetHdr, s: &mut Segments) -> std::io::Result<(usize, usize, usize)> {
+    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
+    let is_v6 = pkt.first().is_some_and(|b| b >> 4 == 6);
+    // The kernel's hdr_len is the length of the skb's linear part, which may hold payload too;
+    // the split needs the header length itself (as wireguard-go's offload also recomputes).
+    let csum_start = usize::from(hdr.csum_start);
+    if hdr.gso_type & !VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_TCPV4
+        || hdr.gso_type & !VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_TCPV6
+    {
+        let doff = pkt.get(csum_start + 12).ok_or_else(|| invalid("tcp header beyond the packet"))? >> 4;
+        hdr.hdr_len = u16::try_from(csum_start + usize::from(doff) * 4).map_err(|_| invalid("header too long"))?;
+    }
+    let (head, gso) = (usize::from(hdr.hdr_len), usize::from(hdr.gso_size));
+    let stride = head + gso;
+    let count = pkt.len().saturating_sub(head).div_ceil(gso.max(1));
+    if gso == 0 || count == 0 || count > MAX_SEGMENTS || count * stride > s.joined.len() {
+        return Err(invalid("super-packet does not fit the segment buffers"));
+    }
+    let mut chunks = s.joined.chunks_mut(stride);
+    let mut slots: [&mut [u8]; MAX_SEGMENTS] = std::array::from_fn(|_| chunks.next().unwrap_or_default());
+    let n = tun_rs::gso_split(pkt, hdr, &mut slots[..count], &mut s.sizes, 0, is_v6)?;
+    if n == 0 || s.sizes[..n - 1].iter().any(|&z| z != stride) {
+        return Err(invalid("segments of unequal size"));
+    }
+    Ok((n, stride, (n - 1) * stride + s.sizes[n - 1]))
 }
 
 /// How often idle flows are expired.
@@ -295,16 +326,8 @@ impl Driver {
                 }
                 // Split into MTU-sized packets with complete checksums, laid back to back so
                 // the carrier can send them in one go (UDP GSO): all but the last are equal.
-                let is_v6 = frame[VIRTIO_NET_HDR_LEN] >> 4 == 6;
-                let n = match tun_rs::gso_split(
-                    &mut frame[VIRTIO_NET_HDR_LEN..],
-                    hdr,
-                    &mut segments.bufs,
-                    &mut segments.sizes,
-                    0,
-                    is_v6,
-                ) {
-                    Ok(n) => n,
+                let (n, stride, total) = match split_joined(&mut frame[VIRTIO_NET_HDR_LEN..], hdr, segments) {
+                    Ok(split) => split,
                     Err(e) => {
                         // More segments than the buffers hold, or a header it cannot split.
                         tracing::trace!(error = %e, "gso split failed");
@@ -312,23 +335,14 @@ impl Driver {
                         return;
                     }
                 };
-                let segment = segments.sizes[0];
                 // One UDP GSO send carries at most 64 KiB of payload.
-                let batch = self.carrier.max_batch().min(65_000 / segment.max(1)).max(1);
-                let mut first = 0;
-                while first < n {
-                    let last = (first + batch).min(n);
-                    let mut len = 0;
-                    for i in first..last {
-                        let size = segments.sizes[i];
-                        segments.joined[len..len + size].copy_from_slice(&segments.bufs[i][..size]);
-                        len += size;
-                    }
-                    let joined = std::mem::take(&mut segments.joined);
-                    self.forward(addr, flow_hash, &joined[..len], segment).await;
-                    segments.joined = joined;
-                    first = last;
+                let batch = self.carrier.max_batch().min(65_000 / stride).max(1);
+                let joined = std::mem::take(&mut segments.joined);
+                for first in (0..n).step_by(batch) {
+                    let end = ((first + batch) * stride).min(total);
+                    self.forward(addr, flow_hash, &joined[first * stride..end], stride).await;
                 }
+                segments.joined = joined;
             }
             Verdict::Drop(_) => {}
         }
