@@ -87,6 +87,12 @@ bench-scaling: build
     command -v gnuplot >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnuplot-nox
     {{netlab}} bench --scaling docs/scaling.png
 
+# Profile the forwarded path under one load (upload, download, close, keep-alive) with perf
+# (apt-get install linux-perf); writes target/profile/LOAD.txt and LOAD.perf.data.
+profile load="close": build
+    command -v perf >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf
+    {{netlab}} profile {{load}}
+
 # The core's per-packet decision cost (criterion).
 bench-core:
     cargo bench -p ringlb-core --bench decisions

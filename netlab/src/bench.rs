@@ -65,6 +65,7 @@ struct Wrk {
     p99: f64,
 }
 
+/// One case's figures: the median over the rounds of each.
 #[derive(Debug, Default)]
 struct Row {
     up: Option<f64>,
@@ -73,19 +74,65 @@ struct Row {
     close: Option<Wrk>,
 }
 
+/// One case's figures, every round's.
+#[derive(Debug, Default)]
+struct Samples {
+    up: Vec<f64>,
+    down: Vec<f64>,
+    keep_alive: Vec<Wrk>,
+    close: Vec<Wrk>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(v[n / 2]),
+        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// Largest over smallest: how much a figure moved between rounds.
+fn spread(v: &[f64]) -> Option<f64> {
+    let (lo, hi) = v.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    (v.len() > 1 && lo > 0.0).then(|| hi / lo)
+}
+
+impl Samples {
+    fn median(&self) -> Row {
+        let wrk = |w: &[Wrk]| {
+            let part = |f: fn(&Wrk) -> f64| median(w.iter().map(f).collect());
+            Some(Wrk { rps: part(|w| w.rps)?, p50: part(|w| w.p50)?, p99: part(|w| w.p99)? })
+        };
+        Row {
+            up: median(self.up.clone()),
+            down: median(self.down.clone()),
+            keep_alive: wrk(&self.keep_alive),
+            close: wrk(&self.close),
+        }
+    }
+
+    fn spreads(&self) -> [Option<f64>; 4] {
+        let rps = |w: &[Wrk]| w.iter().map(|w| w.rps).collect::<Vec<_>>();
+        [spread(&self.up), spread(&self.down), spread(&rps(&self.keep_alive)), spread(&rps(&self.close))]
+    }
+}
+
 #[derive(Debug)]
 struct Bench {
     secs: u32,
-    rows: BTreeMap<char, Row>,
+    rounds: usize,
+    samples: BTreeMap<char, Samples>,
     problems: Vec<String>,
 }
 
 /// Everything after this line in the report is written by hand from other benches.
 const KEEP_MARKER: &str = "<!-- measured by other commands: kept by netlab bench -->";
 
-pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool) -> Result<()> {
+pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool, rounds: usize) -> Result<()> {
     let (started, load_before) = (Instant::now(), load());
-    let mut b = Bench { secs: if quick { 2 } else { 5 }, rows: BTreeMap::new(), problems: Vec::new() };
+    let rounds = rounds.max(1);
+    let mut b = Bench { secs: if quick { 2 } else { 5 }, rounds, samples: BTreeMap::new(), problems: Vec::new() };
     type Stage = fn(&mut Bench, &str, &Path) -> Result<()>;
     let stages: [(&str, Stage); 4] = [
         ("a, e, f", baselines),
@@ -93,9 +140,13 @@ pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool) -> Result<()> {
         ("c", |b, p, bin| forwarded(b, p, bin, 'c', "udp")),
         ("d", |b, p, bin| forwarded(b, p, bin, 'd', "ipip")),
     ];
-    for (n, (cases, stage)) in stages.into_iter().enumerate() {
-        if let Err(e) = stage(&mut b, &format!("{prefix}{}", n + 1), bin) {
-            b.problem(format!("cases {cases}: {e:#}"));
+    // Every round runs every case, so a slow spell of the machine hits all cases alike.
+    for round in 1..=rounds {
+        eprintln!("bench: round {round} of {rounds}");
+        for (n, (cases, stage)) in stages.into_iter().enumerate() {
+            if let Err(e) = stage(&mut b, &format!("{prefix}{}", n + 1), bin) {
+                b.problem(format!("round {round}, cases {cases}: {e:#}"));
+            }
         }
     }
     let elapsed = started.elapsed().as_secs();
@@ -306,8 +357,9 @@ impl Bench {
         let up = self.keep(key, "iperf3 upload", iperf(lab, host, port, false, self.secs));
         let down = self.keep(key, "iperf3 download", iperf(lab, host, port, true, self.secs));
         eprintln!("bench: ({key}) iperf3 upload {} Gbit/s, download {} Gbit/s", num(up, 2), num(down, 2));
-        let row = self.rows.entry(key).or_default();
-        (row.up, row.down) = (up, down);
+        let row = self.samples.entry(key).or_default();
+        row.up.extend(up);
+        row.down.extend(down);
     }
 
     fn http(&mut self, key: char, lab: &Lab, host: &str, port: u16) {
@@ -323,8 +375,9 @@ impl Bench {
             let w = w.map_or("–".into(), |w| format!("{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms", w.rps, w.p50, w.p99));
             eprintln!("bench: ({key}) wrk {what}: {w}");
         }
-        let row = self.rows.entry(key).or_default();
-        (row.keep_alive, row.close) = (keep_alive, close);
+        let row = self.samples.entry(key).or_default();
+        row.keep_alive.extend(keep_alive);
+        row.close.extend(close);
     }
 
     fn report(&self, quick: bool, elapsed: u64, load: &str) -> String {
@@ -337,19 +390,23 @@ impl Bench {
             "- command: `just bench` (runs `target/release/netlab bench{}`), took {elapsed} s\n- date: {}\n\
              - machine: {} cores (`nproc`), kernel {}, 1-minute load average {load} at the start\n\
              - iperf3: one TCP stream for {secs} s; \
-             wrk: `wrk --latency -t1 -c16 -d{secs}s` against `/1k` (a 1 KiB body from nginx)\n",
+             wrk: `wrk --latency -t1 -c16 -d{secs}s` against `/1k` (a 1 KiB body from nginx)\n\
+             - {rounds} round(s), each running every case in turn; every figure below is the median over the \
+             rounds, and ratios are taken between medians\n",
             if quick { " --quick" } else { "" },
             date.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default(),
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             kernel.unwrap_or_default(),
             secs = self.secs,
+            rounds = self.rounds,
         );
         s.push_str(
             "## Raw numbers\n\n| case | upload Gbit/s | download Gbit/s | keep-alive req/s | keep-alive p50/p99 ms \
              | close req/s | close p50/p99 ms |\n|---|--:|--:|--:|--:|--:|--:|\n",
         );
+        let rows: BTreeMap<char, Row> = self.samples.iter().map(|(&k, v)| (k, v.median())).collect();
         let none = Row::default();
-        let row = |k: char| self.rows.get(&k).unwrap_or(&none);
+        let row = |k: char| rows.get(&k).unwrap_or(&none);
         for (k, name) in CASES {
             let r = row(k);
             let lat = |w: Option<Wrk>| w.map_or("–".into(), |w| format!("{:.2} / {:.2}", w.p50, w.p99));
@@ -385,6 +442,17 @@ impl Bench {
                 let _ = writeln!(s, "| ({x}) / ({y}) | {} |", ratios.join(" | "));
             }
         }
+        s.push_str(&targets(row));
+        if self.rounds > 1 {
+            s.push_str(
+                "\n## Spread between rounds\n\nLargest over smallest of each throughput figure across the rounds.\n\n\
+                 | case | upload | download | keep-alive req/s | close req/s |\n|---|--:|--:|--:|--:|\n",
+            );
+            for (k, name) in CASES {
+                let sp = self.samples.get(&k).map(Samples::spreads).unwrap_or_default();
+                let _ = writeln!(s, "| ({k}) {name} | {} |", sp.map(|v| num(v, 2)).join(" | "));
+            }
+        }
         s.push_str(
             "\n## Notes\n\nTimings on this shared 2-core VM are noisy: load generator, router, balancer and \
              servers all share the same two cores, so absolute figures move from run to run and only the ratios \
@@ -404,6 +472,65 @@ impl Bench {
         }
         s
     }
+}
+
+/// A lower bound (at least) or an upper bound (at most, for latency) on a ratio.
+#[derive(Clone, Copy)]
+enum Goal {
+    AtLeast(f64),
+    AtMost(f64),
+    Report,
+}
+
+/// Issue 4's table: forwarded flows over udp (c) against (a), (e) and (f), and local upload
+/// (b) against (a), each ratio beside its target.
+fn targets<'a>(row: impl Fn(char) -> &'a Row) -> String {
+    use Goal::{AtLeast, AtMost, Report};
+    type Figure = fn(&Row) -> Option<f64>;
+    let lines: [(&str, char, Figure, [Goal; 3]); 6] = [
+        ("download (iperf3 -R), forwarded", 'c', |r| r.down, [AtLeast(0.9), AtLeast(2.0), AtLeast(1.15)]),
+        ("upload (iperf3), forwarded", 'c', |r| r.up, [AtLeast(0.5), AtLeast(1.2), Report]),
+        (
+            "new connections/s (Connection: close), forwarded",
+            'c',
+            |r| r.close.map(|w| w.rps),
+            [AtLeast(0.7), AtLeast(3.0), AtLeast(1.1)],
+        ),
+        (
+            "keep-alive requests/s, forwarded",
+            'c',
+            |r| r.keep_alive.map(|w| w.rps),
+            [AtLeast(0.8), AtLeast(1.2), Report],
+        ),
+        (
+            "p99 latency, keep-alive, forwarded",
+            'c',
+            |r| r.keep_alive.map(|w| w.p99),
+            [AtMost(1.3), AtMost(1.0), Report],
+        ),
+        ("upload, served locally by the entry", 'b', |r| r.up, [AtLeast(0.9), Report, Report]),
+    ];
+    let mut s = String::from(
+        "\n## Targets (issue 4)\n\nThe ratios the speed issue sets, each beside its target: met (yes) or not \
+         (no, with the shortfall).\n\n| figure | against direct (a) | against HAProxy (e) | against nftables NAT (f) |\n\
+         |---|--:|--:|--:|\n",
+    );
+    for (name, case, figure, goals) in lines {
+        let cells = ['a', 'e', 'f'].iter().zip(goals).map(|(&base, goal)| {
+            let Some(r) = figure(row(case)).zip(figure(row(base))).map(|(x, y)| x / y) else {
+                return "–".to_owned();
+            };
+            match goal {
+                AtLeast(t) if r >= t => format!("{r:.2} (≥ {t}: yes)"),
+                AtLeast(t) => format!("{r:.2} (≥ {t}: no, {:.0} % short)", (1.0 - r / t) * 100.0),
+                AtMost(t) if r <= t => format!("{r:.2} (≤ {t}: yes)"),
+                AtMost(t) => format!("{r:.2} (≤ {t}: no, {:.0} % over)", (r / t - 1.0) * 100.0),
+                Report => format!("{r:.2}"),
+            }
+        });
+        let _ = writeln!(s, "| {name} ({case}) | {} |", cells.collect::<Vec<_>>().join(" | "));
+    }
+    s
 }
 
 /// The 1-minute load average, to tell a run that started while the machine was busy.
@@ -477,4 +604,99 @@ fn millis(s: &str) -> Result<f64> {
         .find_map(|(unit, scale)| s.strip_suffix(unit).map(|n| (n, *scale)))
         .with_context(|| format!("wrk's latency {s:?} has no known unit"))?;
     Ok(n.parse::<f64>().with_context(|| format!("wrk's latency {s:?}"))? * scale)
+}
+
+/// What `netlab profile` puts through the forwarded path while perf records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Load {
+    /// iperf3, client to server: data through the entry.
+    Upload,
+    /// iperf3 -R: data returns directly, only ACKs cross the entry.
+    Download,
+    /// wrk with `Connection: close`: a new connection per request.
+    Close,
+    /// wrk with keep-alive.
+    KeepAlive,
+}
+
+/// `netlab profile`: the forwarded case (c) or (d) under one load, with `perf record -a -g`
+/// running for `secs` in the middle of it. Writes `<out>/<load>.perf.data` and
+/// `<out>/<load>.txt` (CPU by process and binary, ringlb's own hottest symbols, and the
+/// system calls of the entry's daemon per forwarded packet), and prints the text.
+pub fn profile(prefix: &str, bin: &Path, out: &Path, load: Load, carrier: &str, secs: u32) -> Result<()> {
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let lab = lab(prefix, bin, |s| {
+        s.carrier = carrier.into();
+        s.weights = vec![0.0, 1.0, 1.0];
+    })?;
+    drain_n3(&lab)?; // everything to n2, as iperf3 needs
+    let name = format!("{load:?}").to_lowercase();
+    let data = out.join(format!("{name}.perf.data"));
+    let run_for = (secs + 4).to_string();
+    let url = format!("http://{VIP}/1k");
+    let mut args: Vec<&str> = match load {
+        Load::Upload => vec!["iperf3", "-c", "10.200.0.10", "-t", &run_for],
+        Load::Download => vec!["iperf3", "-c", "10.200.0.10", "-R", "-t", &run_for],
+        Load::Close => vec!["wrk", "-t1", "-c16", "-H", "Connection: close"],
+        Load::KeepAlive => vec!["wrk", "-t1", "-c16"],
+    };
+    let duration = format!("-d{run_for}s");
+    if matches!(load, Load::Close | Load::KeepAlive) {
+        args.extend([duration.as_str(), url.as_str()]);
+    }
+    let client = Command::new("ip")
+        .args(["netns", "exec", &lab.client()])
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the load")?;
+    sleep(Duration::from_secs(2));
+    let entry_pid = lab.ringlb_pids(1)?.into_iter().next().context("no ringlb daemon on n1")?;
+    let forwarded_before = lab.metric(1, "ringlb_forwarded_packets_total{")?;
+    let syscalls = Command::new("perf")
+        .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p", &entry_pid, "--", "sleep", "2"])
+        .output()
+        .context("running perf stat (apt-get install linux-perf)")?;
+    let forwarded = lab.metric(1, "ringlb_forwarded_packets_total{")? - forwarded_before;
+    let secs_s = secs.to_string();
+    let rec = Command::new("perf")
+        .args(["record", "-a", "-g", "-q", "-o", &data.to_string_lossy(), "--", "sleep", &secs_s])
+        .output()
+        .context("running perf record (apt-get install linux-perf)")?;
+    if !rec.status.success() {
+        bail!("perf record: {}", String::from_utf8_lossy(&rec.stderr));
+    }
+    let load_out = client.wait_with_output()?;
+    let report = |extra: &[&str]| -> Result<String> {
+        let o = Command::new("perf")
+            .args(["report", "-i", &data.to_string_lossy(), "--stdio", "-g", "none", "--percent-limit", "0.5"])
+            .args(extra)
+            .output()?;
+        Ok(String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(25)
+            .collect::<Vec<_>>()
+            .join("\n"))
+    };
+    let calls: f64 = String::from_utf8_lossy(&syscalls.stderr)
+        .lines()
+        .find_map(|l| l.split(',').next()?.trim().parse().ok())
+        .unwrap_or(0.0);
+    let text = format!(
+        "# netlab profile: {name}, carrier {carrier}, entry n1 forwarding everything to n2, perf record -a -g for {secs} s\n\n\
+         ## CPU by process and binary (all of the machine's CPUs = 100 %)\n{}\n\n\
+         ## ringlb processes, hottest symbols (kernel and user)\n{}\n\n\
+         ## the entry's daemon over 2 s: {calls:.0} system calls for {forwarded} forwarded packets \
+         ({:.2} per packet)\n\n## the load's own report\n{}\n",
+        report(&["--no-children", "--sort", "comm,dso"])?,
+        report(&["--no-children", "--comms", "ringlb", "--sort", "comm,dso,sym"])?,
+        calls / (forwarded.max(1) as f64),
+        String::from_utf8_lossy(&load_out.stdout).lines().rev().take(8).collect::<Vec<_>>().join("\n"),
+    );
+    let txt = out.join(format!("{name}.txt"));
+    fs::write(&txt, &text)?;
+    println!("{text}");
+    eprintln!("profile: wrote {} and {}", txt.display(), data.display());
+    Ok(())
 }

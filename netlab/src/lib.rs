@@ -212,6 +212,21 @@ impl Lab {
         format!("{}-c", self.spec.prefix)
     }
 
+    /// The pids of node `i`'s `ringlb node` daemon (normally one). Namespaces share the host's
+    /// pid space, so it is found among the namespace's pids (`ip netns pids`), never by name.
+    pub fn ringlb_pids(&self, i: usize) -> Result<Vec<String>> {
+        let pids = sh(None, &["ip", "netns", "pids", &self.node(i)])?;
+        Ok(pids
+            .lines()
+            .filter(|pid| {
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
+                args.first().is_some_and(|a| a.ends_with(b"ringlb")) && args.last() == Some(&&b"node"[..])
+            })
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// Namespace of node `i` (1-based).
     pub fn node(&self, i: usize) -> String {
         format!("{}-n{i}", self.spec.prefix)
@@ -441,20 +456,12 @@ impl Lab {
     }
 
     /// Stops `ringlb node` on node `i` (SIGTERM, or SIGKILL with `hard`).
-    ///
-    /// Namespaces share the host's pid space, so the process is found among the namespace's
-    /// pids (`ip netns pids`), never by name alone.
     pub fn stop_ringlb(&self, i: usize, hard: bool) -> Result<()> {
         let sig = if hard { "-KILL" } else { "-TERM" };
-        let pids = sh(None, &["ip", "netns", "pids", &self.node(i)])?;
         let mut killed = Vec::new();
-        for pid in pids.lines() {
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
-            if args.first().is_some_and(|a| a.ends_with(b"ringlb")) && args.last() == Some(&&b"node"[..]) {
-                let _ = Command::new("kill").args([sig, pid]).status();
-                killed.push(pid.to_owned());
-            }
+        for pid in self.ringlb_pids(i)? {
+            let _ = Command::new("kill").args([sig, &pid]).status();
+            killed.push(pid);
         }
         // Gone means the process has exited (its sockets closed), not only its TUN. A zombie
         // (its parent, maybe this process, has not reaped it yet) has exited.

@@ -54,12 +54,30 @@ enum Cmd {
         /// Shorter runs of every case.
         #[arg(long)]
         quick: bool,
+        /// How many times every case runs; the report gives medians.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Only the CI check: forwarded upload against direct, fails below this ratio.
         #[arg(long)]
         smoke: Option<f64>,
         /// Only the scaling bench (1, 2, 4, 8 nodes behind one entry); writes this PNG.
         #[arg(long)]
         scaling: Option<PathBuf>,
+    },
+    /// Profile the forwarded path under one load with `perf record -a -g` (not a test):
+    /// writes `<out>/<load>.perf.data` and a text summary.
+    Profile {
+        #[arg(value_enum)]
+        load: bench::Load,
+        #[arg(long, default_value = "target/release/ringlb")]
+        bin: PathBuf,
+        #[arg(long, default_value = "target/profile")]
+        out: PathBuf,
+        #[arg(long, default_value = "udp")]
+        carrier: String,
+        /// Seconds of recording.
+        #[arg(long, default_value_t = 6)]
+        secs: u32,
     },
     /// Kill a node, cut the path between two nodes with nftables, heal; print what the
     /// cluster saw at each step.
@@ -132,13 +150,17 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { bin, out, quick, smoke, scaling } => {
+        Cmd::Bench { bin, out, quick, rounds, smoke, scaling } => {
             let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
             match (smoke, scaling) {
                 (Some(floor), _) => bench::smoke(&format!("{}s", cli.prefix), &bin, floor),
                 (None, Some(png)) => bench::scaling(&format!("{}x", cli.prefix), &bin, &png, if quick { 3 } else { 8 }),
-                (None, None) => bench::run(&format!("{}b", cli.prefix), &bin, &out, quick),
+                (None, None) => bench::run(&format!("{}b", cli.prefix), &bin, &out, quick, rounds),
             }
+        }
+        Cmd::Profile { load, bin, out, carrier, secs } => {
+            let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
+            bench::profile(&format!("{}p", cli.prefix), &bin, &out, load, &carrier, secs)
         }
         Cmd::Kill { node } | Cmd::Start { node } if node_index(&node).is_none() => {
             bail!("unknown node {node:?}: use n1, n2, ...")
