@@ -2,7 +2,8 @@
 """Opens new HTTP connections to a URL in a loop and reports each one, for failure tests.
 
 Usage: connloop.py URL SECONDS TIMEOUT [COUNT]. Prints one JSON object per connection:
-{"t": start time (unix seconds), "ok": bool, "node": answer or error}. Stops after SECONDS
+{"t": start time (unix seconds), "s": seconds it took, "ok": bool, "node": answer or
+error}. Stops after SECONDS
 or after COUNT connections.
 """
 import http.client
@@ -24,7 +25,7 @@ while time.time() < end and (count is None or n < count):
         c.request("GET", url.path or "/", headers={"Connection": "close"})
         body = c.getresponse().read().decode().strip()
         c.close()
-        print(json.dumps({"t": t, "ok": True, "node": body}), flush=True)
+        print(json.dumps({"t": t, "s": time.time() - t, "ok": True, "node": body}), flush=True)
     except Exception as e:  # a refused, reset or timed-out connection is a data point
-        print(json.dumps({"t": t, "ok": False, "node": type(e).__name__}), flush=True)
+        print(json.dumps({"t": t, "s": time.time() - t, "ok": False, "node": type(e).__name__}), flush=True)
         time.sleep(0.01)

@@ -60,6 +60,9 @@ pub struct Spec {
     pub bin: PathBuf,
     /// Capacity weight per node (missing entries are 1).
     pub weights: Vec<f64>,
+    /// Requests/s each node's `GET /` may serve (missing or `None`: unlimited); excess requests
+    /// wait in nginx's queue, so a limited node is a slower one.
+    pub service_rates: Vec<Option<u32>>,
     /// Extra TOML appended to every node's config.
     pub extra_config: String,
     /// Start ringlb on the nodes (false: plain servers, for direct-path baselines).
@@ -78,6 +81,7 @@ impl Spec {
             carrier: "udp".into(),
             bin: bin.into(),
             weights: Vec::new(),
+            service_rates: Vec::new(),
             extra_config: String::new(),
             start_ringlb: true,
             control: true,
@@ -481,21 +485,30 @@ impl Lab {
 
     fn start_services(&self, i: usize) -> Result<()> {
         let d = self.node_dir(i);
+        let (rate_zone, root_limit) = match self.spec.service_rates.get(i - 1).copied().flatten() {
+            Some(rate) => {
+                (format!("limit_req_zone $host zone=root:1m rate={rate}r/s;\n"), "limit_req zone=root burst=100000; ")
+            }
+            None => (String::new(), ""),
+        };
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/tmp-body;\n  proxy_temp_path {d}/tmp-proxy;\n\
              fastcgi_temp_path {d}/tmp-fcgi;\n  uwsgi_temp_path {d}/tmp-uwsgi;\n  scgi_temp_path {d}/tmp-scgi;\n\
              keepalive_requests 1000000;\n  sendfile on;\n\
-             limit_req_zone $host zone=cap:1m rate={CAPACITY}r/s;\n\
+             limit_req_zone $host zone=cap:1m rate={CAPACITY}r/s;\n{rate_zone}\
              server {{\n    listen 80 backlog=4096;\n    add_header X-Node n{i} always;\n\
-             location = / {{ default_type text/plain; return 200 \"n{i}\\n\"; }}\n\
+             location = / {{ {root_limit}root {d}; try_files /name =500; default_type text/plain; }}\n\
              location = /cap {{ limit_req zone=cap burst=100000; alias {lab}/blob-small; default_type text/plain; }}\n\
              location = /1k {{ alias {lab}/blob-small; default_type application/octet-stream; }}\n\
              location /blob/ {{ alias {lab}/; default_type application/octet-stream; }}\n  }}\n}}\n",
             d = d.display(),
             lab = self.dir.display(),
         );
+        // `GET /` answers with the node's name, from a file: nginx's `return` would answer
+        // before `limit_req` could hold the request.
+        fs::write(d.join("name"), format!("n{i}\n"))?;
         let conf_path = d.join("nginx.conf");
         fs::write(&conf_path, conf)?;
         let n = self.node(i);

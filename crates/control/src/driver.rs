@@ -68,11 +68,20 @@ pub struct Refusals {
     pub malformed: u64,
 }
 
+/// How often this node saw a peer become suspect or dead: a node that flaps (declares live
+/// peers dead under load) shows here, even if it is refuted a moment later.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transitions {
+    pub suspect: u64,
+    pub dead: u64,
+}
+
 #[derive(Debug, Default)]
 struct Status {
     me: Option<PeerStatus>,
     peers: HashMap<String, PeerStatus>,
     refusals: Refusals,
+    transitions: Transitions,
     draining: bool,
 }
 
@@ -99,6 +108,10 @@ impl ControlHandle {
 
     pub fn refusals(&self) -> Refusals {
         self.status.lock().unwrap_or_else(|e| e.into_inner()).refusals
+    }
+
+    pub fn transitions(&self) -> Transitions {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).transitions
     }
 
     pub fn draining(&self) -> bool {
@@ -420,6 +433,13 @@ impl Control {
         while let Some(MembershipEvent::Member(u)) = self.membership.poll_event() {
             changed = true;
             tracing::info!(member = %u.name, state = ?u.state, incarnation = u.incarnation, "member update");
+            if matches!(u.state, UpdateState::Suspect | UpdateState::Dead) {
+                let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                match u.state {
+                    UpdateState::Suspect => s.transitions.suspect += 1,
+                    _ => s.transitions.dead += 1,
+                }
+            }
             // A new incarnation may be a new process: a connection to the old one would
             // swallow what we send until it times out.
             let restarted = self.incarnations.insert(u.name.clone(), u.incarnation).is_some_and(|i| i != u.incarnation);

@@ -14,4 +14,4 @@ pub mod certs;
 pub mod driver;
 pub mod tls;
 
-pub use driver::{ControlConfig, ControlEvent, ControlHandle, PeerStatus, Refusals};
+pub use driver::{ControlConfig, ControlEvent, ControlHandle, PeerStatus, Refusals, Transitions};

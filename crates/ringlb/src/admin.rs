@@ -141,6 +141,11 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
         for (reason, v) in [("tls", r.tls), ("identity", r.identity), ("malformed", r.malformed)] {
             let _ = writeln!(out, "ringlb_control_refused_total{{node=\"{node}\",reason=\"{reason}\"}} {v}");
         }
+        let t = c.transitions();
+        let _ = writeln!(out, "# HELP ringlb_member_transitions_total Peers this node saw become suspect or dead.\n# TYPE ringlb_member_transitions_total counter");
+        for (state, v) in [("suspect", t.suspect), ("dead", t.dead)] {
+            let _ = writeln!(out, "ringlb_member_transitions_total{{node=\"{node}\",state=\"{state}\"}} {v}");
+        }
         let members = c.members();
         let alive = members.iter().filter(|m| m.state == UpdateState::Alive).count();
         let _ = writeln!(out, "# HELP ringlb_members_alive Members seen alive, this node included.\n# TYPE ringlb_members_alive gauge\nringlb_members_alive{{node=\"{node}\"}} {alive}");
