@@ -219,15 +219,26 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
     );
     let (driver, handle) = Driver::new(node, tun, carrier);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let control = match &config.control {
-        Some(c) => Some(start_control(c, &local, &handle, stop_rx.clone())?),
-        None => None,
+    // The control plane (QUIC, TLS, membership) and the admin endpoint run on a thread of their
+    // own, so that a flood of packets cannot delay probes (and get a live peer declared dead),
+    // and TLS work or a status request cannot delay packets. This thread keeps the data plane.
+    let side = SideThread::start()?;
+    let control = {
+        let _on_side = side.runtime.enter();
+        match &config.control {
+            Some(c) => Some(start_control(c, &local, &handle, stop_rx.clone())?),
+            None => None,
+        }
     };
-    let listener = tokio::net::TcpListener::bind(config.admin.listen)
-        .await
-        .with_context(|| format!("binding admin.listen = {}", config.admin.listen))?;
+    let listener = {
+        let _on_side = side.runtime.enter();
+        let std = std::net::TcpListener::bind(config.admin.listen)
+            .with_context(|| format!("binding admin.listen = {}", config.admin.listen))?;
+        std.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(std)?
+    };
     let control_handle = control.as_ref().map(|(h, _)| h.clone());
-    tokio::spawn(admin::serve(listener, handle.snapshots.clone(), control_handle, local.name.clone()));
+    side.runtime.spawn(admin::serve(listener, handle.snapshots.clone(), control_handle, local.name.clone()));
     tracing::info!(
         node = %local.name, vip = %config.node.vip, carrier = ?config.carrier.kind, tun_mtu,
         control = config.control.is_some(), admin = %config.admin.listen, "ringlb node running"
@@ -246,8 +257,41 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
     if let Some((_, task)) = control {
         let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
     }
+    drop(side);
     tracing::info!("ringlb node stopped");
     Ok(())
+}
+
+/// A second single-threaded runtime on its own OS thread, for everything but the data plane.
+struct SideThread {
+    runtime: tokio::runtime::Handle,
+    /// Dropping it ends the thread's `block_on`, and with it the runtime and its tasks.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SideThread {
+    fn start() -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("ringlb-control".into())
+            .spawn(move || {
+                let _ = rt.block_on(stopped);
+            })
+            .context("starting the control-plane thread")?;
+        Ok(SideThread { runtime, stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for SideThread {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Starts the QUIC control plane, which reads this node's load straight from the data plane,
