@@ -245,8 +245,8 @@ impl Driver {
                     // Drain what the carrier has queued (a bounded number of reads), then hand
                     // all accepted packets to the TUN in one coalescing write.
                     let mut accepted = 0;
-                    let mut result = first;
-                    for _ in 0..MAX_READS_PER_WAKEUP {
+                    let (mut result, mut reads) = (first, 1);
+                    loop {
                         match result {
                             Ok(rx) => accepted = self.accept_carrier(&carrier_buf, &rx, &mut coalesce, accepted),
                             Err(RecvError::Malformed(reason)) => {
@@ -260,10 +260,13 @@ impl Driver {
                                 break;
                             }
                         }
-                        if accepted + MAX_SEGMENTS_PER_READ > coalesce.bufs.len() {
+                        // Stop before a read whose packets could not be handled: a datagram
+                        // taken from the socket is never left unprocessed.
+                        if reads == MAX_READS_PER_WAKEUP || accepted + MAX_SEGMENTS_PER_READ > coalesce.bufs.len() {
                             break;
                         }
                         result = self.carrier.try_recv(&mut carrier_buf);
+                        reads += 1;
                     }
                     self.deliver_batch(&mut coalesce, accepted).await;
                 }
