@@ -632,7 +632,8 @@ pub fn profile(prefix: &str, bin: &Path, out: &Path, load: Load, carrier: &str, 
     drain_n3(&lab)?; // everything to n2, as iperf3 needs
     let name = format!("{load:?}").to_lowercase();
     let data = out.join(format!("{name}.perf.data"));
-    let run_for = (secs + 4).to_string();
+    // The load outlasts the recording: 2 s of warm-up, 2 s of syscall counting, then `secs`.
+    let run_for = (secs + 8).to_string();
     let url = format!("http://{VIP}/1k");
     let mut args: Vec<&str> = match load {
         Load::Upload => vec!["iperf3", "-c", "10.200.0.10", "-t", &run_for],

@@ -253,6 +253,8 @@ struct Control {
     rtts: HashMap<String, Duration>,
     /// Last incarnation seen per member, to notice restarts.
     incarnations: HashMap<String, u64>,
+    /// Each member's last state, to count its changes.
+    states: HashMap<String, UpdateState>,
     draining: bool,
     cpu: CpuMeter,
     last_new_flows: Option<(u64, Instant)>,
@@ -286,6 +288,7 @@ impl Control {
             loads: HashMap::new(),
             rtts: HashMap::new(),
             incarnations: HashMap::new(),
+            states: HashMap::new(),
             draining: false,
             cpu: CpuMeter::default(),
             last_new_flows: None,
@@ -433,7 +436,10 @@ impl Control {
         while let Some(MembershipEvent::Member(u)) = self.membership.poll_event() {
             changed = true;
             tracing::info!(member = %u.name, state = ?u.state, incarnation = u.incarnation, "member update");
-            if matches!(u.state, UpdateState::Suspect | UpdateState::Dead) {
+            // Count changes of state only: an update that leaves a member suspect or dead (a
+            // new address, a higher incarnation) is no new suspicion or death.
+            let before = self.states.insert(u.name.clone(), u.state);
+            if before != Some(u.state) && matches!(u.state, UpdateState::Suspect | UpdateState::Dead) {
                 let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
                 match u.state {
                     UpdateState::Suspect => s.transitions.suspect += 1,

@@ -61,6 +61,8 @@ impl FlowState {
     }
 }
 
+/// 64 bytes. Aligning it to 64 (`#[repr(align(64))]`) was measured: the flow-table hit got
+/// slower (109–114 ns against 92 ns) and 1M flows took 81 MiB instead of 71 MiB, so it is not.
 #[derive(Debug, Clone)]
 struct Slot {
     key: FlowKey,
@@ -336,7 +338,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     #[test]
-    fn a_slot_fits_a_cache_line() {
+    fn a_slot_is_at_most_64_bytes() {
         assert!(std::mem::size_of::<Slot>() <= 64, "{} bytes", std::mem::size_of::<Slot>());
     }
 

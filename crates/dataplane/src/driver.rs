@@ -11,7 +11,7 @@ use tun_rs::AsyncDevice;
 
 use crate::carrier::{Carrier, Received, RecvError};
 use crate::tun::{is_transient, MAX_PACKET, VIRTIO_NET_HDR_LEN};
-use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6};
+use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4};
 
 const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
 const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
@@ -78,12 +78,15 @@ fn split_joined(pkt: &mut [u8], mut hdr: VirtioNetHdr, s: &mut Segments) -> std:
     // The kernel's hdr_len is the length of the skb's linear part, which may hold payload too;
     // the split needs the header length itself (as wireguard-go's offload also recomputes).
     let csum_start = usize::from(hdr.csum_start);
-    if hdr.gso_type & !VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_TCPV4
-        || hdr.gso_type & !VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_TCPV6
-    {
-        let doff = pkt.get(csum_start + 12).ok_or_else(|| invalid("tcp header beyond the packet"))? >> 4;
-        hdr.hdr_len = u16::try_from(csum_start + usize::from(doff) * 4).map_err(|_| invalid("header too long"))?;
-    }
+    let head = match hdr.gso_type & !VIRTIO_NET_HDR_GSO_ECN {
+        VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6 => {
+            let doff = pkt.get(csum_start + 12).ok_or_else(|| invalid("tcp header beyond the packet"))? >> 4;
+            csum_start + usize::from(doff) * 4
+        }
+        VIRTIO_NET_HDR_GSO_UDP_L4 => csum_start + 8,
+        _ => usize::from(hdr.hdr_len),
+    };
+    hdr.hdr_len = u16::try_from(head).map_err(|_| invalid("header too long"))?;
     let (head, gso) = (usize::from(hdr.hdr_len), usize::from(hdr.gso_size));
     let stride = head + gso;
     let count = pkt.len().saturating_sub(head).div_ceil(gso.max(1));

@@ -142,7 +142,7 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
             let _ = writeln!(out, "ringlb_control_refused_total{{node=\"{node}\",reason=\"{reason}\"}} {v}");
         }
         let t = c.transitions();
-        let _ = writeln!(out, "# HELP ringlb_member_transitions_total Peers this node saw become suspect or dead.\n# TYPE ringlb_member_transitions_total counter");
+        let _ = writeln!(out, "# HELP ringlb_member_transitions_total Times this node saw a peer change to suspect or to dead.\n# TYPE ringlb_member_transitions_total counter");
         for (state, v) in [("suspect", t.suspect), ("dead", t.dead)] {
             let _ = writeln!(out, "ringlb_member_transitions_total{{node=\"{node}\",state=\"{state}\"}} {v}");
         }
