@@ -1,5 +1,9 @@
 //! The control plane over real QUIC with mutual TLS, on loopback: cluster formation, refusal
 //! of foreign certificates, identity claims and malformed messages.
+//!
+//! As root (as in CI), each test re-runs itself inside a network namespace of its own, which
+//! has nothing but a loopback interface: whatever the code under test does, no packet can
+//! leave it. Without root the tests run on the host's loopback.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -73,40 +77,73 @@ async fn eventually(what: &str, mut ok: impl FnMut() -> bool) {
     panic!("timed out waiting for: {what}");
 }
 
+/// Runs `body` inside a fresh network namespace when this process is root (re-running this
+/// test binary for the one test `name` there), else right here.
+fn isolated<F: std::future::Future<Output = ()>>(name: &str, body: impl FnOnce() -> F) {
+    let root = std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout == b"0\n");
+    if std::env::var_os("RINGLB_TEST_IN_NETNS").is_some() || !root {
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        return rt.block_on(body());
+    }
+    let ns = format!("rlt-ctl-{}-{}", std::process::id(), port());
+    let ip = |args: &[&str]| std::process::Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+    assert!(ip(&["netns", "add", &ns]), "creating network namespace {ns}");
+    // Deleted however the test ends.
+    struct Netns(String);
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _guard = Netns(ns.clone());
+    assert!(ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]));
+    let exe = std::env::current_exe().unwrap();
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(exe)
+        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env("RINGLB_TEST_IN_NETNS", "1")
+        .status()
+        .unwrap();
+    assert!(status.success(), "{name} failed inside network namespace {ns}");
+}
+
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
 }
 
-#[tokio::test]
-async fn three_nodes_form_a_cluster_from_one_seed_and_share_load() {
-    let dir = pki("form");
-    let a = loopback(port());
-    let n1 = start(&dir, "n1", a, vec![]);
-    let mut n2 = start(&dir, "n2", loopback(port()), vec![("n1".into(), a)]);
-    let n3 = start(&dir, "n3", loopback(port()), vec![("n1".into(), a)]);
-    eventually("all see 3 alive", || [&n1, &n2, &n3].iter().all(|n| alive(n) == 3)).await;
-    eventually("load vectors flow", || {
-        n3.handle
-            .members()
-            .iter()
-            .filter(|m| m.name != "n3")
-            .all(|m| m.load_age.is_some_and(|a| a < Duration::from_secs(1)))
-    })
-    .await;
-    // The data plane hears of members and loads.
-    let mut saw_member = false;
-    let mut saw_load = false;
-    while let Ok(ev) = n2.events.try_recv() {
-        match ev {
-            ControlEvent::Member { name, state, .. } => {
-                saw_member |= name == "n3" && state == ringlb_core::MemberState::Alive
+#[test]
+fn three_nodes_form_a_cluster_from_one_seed_and_share_load() {
+    isolated("three_nodes_form_a_cluster_from_one_seed_and_share_load", || async {
+        let dir = pki("form");
+        let a = loopback(port());
+        let n1 = start(&dir, "n1", a, vec![]);
+        let mut n2 = start(&dir, "n2", loopback(port()), vec![("n1".into(), a)]);
+        let n3 = start(&dir, "n3", loopback(port()), vec![("n1".into(), a)]);
+        eventually("all see 3 alive", || [&n1, &n2, &n3].iter().all(|n| alive(n) == 3)).await;
+        eventually("load vectors flow", || {
+            n3.handle
+                .members()
+                .iter()
+                .filter(|m| m.name != "n3")
+                .all(|m| m.load_age.is_some_and(|a| a < Duration::from_secs(1)))
+        })
+        .await;
+        // The data plane hears of members and loads.
+        let mut saw_member = false;
+        let mut saw_load = false;
+        while let Ok(ev) = n2.events.try_recv() {
+            match ev {
+                ControlEvent::Member { name, state, .. } => {
+                    saw_member |= name == "n3" && state == ringlb_core::MemberState::Alive
+                }
+                ControlEvent::Load { .. } => saw_load = true,
+                ControlEvent::Drain(_) => {}
             }
-            ControlEvent::Load { .. } => saw_load = true,
-            ControlEvent::Drain(_) => {}
         }
-    }
-    assert!(saw_member && saw_load);
-    assert_eq!(n1.handle.refusals(), Default::default());
+        assert!(saw_member && saw_load);
+        assert_eq!(n1.handle.refusals(), Default::default());
+    });
 }
 
 /// A QUIC client with arbitrary credentials, to play a rogue or a broken member.
@@ -128,70 +165,75 @@ async fn raw_client(
     conn.close_reason().is_none().then_some(conn)
 }
 
-#[tokio::test]
-async fn foreign_certificates_are_refused_and_counted() {
-    let dir = pki("rogue-cluster");
-    let a = loopback(port());
-    let n1 = start(&dir, "n1", a, vec![]);
-    let other = pki("rogue-other");
-    certs::issue(&other, "n9", a.ip(), Duration::from_secs(86_400)).unwrap();
-    // From another CA.
-    assert!(raw_client(&files(&other, "n9"), &dir.join("ca.pem"), a, "n1").await.is_none());
-    // Self-signed: the other CA's own certificate and key.
-    let self_signed = TlsFiles { ca: other.join("ca.pem"), cert: other.join("ca.pem"), key: other.join("ca.key") };
-    assert!(raw_client(&self_signed, &dir.join("ca.pem"), a, "n1").await.is_none());
-    eventually("refusals counted", || n1.handle.refusals().tls >= 2).await;
-    assert_eq!(alive(&n1), 1, "a rogue became a member");
+#[test]
+fn foreign_certificates_are_refused_and_counted() {
+    isolated("foreign_certificates_are_refused_and_counted", || async {
+        let dir = pki("rogue-cluster");
+        let a = loopback(port());
+        let n1 = start(&dir, "n1", a, vec![]);
+        let other = pki("rogue-other");
+        certs::issue(&other, "n9", a.ip(), Duration::from_secs(86_400)).unwrap();
+        // From another CA.
+        assert!(raw_client(&files(&other, "n9"), &dir.join("ca.pem"), a, "n1").await.is_none());
+        // Self-signed: the other CA's own certificate and key.
+        let self_signed = TlsFiles { ca: other.join("ca.pem"), cert: other.join("ca.pem"), key: other.join("ca.key") };
+        assert!(raw_client(&self_signed, &dir.join("ca.pem"), a, "n1").await.is_none());
+        eventually("refusals counted", || n1.handle.refusals().tls >= 2).await;
+        assert_eq!(alive(&n1), 1, "a rogue became a member");
+    });
 }
 
-#[tokio::test]
-async fn false_identity_and_malformed_messages_close_the_connection_and_are_counted() {
-    let dir = pki("liar");
-    let a = loopback(port());
-    let n1 = start(&dir, "n1", a, vec![]);
-    let n2 = start(&dir, "n2", loopback(port()), vec![("n1".into(), a)]);
-    eventually("two alive", || alive(&n1) == 2).await;
+#[test]
+fn false_identity_and_malformed_messages_close_the_connection_and_are_counted() {
+    isolated("false_identity_and_malformed_messages_close_the_connection_and_are_counted", || async {
+        let dir = pki("liar");
+        let a = loopback(port());
+        let n1 = start(&dir, "n1", a, vec![]);
+        let n2 = start(&dir, "n2", loopback(port()), vec![("n1".into(), a)]);
+        eventually("two alive", || alive(&n1) == 2).await;
 
-    // n3 holds a valid certificate but claims to be n2.
-    certs::issue(&dir, "n3", a.ip(), Duration::from_secs(86_400)).unwrap();
-    let liar = raw_client(&files(&dir, "n3"), &dir.join("ca.pem"), a, "n1").await.expect("valid certificate connects");
-    let claim = MemberUpdate {
-        name: "n2".into(),
-        incarnation: 99,
-        state: UpdateState::Alive,
-        underlay: a.ip(),
-        control: loopback(9),
-        weight: 1.0,
-    };
-    liar.send_datagram(encode(&Message::Join { gossip: vec![claim] }).unwrap().into()).unwrap();
-    eventually("identity refusal", || n1.handle.refusals().identity == 1).await;
-    eventually("liar disconnected", || liar.close_reason().is_some()).await;
+        // n3 holds a valid certificate but claims to be n2.
+        certs::issue(&dir, "n3", a.ip(), Duration::from_secs(86_400)).unwrap();
+        let liar =
+            raw_client(&files(&dir, "n3"), &dir.join("ca.pem"), a, "n1").await.expect("valid certificate connects");
+        let claim = MemberUpdate {
+            name: "n2".into(),
+            incarnation: 99,
+            state: UpdateState::Alive,
+            underlay: a.ip(),
+            control: loopback(9),
+            weight: 1.0,
+        };
+        liar.send_datagram(encode(&Message::Join { gossip: vec![claim] }).unwrap().into()).unwrap();
+        eventually("identity refusal", || n1.handle.refusals().identity == 1).await;
+        eventually("liar disconnected", || liar.close_reason().is_some()).await;
 
-    // The same certificate holder gossips that n2 moved elsewhere: addresses are n2's word only.
-    let gossiper = raw_client(&files(&dir, "n3"), &dir.join("ca.pem"), a, "n1").await.expect("connects");
-    let moved = MemberUpdate {
-        name: "n2".into(),
-        incarnation: 99,
-        state: UpdateState::Alive,
-        underlay: IpAddr::V4(Ipv4Addr::new(6, 6, 6, 6)),
-        control: "6.6.6.6:6636".parse().unwrap(),
-        weight: 1.0,
-    };
-    gossiper.send_datagram(encode(&Message::Members { gossip: vec![moved] }).unwrap().into()).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let n2_addr = n1.handle.members().into_iter().find(|m| m.name == "n2").map(|m| m.underlay);
-    assert_eq!(n2_addr, Some(a.ip()), "a third party moved n2's address");
+        // The same certificate holder gossips that n2 moved elsewhere: addresses are n2's word only.
+        let gossiper = raw_client(&files(&dir, "n3"), &dir.join("ca.pem"), a, "n1").await.expect("connects");
+        let moved = MemberUpdate {
+            name: "n2".into(),
+            incarnation: 99,
+            state: UpdateState::Alive,
+            underlay: IpAddr::V4(Ipv4Addr::new(127, 6, 6, 6)),
+            control: "127.6.6.6:6636".parse().unwrap(),
+            weight: 1.0,
+        };
+        gossiper.send_datagram(encode(&Message::Members { gossip: vec![moved] }).unwrap().into()).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let n2_addr = n1.handle.members().into_iter().find(|m| m.name == "n2").map(|m| m.underlay);
+        assert_eq!(n2_addr, Some(a.ip()), "a third party moved n2's address");
 
-    // A member sending garbage, then an oversized message.
-    for payload in [vec![1u8, 77, 0, 0], vec![1u8; 1190]] {
-        let conn = raw_client(&files(&dir, "n3"), &dir.join("ca.pem"), a, "n1").await.expect("connects");
-        conn.send_datagram(payload.into()).unwrap();
-        eventually("connection closed", || conn.close_reason().is_some()).await;
-    }
-    eventually("malformed counted", || n1.handle.refusals().malformed == 2).await;
-    // n1 keeps running and keeps its view of n2.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(alive(&n1), 2);
-    assert!(n1.handle.members().iter().any(|m| m.name == "n2" && m.state == UpdateState::Alive));
-    drop(n2);
+        // A member sending garbage, then an oversized message.
+        for payload in [vec![1u8, 77, 0, 0], vec![1u8; 1190]] {
+            let conn = raw_client(&files(&dir, "n3"), &dir.join("ca.pem"), a, "n1").await.expect("connects");
+            conn.send_datagram(payload.into()).unwrap();
+            eventually("connection closed", || conn.close_reason().is_some()).await;
+        }
+        eventually("malformed counted", || n1.handle.refusals().malformed == 2).await;
+        // n1 keeps running and keeps its view of n2.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(alive(&n1), 2);
+        assert!(n1.handle.members().iter().any(|m| m.name == "n2" && m.state == UpdateState::Alive));
+        drop(n2);
+    });
 }
