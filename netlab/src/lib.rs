@@ -422,11 +422,7 @@ impl Lab {
     fn converged_view(&self, i: usize) -> (u64, usize) {
         let Ok(text) = self.metrics(i) else { return (0, 0) };
         let me = format!("peer=\"n{i}\"");
-        let alive = text
-            .lines()
-            .filter(|l| l.starts_with("ringlb_members_alive{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum();
+        let alive = sum_metric(&text, "ringlb_members_alive{");
         let fresh = text
             .lines()
             .filter(|l| l.starts_with("ringlb_peer_load_age_seconds{") && !l.contains(&me))
@@ -558,14 +554,7 @@ impl Lab {
 
     /// Reads one counter from node `i`'s metrics (summing all label sets matching `needle`).
     pub fn metric(&self, i: usize, needle: &str) -> Result<u64> {
-        let text = self.metrics(i)?;
-        let mut total = 0;
-        for line in text.lines().filter(|l| !l.starts_with('#') && l.contains(needle)) {
-            if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()) {
-                total += v;
-            }
-        }
-        Ok(total)
+        Ok(sum_metric(&self.metrics(i)?, needle))
     }
 
     pub fn metrics(&self, i: usize) -> Result<String> {
@@ -594,4 +583,12 @@ impl Drop for Lab {
             }
         }
     }
+}
+
+/// The sum of the integer samples in Prometheus `text` whose line contains `needle`.
+fn sum_metric(text: &str, needle: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }

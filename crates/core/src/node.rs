@@ -323,9 +323,7 @@ impl Node {
     fn place(&mut self, now: Timestamp, key: &FlowKey, by_policy: bool) -> NodeId {
         self.candidates.clear();
         // A load report is fresh if it arrived at or after this instant.
-        let fresh_since = Timestamp::from_nanos(
-            now.as_nanos().saturating_sub(u64::try_from(self.config.load_stale_after.as_nanos()).unwrap_or(u64::MAX)),
-        );
+        let fresh_since = now.saturating_sub(self.config.load_stale_after);
         for (id, m) in self.members.iter() {
             let pinned = f64::from(self.flows.flows_on(id));
             let (load, fresh) = match (&m.load, id == self.config.local) {

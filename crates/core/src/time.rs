@@ -14,10 +14,6 @@ impl Timestamp {
         Timestamp(u64::try_from(since_origin.as_nanos()).unwrap_or(u64::MAX))
     }
 
-    pub fn from_nanos(since_origin: u64) -> Self {
-        Timestamp(since_origin)
-    }
-
     pub fn as_nanos(self) -> u64 {
         self.0
     }
@@ -28,7 +24,15 @@ impl Timestamp {
     }
 
     pub fn saturating_add(self, d: Duration) -> Timestamp {
-        let d = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        Timestamp(self.0.saturating_add(d))
+        Timestamp(self.0.saturating_add(nanos(d)))
     }
+
+    /// The timestamp `d` before `self`, or the origin if that is earlier.
+    pub fn saturating_sub(self, d: Duration) -> Timestamp {
+        Timestamp(self.0.saturating_sub(nanos(d)))
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

@@ -665,12 +665,9 @@ fn a_stalled_daemon_is_suspected_but_not_declared_dead() {
     std::thread::sleep(Duration::from_secs(1));
     let mut suspicions = 0;
     for i in 1..=3 {
-        let m = lab.metrics(i).unwrap();
-        let count = |state: &str| {
-            let needle = format!("ringlb_member_transitions_total{{node=\"n{i}\",state=\"{state}\"}}");
-            m.lines().find(|l| l.starts_with(&needle)).and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        };
-        let (suspect, dead) = (count("suspect").expect("transition counters"), count("dead").expect("counters"));
+        let count =
+            |state: &str| lab.metric(i, &format!("ringlb_member_transitions_total{{node=\"n{i}\",state=\"{state}\"}}"));
+        let (suspect, dead) = (count("suspect").unwrap(), count("dead").unwrap());
         println!("n{i}: {suspect} suspicion(s), {dead} death(s)");
         suspicions += suspect;
         assert_eq!(dead, 0, "n{i} declared a live member dead");
