@@ -308,7 +308,7 @@ fn classify_full(pkt: &[u8]) -> Result<PacketMeta, MalformedReason> {
     let (src, dst) = match &sliced.net {
         Some(NetSlice::Ipv4(v4)) => {
             let h = v4.header();
-            if crate::checksum::finish(crate::checksum::add(0, h.slice())) != 0 {
+            if !ipv4_header_sum_ok(h.slice()) {
                 return Err(MalformedReason::BadIpHeader);
             }
             if h.is_fragmenting_payload() {
