@@ -1,25 +1,49 @@
-//! The control-plane driver: one QUIC endpoint per node, carrying the core's membership
-//! messages and the load vectors as datagrams.
+//! The control-plane driver: one QUIC endpoint per node, carrying the cluster state machine's
+//! datagrams ([`ringlb_core::Cluster`]) and nothing of its rules.
 //!
 //! Each node sends on connections it opens (one per peer, to the peer's node name, verified)
 //! and receives on connections peers open to it (authenticated by their client certificate).
-//! The name in a peer's certificate is its identity: a `Join` that claims another name, a
-//! handshake without a cluster certificate, and a malformed or oversized message are refused,
-//! counted, and the connection closed. Connection loss and failed sends are the fast failure
-//! signal fed to the membership state machine.
+//! What the certificate says (the node name, its IP addresses) and the connection's source
+//! address go to the core with every datagram; the core decides what to believe.
+//!
+//! The driver's own bounds: at most `max_handshakes` handshakes at once (beyond
+//! `retry_above`, a client must first prove its address with a QUIC Retry), one inbound
+//! connection per node name (the newest), a token bucket per connection, and a bounded
+//! queue to the core that a flooding peer cannot fill for the others. Every refusal is counted
+//! with the core's [`Refusal`] reasons. Connection loss and failed sends are a hint to the core
+//! (probe that peer next), never a verdict.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ringlb_core::membership::{Identity, Membership, MembershipConfig, MembershipEvent};
-use ringlb_core::{LocalLoad, MemberState, Timestamp};
-use ringlb_wire::control::{decode, encode, LoadVector, Message, UpdateState};
+use ringlb_core::cluster::message::LoadVector;
+use ringlb_core::cluster::{ClusterConfig, Identity, MemberView, Outcome, Peer, RateLimit, Refusal, Stats, Update};
+use ringlb_core::{Cluster, LocalLoad, MemberState, Timestamp};
 use tokio::sync::{mpsc, watch};
 
 use crate::tls::{self, TlsFiles};
+
+/// Bounds the driver enforces before the core sees anything.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Most handshakes in progress at once; more are refused.
+    pub max_handshakes: usize,
+    /// Handshakes in progress beyond which a client must first answer a QUIC Retry.
+    pub retry_above: usize,
+    /// Datagrams a second one peer connection may send, and the burst it may save up.
+    pub peer_rate: f64,
+    pub peer_burst: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_handshakes: 64, retry_above: 16, peer_rate: 200.0, peer_burst: 400.0 }
+    }
+}
 
 /// Everything the control plane needs to start.
 #[derive(Debug, Clone)]
@@ -30,7 +54,8 @@ pub struct ControlConfig {
     /// `(name, address)` of nodes to join through.
     pub seeds: Vec<(String, SocketAddr)>,
     pub tls: TlsFiles,
-    pub membership: MembershipConfig,
+    pub cluster: ClusterConfig,
+    pub limits: Limits,
     /// How often this node sends its load vector to every peer.
     pub load_interval: Duration,
     /// Must grow across restarts: wall-clock milliseconds at start.
@@ -40,8 +65,9 @@ pub struct ControlConfig {
 /// What the control plane tells the data plane.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ControlEvent {
-    Member { name: String, underlay: IpAddr, weight: f64, state: MemberState },
-    Load { name: String, load: LoadVector },
+    /// A change the cluster state machine made.
+    Cluster(Update),
+    /// This node's own drain was switched.
     Drain(bool),
 }
 
@@ -49,40 +75,26 @@ pub enum ControlEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerStatus {
     pub name: String,
-    pub state: UpdateState,
+    pub state: MemberState,
     pub incarnation: u64,
-    pub underlay: IpAddr,
+    pub underlay: std::net::IpAddr,
+    pub weight: f32,
     pub rtt: Option<Duration>,
     pub load: Option<LoadVector>,
     pub load_age: Option<Duration>,
-}
-
-/// Peers and messages refused, by reason.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Refusals {
-    /// Handshakes that failed: no certificate, or one not from the cluster CA.
-    pub tls: u64,
-    /// A certificate without a node name, or a message claiming another name.
-    pub identity: u64,
-    /// Undecodable or oversized messages.
-    pub malformed: u64,
-}
-
-/// How often this node saw a peer become suspect or dead: a node that flaps (declares live
-/// peers dead under load) shows here, even if it is refuted a moment later.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Transitions {
-    pub suspect: u64,
-    pub dead: u64,
+    /// Whether it computes the same flow hash as this node.
+    pub flow_hash_agrees: bool,
 }
 
 #[derive(Debug, Default)]
 struct Status {
     me: Option<PeerStatus>,
-    peers: HashMap<String, PeerStatus>,
-    refusals: Refusals,
-    transitions: Transitions,
+    peers: Vec<PeerStatus>,
+    stats: Stats,
+    local_health: u32,
     draining: bool,
+    /// The data plane stopped publishing its load: this node stopped advertising itself.
+    dataplane_stalled: bool,
 }
 
 /// Read the status, drain or undrain; cheap to clone.
@@ -98,24 +110,32 @@ enum Command {
 }
 
 impl ControlHandle {
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// This node first, then its peers by name.
     pub fn members(&self) -> Vec<PeerStatus> {
-        let s = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        let mut peers: Vec<PeerStatus> = s.peers.values().cloned().collect();
-        peers.sort_by(|a, b| a.name.cmp(&b.name));
-        s.me.iter().cloned().chain(peers).collect()
+        let s = self.status();
+        s.me.iter().cloned().chain(s.peers.iter().cloned()).collect()
     }
 
-    pub fn refusals(&self) -> Refusals {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).refusals
+    /// Refusals by reason, transitions seen, refutations made.
+    pub fn stats(&self) -> Stats {
+        self.status().stats.clone()
     }
 
-    pub fn transitions(&self) -> Transitions {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).transitions
+    /// 0 when healthy; this node's timeouts are scaled by one more than this.
+    pub fn local_health(&self) -> u32 {
+        self.status().local_health
     }
 
     pub fn draining(&self) -> bool {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).draining
+        self.status().draining
+    }
+
+    pub fn dataplane_stalled(&self) -> bool {
+        self.status().dataplane_stalled
     }
 
     pub async fn drain(&self, on: bool) -> bool {
@@ -132,8 +152,8 @@ pub enum ControlError {
 }
 
 enum Inbound {
-    Datagram { from: String, bytes: Bytes, conn: quinn::Connection },
-    Refused(&'static str),
+    Datagram { peer: Arc<Peer>, bytes: Bytes, conn: quinn::Connection },
+    Refused(Refusal, u64),
     Unreachable(String),
     Rtt(String, Duration),
 }
@@ -154,36 +174,70 @@ pub fn spawn(
     let (cmd_tx, cmd_rx) = mpsc::channel(8);
     let handle = ControlHandle { status: status.clone(), commands: cmd_tx };
     let (in_tx, in_rx) = mpsc::channel(4096);
-    tokio::spawn(accept_loop(endpoint.clone(), in_tx.clone()));
+    let origin = Instant::now();
+    tokio::spawn(accept_loop(endpoint.clone(), in_tx.clone(), config.limits.clone(), origin));
     let task = tokio::spawn(async move {
-        let mut c = Control::new(config, endpoint, status, in_tx, to_dataplane);
+        let mut c = Control::new(config, endpoint, status, in_tx, to_dataplane, origin);
         c.run(in_rx, cmd_rx, local_load, shutdown).await;
     });
     Ok((handle, task))
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>) {
+fn timestamp(origin: Instant) -> Timestamp {
+    Timestamp::from_duration(origin.elapsed())
+}
+
+/// Accepts connections within the handshake bounds, and hands each authenticated datagram,
+/// with what the certificate and the connection say of its sender, to the control loop.
+async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, limits: Limits, origin: Instant) {
+    let handshaking = Arc::new(AtomicUsize::new(0));
     while let Some(incoming) = endpoint.accept().await {
-        let tx = tx.clone();
+        let busy = handshaking.load(Ordering::Relaxed);
+        if busy >= limits.max_handshakes {
+            incoming.refuse();
+            let _ = tx.try_send(Inbound::Refused(Refusal::HandshakeLimit, 1));
+            continue;
+        }
+        if busy >= limits.retry_above && !incoming.remote_address_validated() && incoming.may_retry() {
+            // Stateless: costs nothing until the client proves it owns its address.
+            let _ = incoming.retry();
+            continue;
+        }
+        handshaking.fetch_add(1, Ordering::Relaxed);
+        let (tx, handshaking, limits) = (tx.clone(), handshaking.clone(), limits.clone());
         tokio::spawn(async move {
-            let conn = match incoming.await {
+            let connecting = incoming.await;
+            handshaking.fetch_sub(1, Ordering::Relaxed);
+            let conn = match connecting {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(error = %e, "control handshake refused");
-                    let _ = tx.send(Inbound::Refused("tls")).await;
+                    let _ = tx.try_send(Inbound::Refused(Refusal::Tls, 1));
                     return;
                 }
             };
-            let Some(from) = tls::peer_name(&conn) else {
+            let Some(name) = tls::peer_name(&conn) else {
                 conn.close(1u32.into(), b"no node name in certificate");
-                let _ = tx.send(Inbound::Refused("identity")).await;
+                let _ = tx.try_send(Inbound::Refused(Refusal::Identity, 1));
                 return;
             };
-            tracing::debug!(peer = %from, addr = %conn.remote_address(), "control connection accepted");
+            let peer = Arc::new(Peer { name, cert_addrs: tls::peer_addrs(&conn), source: conn.remote_address() });
+            tracing::debug!(peer = %peer.name, addr = %peer.source, "control connection accepted");
+            let mut limit = RateLimit::new(limits.peer_rate, limits.peer_burst, timestamp(origin));
+            let mut refused = 0u64;
             while let Ok(bytes) = conn.read_datagram().await {
-                if tx.send(Inbound::Datagram { from: from.clone(), bytes, conn: conn.clone() }).await.is_err() {
-                    return;
+                let admitted = limit.allow(timestamp(origin))
+                    && tx.try_send(Inbound::Datagram { peer: peer.clone(), bytes, conn: conn.clone() }).is_ok();
+                if !admitted {
+                    refused += 1;
                 }
+                // Counted in batches: a flood must not also flood the queue with its counts.
+                if refused >= 64 && tx.try_send(Inbound::Refused(Refusal::RateLimited, refused)).is_ok() {
+                    refused = 0;
+                }
+            }
+            if refused > 0 {
+                let _ = tx.send(Inbound::Refused(Refusal::RateLimited, refused)).await;
             }
         });
     }
@@ -243,22 +297,27 @@ async fn peer_sender(
 struct Control {
     config: ControlConfig,
     endpoint: quinn::Endpoint,
-    membership: Membership,
+    cluster: Cluster,
     origin: Instant,
     status: Arc<Mutex<Status>>,
     inbound: mpsc::Sender<Inbound>,
     to_dataplane: mpsc::Sender<ControlEvent>,
     senders: HashMap<String, mpsc::Sender<(SocketAddr, Bytes)>>,
-    loads: HashMap<String, (LoadVector, Instant)>,
+    /// The one inbound connection kept per node name (the newest).
+    connections: HashMap<String, quinn::Connection>,
     rtts: HashMap<String, Duration>,
     /// Last incarnation seen per member, to notice restarts.
     incarnations: HashMap<String, u64>,
-    /// Each member's last state, to count its changes.
-    states: HashMap<String, UpdateState>,
     draining: bool,
     cpu: CpuMeter,
     last_new_flows: Option<(u64, Instant)>,
+    /// When the data plane last published its load; a silent data plane must not be advertised.
+    dataplane_seen: Instant,
 }
+
+/// A data plane silent for this long is taken as hung: its node stops sending load vectors, so
+/// that peers stop placing new flows on it.
+const DATAPLANE_STALL: Duration = Duration::from_secs(1);
 
 impl Control {
     fn new(
@@ -267,51 +326,52 @@ impl Control {
         status: Arc<Mutex<Status>>,
         inbound: mpsc::Sender<Inbound>,
         to_dataplane: mpsc::Sender<ControlEvent>,
+        origin: Instant,
     ) -> Self {
-        let membership = Membership::new(
+        let cluster = Cluster::new(
             config.identity.clone(),
             config.incarnation,
             config.seeds.clone(),
-            config.membership.clone(),
+            config.cluster.clone(),
             config.incarnation,
-            Timestamp::ZERO,
+            timestamp(origin),
         );
         Control {
             config,
             endpoint,
-            membership,
-            origin: Instant::now(),
+            cluster,
+            origin,
             status,
             inbound,
             to_dataplane,
             senders: HashMap::new(),
-            loads: HashMap::new(),
+            connections: HashMap::new(),
             rtts: HashMap::new(),
             incarnations: HashMap::new(),
-            states: HashMap::new(),
             draining: false,
             cpu: CpuMeter::default(),
             last_new_flows: None,
+            dataplane_seen: Instant::now(),
         }
     }
 
     fn now(&self) -> Timestamp {
-        Timestamp::from_duration(self.origin.elapsed())
+        timestamp(self.origin)
     }
 
     async fn run(
         &mut self,
         mut inbound: mpsc::Receiver<Inbound>,
         mut commands: mpsc::Receiver<Command>,
-        local_load: watch::Receiver<LocalLoad>,
+        mut local_load: watch::Receiver<LocalLoad>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut load_tick = tokio::time::interval(self.config.load_interval);
         load_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tracing::info!(name = %self.membership.name(), incarnation = self.membership.incarnation(), "control plane running");
+        tracing::info!(name = %self.cluster.name(), incarnation = self.cluster.local().incarnation, "control plane running");
         loop {
             let deadline = self
-                .membership
+                .cluster
                 .poll_timeout()
                 .map(|t| tokio::time::Instant::from_std(self.origin + Duration::from_nanos(t.as_nanos())));
             let sleep = tokio::time::sleep_until(
@@ -322,20 +382,21 @@ impl Control {
                 Some(cmd) = commands.recv() => match cmd {
                     Command::Drain(on) => {
                         self.draining = on;
+                        self.cluster.set_draining(on);
                         let _ = self.to_dataplane.send(ControlEvent::Drain(on)).await;
                         tracing::info!(draining = on, "drain state changed");
                     }
                 },
                 _ = load_tick.tick() => {
-                    let load = *local_load.borrow();
-                    self.send_load(load);
+                    self.send_load(&mut local_load);
+                    self.publish_status();
                 }
                 () = sleep => {
                     let now = self.now();
-                    self.membership.handle_timeout(now);
+                    self.cluster.handle_timeout(now);
                 }
                 _ = shutdown.changed() => {
-                    self.membership.leave();
+                    self.cluster.leave();
                     self.flush().await;
                     // Give the departure datagrams a moment to leave.
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -350,48 +411,57 @@ impl Control {
     fn on_inbound(&mut self, msg: Inbound) {
         let now = self.now();
         match msg {
-            Inbound::Refused(why) => {
-                let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
-                match why {
-                    "tls" => s.refusals.tls += 1,
-                    _ => s.refusals.identity += 1,
+            Inbound::Refused(why, n) => {
+                for _ in 0..n {
+                    self.cluster.count(why);
                 }
             }
-            Inbound::Unreachable(name) => self.membership.report_unreachable(&name, now),
+            Inbound::Unreachable(name) => self.cluster.handle_unreachable(&name),
             Inbound::Rtt(name, rtt) => {
                 self.rtts.insert(name, rtt);
             }
-            Inbound::Datagram { from, bytes, conn } => {
-                let msg = match decode(&bytes) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!(peer = %from, error = %e, len = bytes.len(), "malformed control message; closing");
-                        self.status.lock().unwrap_or_else(|e| e.into_inner()).refusals.malformed += 1;
-                        conn.close(2u32.into(), b"malformed message");
-                        return;
-                    }
-                };
-                if let Message::Join { gossip } = &msg {
-                    if gossip.first().is_none_or(|u| u.name != from) {
-                        tracing::warn!(peer = %from, "join claims another name; closing");
-                        self.status.lock().unwrap_or_else(|e| e.into_inner()).refusals.identity += 1;
-                        conn.close(3u32.into(), b"identity mismatch");
-                        return;
-                    }
+            Inbound::Datagram { peer, bytes, conn } => {
+                // One inbound connection per name: the newest replaces older ones, so that a
+                // certificate holder cannot pile up connections.
+                let older = self.connections.insert(peer.name.clone(), conn.clone());
+                if let Some(old) = older.filter(|o| o.stable_id() != conn.stable_id()) {
+                    old.close(4u32.into(), b"replaced by a newer connection");
                 }
-                // Any other message is heard from any peer holding a cluster certificate:
-                // that is what membership means. Who it may talk about is SWIM's business.
-                if let Message::Load(load) = msg {
-                    self.loads.insert(from.clone(), (load, Instant::now()));
-                    let _ = self.to_dataplane.try_send(ControlEvent::Load { name: from, load });
-                } else {
-                    self.membership.handle(now, &from, msg);
+                match self.cluster.handle_datagram(now, &peer, &bytes) {
+                    Outcome::Accepted => {}
+                    Outcome::Refused(why) => {
+                        tracing::debug!(peer = %peer.name, reason = why.name(), "control message refused");
+                    }
+                    Outcome::Close(why) => {
+                        tracing::warn!(peer = %peer.name, addr = %peer.source, reason = why.name(), len = bytes.len(), "control message refused; closing the connection");
+                        conn.close(2u32.into(), why.name().as_bytes());
+                        self.connections.remove(&peer.name);
+                    }
                 }
             }
         }
     }
 
-    fn send_load(&mut self, load: LocalLoad) {
+    fn send_load(&mut self, local_load: &mut watch::Receiver<LocalLoad>) {
+        // The data plane publishes its load every tick; if it stopped, it may be hung while
+        // this thread still runs: stop advertising this node rather than attract flows.
+        if local_load.has_changed().unwrap_or(false) {
+            self.dataplane_seen = Instant::now();
+        }
+        let stalled = self.dataplane_seen.elapsed() > DATAPLANE_STALL;
+        let was_stalled =
+            std::mem::replace(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()).dataplane_stalled, stalled);
+        if stalled != was_stalled {
+            if stalled {
+                tracing::warn!("the data plane stopped publishing its load; not advertising this node");
+            } else {
+                tracing::info!("the data plane is back");
+            }
+        }
+        if stalled {
+            return;
+        }
+        let load = *local_load.borrow_and_update();
         let now = Instant::now();
         let rate = match self.last_new_flows.replace((load.served_new_flows, now)) {
             Some((before, at)) => {
@@ -399,26 +469,7 @@ impl Control {
             }
             None => 0.0,
         };
-        let vector = LoadVector {
-            incarnation: self.membership.incarnation(),
-            served_flows: load.served_flows,
-            new_flows_per_sec: rate,
-            cpu: self.cpu.sample(),
-            weight: self.config.identity.weight,
-            draining: self.draining,
-        };
-        let Some(bytes) = encode(&Message::Load(vector)) else { return };
-        let bytes = Bytes::from(bytes);
-        let targets: Vec<(String, SocketAddr)> = self
-            .membership
-            .peers()
-            .filter(|p| matches!(p.state, UpdateState::Alive | UpdateState::Suspect))
-            .map(|p| (p.name.clone(), p.control))
-            .collect();
-        for (name, addr) in targets {
-            self.send_bytes(&name, addr, bytes.clone());
-        }
-        self.publish_status(Some(vector));
+        self.cluster.broadcast_load(load.served_flows, rate, self.cpu.sample());
     }
 
     fn send_bytes(&mut self, name: &str, addr: SocketAddr, bytes: Bytes) {
@@ -433,84 +484,79 @@ impl Control {
 
     async fn flush(&mut self) {
         let mut changed = false;
-        while let Some(MembershipEvent::Member(u)) = self.membership.poll_event() {
+        while let Some(u) = self.cluster.poll_update() {
             changed = true;
-            tracing::info!(member = %u.name, state = ?u.state, incarnation = u.incarnation, "member update");
-            // Count changes of state only: an update that leaves a member suspect or dead (a
-            // new address, a higher incarnation) is no new suspicion or death.
-            let before = self.states.insert(u.name.clone(), u.state);
-            if before != Some(u.state) && matches!(u.state, UpdateState::Suspect | UpdateState::Dead) {
-                let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
-                match u.state {
-                    UpdateState::Suspect => s.transitions.suspect += 1,
-                    _ => s.transitions.dead += 1,
+            match &u {
+                Update::Member { name, state, underlay, .. } => {
+                    let incarnation = self.cluster.member(name).map_or(0, |m| m.incarnation);
+                    tracing::info!(member = %name, state = state.name(), incarnation, %underlay, "member update");
+                    // A new incarnation may be a new process: a connection to the old one
+                    // would swallow what we send until it times out.
+                    let restarted =
+                        self.incarnations.insert(name.clone(), incarnation).is_some_and(|i| i != incarnation);
+                    if (restarted && !state.is_gone()) || state.is_gone() {
+                        self.senders.remove(name);
+                    }
+                    if state.is_gone() {
+                        self.rtts.remove(name);
+                    }
+                    if let Some(m) = self.cluster.member(name).filter(|m| !m.flow_hash_agrees) {
+                        tracing::warn!(member = %m.name, "member computes another flow hash: flows it places by hash may reach the wrong node (mixed versions?)");
+                    }
                 }
+                Update::Removed { name } => {
+                    tracing::info!(member = %name, "member forgotten");
+                    self.senders.remove(name);
+                    self.rtts.remove(name);
+                    self.incarnations.remove(name);
+                    if let Some(c) = self.connections.remove(name) {
+                        c.close(5u32.into(), b"forgotten");
+                    }
+                }
+                Update::Load { .. } => {}
             }
-            // A new incarnation may be a new process: a connection to the old one would
-            // swallow what we send until it times out.
-            let restarted = self.incarnations.insert(u.name.clone(), u.incarnation).is_some_and(|i| i != u.incarnation);
-            if restarted && u.state == UpdateState::Alive {
-                self.senders.remove(&u.name);
-            }
-            if matches!(u.state, UpdateState::Dead | UpdateState::Left) {
-                // Dropping its sender ends the task and closes the connection.
-                self.senders.remove(&u.name);
-                self.loads.remove(&u.name);
-                self.rtts.remove(&u.name);
-            }
-            let state = match u.state {
-                UpdateState::Alive => MemberState::Alive,
-                UpdateState::Suspect => MemberState::Suspect,
-                UpdateState::Dead | UpdateState::Left => MemberState::Dead,
-            };
-            let ev = ControlEvent::Member { name: u.name, underlay: u.underlay, weight: f64::from(u.weight), state };
-            let _ = self.to_dataplane.send(ev).await;
+            let _ = self.to_dataplane.send(ControlEvent::Cluster(u)).await;
         }
-        // Transmits after events: a restart noticed above replaces the connection first.
-        while let Some(t) = self.membership.poll_transmit() {
-            match encode(&t.msg) {
-                Some(bytes) => self.send_bytes(&t.to_name, t.to_addr, Bytes::from(bytes)),
-                None => tracing::warn!(to = %t.to_name, "control message too large; not sent"),
-            }
+        // Transmits after updates: a restart noticed above replaces the connection first.
+        while let Some(t) = self.cluster.poll_transmit() {
+            self.send_bytes(&t.to, t.addr, Bytes::from(t.bytes));
         }
         if changed {
-            self.publish_status(None);
+            self.publish_status();
         }
     }
 
-    fn publish_status(&self, my_load: Option<LoadVector>) {
+    fn publish_status(&self) {
+        let view = |m: MemberView| PeerStatus {
+            rtt: self.rtts.get(&m.name).copied(),
+            load: m.load.map(|(l, _)| l),
+            load_age: m.load.map(|(_, at)| self.now().saturating_since(at)),
+            name: m.name,
+            state: m.state,
+            incarnation: m.incarnation,
+            underlay: m.underlay,
+            weight: m.weight,
+            flow_hash_agrees: m.flow_hash_agrees,
+        };
+        let me = self.cluster.local();
+        let mut peers: Vec<PeerStatus> = self.cluster.members().map(view).collect();
+        peers.sort_by(|a, b| a.name.cmp(&b.name));
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        let me = self.membership.local();
-        let prev_load = s.me.as_ref().and_then(|m| m.load);
         s.me = Some(PeerStatus {
             name: me.name.clone(),
             state: me.state,
             incarnation: me.incarnation,
             underlay: me.underlay,
+            weight: me.weight,
             rtt: None,
-            load: my_load.or(prev_load),
-            load_age: Some(Duration::ZERO),
+            load: None,
+            load_age: None,
+            flow_hash_agrees: true,
         });
+        s.peers = peers;
+        s.stats = self.cluster.stats().clone();
+        s.local_health = self.cluster.local_health();
         s.draining = self.draining;
-        s.peers = self
-            .membership
-            .peers()
-            .map(|p| {
-                let load = self.loads.get(&p.name);
-                (
-                    p.name.clone(),
-                    PeerStatus {
-                        name: p.name.clone(),
-                        state: p.state,
-                        incarnation: p.incarnation,
-                        underlay: p.underlay,
-                        rtt: self.rtts.get(&p.name).copied(),
-                        load: load.map(|(l, _)| *l),
-                        load_age: load.map(|(_, at)| at.elapsed()),
-                    },
-                )
-            })
-            .collect();
     }
 }
 

@@ -60,9 +60,11 @@ fn load(files: &TlsFiles) -> Result<Loaded, TlsError> {
 
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    // Fast loss signal: a silent peer closes the connection in under a second.
-    t.keep_alive_interval(Some(Duration::from_millis(200)));
-    t.max_idle_timeout(Some(quinn::VarInt::from_u32(900).into()));
+    // Failure detection is the cluster protocol's business, not the transport's: a connection
+    // outlives a peer's stall (a paused process, a starved CPU) so that its refutation needs no
+    // new handshake, which is what a starved node can least afford.
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t.max_idle_timeout(Some(quinn::VarInt::from_u32(10_000).into()));
     t.datagram_receive_buffer_size(Some(256 * 1024));
     t.max_concurrent_bidi_streams(0u32.into());
     t.max_concurrent_uni_streams(0u32.into());
@@ -103,6 +105,34 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, TlsError> 
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport());
     Ok(cfg)
+}
+
+/// The IP addresses an authenticated peer's certificate names (its IP SANs): the only
+/// addresses it may claim as its own.
+pub fn peer_addrs(conn: &quinn::Connection) -> Vec<std::net::IpAddr> {
+    let Some(certs) = conn.peer_identity().and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok()) else {
+        return Vec::new();
+    };
+    certs.first().map(|c| cert_addrs(c)).unwrap_or_default()
+}
+
+/// The IP SANs of a DER certificate.
+pub fn cert_addrs(der: &[u8]) -> Vec<std::net::IpAddr> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Vec::new() };
+    let Ok(Some(san)) = cert.subject_alternative_name() else { return Vec::new() };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                16 => <[u8; 16]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
 }
 
 /// The node name an authenticated peer's certificate carries (its first DNS SAN).

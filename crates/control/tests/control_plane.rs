@@ -14,9 +14,8 @@ use ringlb_control::certs;
 use ringlb_control::driver::spawn;
 use ringlb_control::tls::{self, TlsFiles};
 use ringlb_control::{ControlConfig, ControlEvent, ControlHandle};
-use ringlb_core::membership::{Identity, MembershipConfig};
-use ringlb_core::LocalLoad;
-use ringlb_wire::control::{encode, MemberUpdate, Message, UpdateState};
+use ringlb_core::cluster::message::{encode, Message, Record};
+use ringlb_core::{ClusterConfig, Identity, LocalLoad, MemberState, Refusal};
 use tokio::sync::{mpsc, watch};
 
 static PORT: AtomicU16 = AtomicU16::new(0);
@@ -48,11 +47,12 @@ struct Node {
 fn start(dir: &Path, name: &str, addr: SocketAddr, seeds: Vec<(String, SocketAddr)>) -> Node {
     certs::issue(dir, name, addr.ip(), Duration::from_secs(86_400)).unwrap();
     let config = ControlConfig {
-        identity: Identity { name: name.into(), underlay: addr.ip(), control: addr, weight: 1.0 },
+        identity: Identity { name: name.into(), underlay: addr.ip(), control: addr, weight: 1.0, flow_hash: 7 },
         listen: addr,
         seeds,
         tls: files(dir, name),
-        membership: MembershipConfig::default(),
+        cluster: ClusterConfig::default(),
+        limits: ringlb_control::Limits::default(),
         load_interval: Duration::from_millis(100),
         incarnation: 1,
     };
@@ -64,7 +64,7 @@ fn start(dir: &Path, name: &str, addr: SocketAddr, seeds: Vec<(String, SocketAdd
 }
 
 fn alive(n: &Node) -> usize {
-    n.handle.members().iter().filter(|m| m.state == UpdateState::Alive).count()
+    n.handle.members().iter().filter(|m| m.state == MemberState::Alive).count()
 }
 
 async fn eventually(what: &str, mut ok: impl FnMut() -> bool) {
@@ -112,14 +112,19 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
 }
 
+/// Node `k`'s own loopback address (127.0.0.k): underlay addresses are unique in a cluster.
+fn node_addr(k: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, k)), port)
+}
+
 #[test]
 fn three_nodes_form_a_cluster_from_one_seed_and_share_load() {
     isolated("three_nodes_form_a_cluster_from_one_seed_and_share_load", || async {
         let dir = pki("form");
-        let a = loopback(port());
+        let a = node_addr(1, port());
         let n1 = start(&dir, "n1", a, vec![]);
-        let mut n2 = start(&dir, "n2", loopback(port()), vec![("n1".into(), a)]);
-        let n3 = start(&dir, "n3", loopback(port()), vec![("n1".into(), a)]);
+        let mut n2 = start(&dir, "n2", node_addr(2, port()), vec![("n1".into(), a)]);
+        let n3 = start(&dir, "n3", node_addr(3, port()), vec![("n1".into(), a)]);
         eventually("all see 3 alive", || [&n1, &n2, &n3].iter().all(|n| alive(n) == 3)).await;
         eventually("load vectors flow", || {
             n3.handle
@@ -134,15 +139,16 @@ fn three_nodes_form_a_cluster_from_one_seed_and_share_load() {
         let mut saw_load = false;
         while let Ok(ev) = n2.events.try_recv() {
             match ev {
-                ControlEvent::Member { name, state, .. } => {
-                    saw_member |= name == "n3" && state == ringlb_core::MemberState::Alive
+                ControlEvent::Cluster(ringlb_core::Update::Member { name, state, .. }) => {
+                    saw_member |= name == "n3" && state == MemberState::Alive
                 }
-                ControlEvent::Load { .. } => saw_load = true,
-                ControlEvent::Drain(_) => {}
+                ControlEvent::Cluster(ringlb_core::Update::Load { .. }) => saw_load = true,
+                _ => {}
             }
         }
         assert!(saw_member && saw_load);
-        assert_eq!(n1.handle.refusals(), Default::default());
+        let refused: u64 = Refusal::ALL.iter().map(|r| n1.handle.stats().refused(*r)).sum();
+        assert_eq!(refused, 0, "an honest cluster refused something: {:?}", n1.handle.stats());
     });
 }
 
@@ -178,7 +184,7 @@ fn foreign_certificates_are_refused_and_counted() {
         // Self-signed: the other CA's own certificate and key.
         let self_signed = TlsFiles { ca: other.join("ca.pem"), cert: other.join("ca.pem"), key: other.join("ca.key") };
         assert!(raw_client(&self_signed, &dir.join("ca.pem"), a, "n1").await.is_none());
-        eventually("refusals counted", || n1.handle.refusals().tls >= 2).await;
+        eventually("refusals counted", || n1.handle.stats().refused(Refusal::Tls) >= 2).await;
         assert_eq!(alive(&n1), 1, "a rogue became a member");
     });
 }
@@ -187,53 +193,48 @@ fn foreign_certificates_are_refused_and_counted() {
 fn false_identity_and_malformed_messages_close_the_connection_and_are_counted() {
     isolated("false_identity_and_malformed_messages_close_the_connection_and_are_counted", || async {
         let dir = pki("liar");
-        let a = loopback(port());
+        let a = node_addr(1, port());
         let n1 = start(&dir, "n1", a, vec![]);
-        let n2 = start(&dir, "n2", loopback(port()), vec![("n1".into(), a)]);
+        let n2 = start(&dir, "n2", node_addr(2, port()), vec![("n1".into(), a)]);
         eventually("two alive", || alive(&n1) == 2).await;
-
-        // n3 holds a valid certificate but claims to be n2.
-        certs::issue(&dir, "n3", a.ip(), Duration::from_secs(86_400)).unwrap();
-        let liar =
-            raw_client(&files(&dir, "n3"), &dir.join("ca.pem"), a, "n1").await.expect("valid certificate connects");
-        let claim = MemberUpdate {
+        let n2_record = |incarnation: u64, underlay: IpAddr| Record {
             name: "n2".into(),
-            incarnation: 99,
-            state: UpdateState::Alive,
-            underlay: a.ip(),
+            incarnation,
+            state: MemberState::Alive,
+            underlay,
             control: loopback(9),
             weight: 1.0,
+            flow_hash: 7,
         };
-        liar.send_datagram(encode(&Message::Join { gossip: vec![claim] }).unwrap().into()).unwrap();
-        eventually("identity refusal", || n1.handle.refusals().identity == 1).await;
+
+        // n3 holds a valid certificate (for 127.0.0.1) but claims to be n2.
+        certs::issue(&dir, "n3", Ipv4Addr::LOCALHOST.into(), Duration::from_secs(86_400)).unwrap();
+        let liar =
+            raw_client(&files(&dir, "n3"), &dir.join("ca.pem"), a, "n1").await.expect("valid certificate connects");
+        let claim = n2_record(u64::MAX, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        liar.send_datagram(encode(&Message::Join { sender: claim }).unwrap().into()).unwrap();
+        eventually("identity refusal", || n1.handle.stats().refused(Refusal::Identity) == 1).await;
         eventually("liar disconnected", || liar.close_reason().is_some()).await;
 
-        // The same certificate holder gossips that n2 moved elsewhere: addresses are n2's word only.
+        // The same certificate holder says that n2 moved elsewhere: only n2 speaks for n2.
         let gossiper = raw_client(&files(&dir, "n3"), &dir.join("ca.pem"), a, "n1").await.expect("connects");
-        let moved = MemberUpdate {
-            name: "n2".into(),
-            incarnation: 99,
-            state: UpdateState::Alive,
-            underlay: IpAddr::V4(Ipv4Addr::new(127, 6, 6, 6)),
-            control: "127.6.6.6:6636".parse().unwrap(),
-            weight: 1.0,
-        };
-        gossiper.send_datagram(encode(&Message::Members { gossip: vec![moved] }).unwrap().into()).unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let moved = n2_record(u64::MAX, IpAddr::V4(Ipv4Addr::new(127, 6, 6, 6)));
+        gossiper.send_datagram(encode(&Message::Announce { sender: moved, reports: vec![] }).unwrap().into()).unwrap();
+        eventually("second identity refusal", || n1.handle.stats().refused(Refusal::Identity) == 2).await;
         let n2_addr = n1.handle.members().into_iter().find(|m| m.name == "n2").map(|m| m.underlay);
-        assert_eq!(n2_addr, Some(a.ip()), "a third party moved n2's address");
+        assert_eq!(n2_addr, Some(node_addr(2, 0).ip()), "a third party moved n2's address");
 
-        // A member sending garbage, then an oversized message.
-        for payload in [vec![1u8, 77, 0, 0], vec![1u8; 1190]] {
+        // A member sending garbage (a field longer than the message), then an oversized one.
+        for payload in [vec![2u8, 1, 1, 0, 200], vec![2u8; 1190]] {
             let conn = raw_client(&files(&dir, "n3"), &dir.join("ca.pem"), a, "n1").await.expect("connects");
             conn.send_datagram(payload.into()).unwrap();
             eventually("connection closed", || conn.close_reason().is_some()).await;
         }
-        eventually("malformed counted", || n1.handle.refusals().malformed == 2).await;
+        eventually("malformed counted", || n1.handle.stats().refused(Refusal::Malformed) == 2).await;
         // n1 keeps running and keeps its view of n2.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(alive(&n1), 2);
-        assert!(n1.handle.members().iter().any(|m| m.name == "n2" && m.state == UpdateState::Alive));
+        assert!(n1.handle.members().iter().any(|m| m.name == "n2" && m.state == MemberState::Alive));
         drop(n2);
     });
 }

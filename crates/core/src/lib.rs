@@ -10,15 +10,16 @@
 //! whole cluster of cores can run inside one deterministic test.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 mod counters;
 mod flow_table;
 mod members;
-pub mod membership;
 mod node;
 mod placement;
 mod rng;
 mod time;
 
+pub use cluster::{Cluster, ClusterConfig, Identity, Outcome, Peer, Refusal, Transmit, Update};
 pub use counters::{Counters, DropReason};
 pub use flow_table::{FlowConfig, FlowState, FlowTable, Insert};
 pub use members::{LoadReport, LocalLoad, Member, MemberState, Members, MembersError, NodeId};

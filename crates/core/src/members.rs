@@ -25,13 +25,31 @@ pub enum MemberState {
     Suspect,
     /// Leaving on purpose: takes no new flows, serves its pinned ones to the end.
     Draining,
-    /// Gone: takes nothing.
+    /// Gone on purpose: takes nothing.
+    Left,
+    /// Gone, as failure detection concluded: takes nothing.
     Dead,
 }
 
 impl MemberState {
     pub fn takes_new_flows(self) -> bool {
         self == MemberState::Alive
+    }
+
+    /// Dead or left: flows pinned to it must go elsewhere.
+    pub fn is_gone(self) -> bool {
+        matches!(self, MemberState::Dead | MemberState::Left)
+    }
+
+    /// The name in metrics and status.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberState::Alive => "alive",
+            MemberState::Suspect => "suspect",
+            MemberState::Draining => "draining",
+            MemberState::Left => "left",
+            MemberState::Dead => "dead",
+        }
     }
 }
 
@@ -49,6 +67,9 @@ pub struct Member {
     pub load: Option<LoadReport>,
     /// Stable per-name hash, so all nodes rank members alike in consistent hashing.
     pub(crate) name_hash: u64,
+    /// Forgotten by the cluster: its slot stays (ids are stable) but its name and address are
+    /// free.
+    pub(crate) removed: bool,
 }
 
 /// This node's own load as its data plane measures it, for its load vector.
@@ -73,7 +94,14 @@ impl Member {
     pub fn new(name: impl Into<String>, addr: IpAddr, weight: f64) -> Self {
         let name = name.into();
         let name_hash = name_hash(&name);
-        Member { name, addr, weight, state: MemberState::Alive, load: None, name_hash }
+        Member { name, addr, weight, state: MemberState::Alive, load: None, name_hash, removed: false }
+    }
+}
+
+impl Member {
+    /// Whether the cluster forgot it (see [`Members::remove`]).
+    pub fn is_removed(&self) -> bool {
+        self.removed
     }
 }
 
@@ -115,7 +143,7 @@ impl Members {
 
     /// Appends a member and returns its id.
     pub fn add(&mut self, member: Member) -> Result<NodeId, MembersError> {
-        if self.list.iter().any(|m| m.name == member.name) {
+        if self.list.iter().any(|m| !m.removed && m.name == member.name) {
             return Err(MembersError::DuplicateName(member.name));
         }
         if self.by_addr.contains_key(&member.addr) {
@@ -125,6 +153,43 @@ impl Members {
         self.by_addr.insert(member.addr, id);
         self.list.push(member);
         Ok(id)
+    }
+
+    /// Puts a new member in the slot of a removed one (which nothing may still point to).
+    pub fn reuse(&mut self, id: NodeId, member: Member) -> Result<(), MembersError> {
+        if self.list.iter().any(|m| !m.removed && m.name == member.name) {
+            return Err(MembersError::DuplicateName(member.name));
+        }
+        if self.by_addr.contains_key(&member.addr) {
+            return Err(MembersError::DuplicateAddr(member.addr));
+        }
+        if let Some(slot) = self.list.get_mut(id.index()).filter(|m| m.removed) {
+            self.by_addr.insert(member.addr, id);
+            *slot = member;
+        }
+        Ok(())
+    }
+
+    /// Forgets a member: it takes nothing, and its name and address are free for others. Its
+    /// id stays valid (flows pinned to it see it gone) until [`Members::reuse`].
+    pub fn remove(&mut self, id: NodeId) {
+        if let Some(m) = self.list.get_mut(id.index()) {
+            if self.by_addr.get(&m.addr) == Some(&id) {
+                self.by_addr.remove(&m.addr);
+            }
+            m.state = MemberState::Dead;
+            m.load = None;
+            m.removed = true;
+        }
+    }
+
+    /// Frees `addr` if a gone member holds it, so that a live one can take it.
+    pub fn release_addr_of_gone(&mut self, addr: IpAddr) {
+        if let Some(&id) = self.by_addr.get(&addr) {
+            if self.list.get(id.index()).is_some_and(|m| m.state.is_gone()) {
+                self.remove(id);
+            }
+        }
     }
 
     /// Moves a member to another underlay address.
@@ -154,7 +219,7 @@ impl Members {
     }
 
     pub fn by_name(&self, name: &str) -> Option<NodeId> {
-        self.iter().find(|(_, m)| m.name == name).map(|(id, _)| id)
+        self.iter().find(|(_, m)| !m.removed && m.name == name).map(|(id, _)| id)
     }
 
     pub fn len(&self) -> usize {

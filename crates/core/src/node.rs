@@ -166,11 +166,14 @@ impl Node {
     }
 
     /// A carrier packet from `outer_src` whose payload is `inner`: a flow another entry placed
-    /// here. Accepted only from members that are not known dead, and only for the VIP.
+    /// here. Accepted only from members' underlay addresses and only for the VIP.
+    ///
+    /// A member this node holds dead or left is still a member until the cluster forgets it:
+    /// its packets are delivered, so that when views differ the local kernel serves the flow
+    /// or answers with a RST, never a silent drop.
     pub fn on_carrier_packet(&mut self, now: Timestamp, outer_src: IpAddr, inner: &[u8]) -> Verdict {
         match self.members.by_addr(outer_src) {
-            Some(id)
-                if id != self.config.local && self.members.get(id).is_some_and(|m| m.state != MemberState::Dead) => {}
+            Some(id) if id != self.config.local => {}
             _ => return self.drop(DropReason::NotMember),
         }
         let meta = match classify(inner) {
@@ -207,7 +210,8 @@ impl Node {
         self.flows.flows_on(self.config.local) as usize + self.served.len()
     }
 
-    /// Adds a member or updates its address, weight and state (from the control plane).
+    /// Adds a member or updates its address, weight and state (from the control plane). A gone
+    /// member holding the address yields it.
     pub fn upsert_member(
         &mut self,
         name: &str,
@@ -215,6 +219,7 @@ impl Node {
         weight: f64,
         state: MemberState,
     ) -> Result<NodeId, crate::MembersError> {
+        self.members.release_addr_of_gone(addr);
         let id = match self.members.by_name(name) {
             Some(id) => {
                 if self.members.get(id).is_some_and(|m| m.addr != addr) {
@@ -223,16 +228,62 @@ impl Node {
                 id
             }
             None => {
-                let id = self.members.add(Member::new(name, addr, weight))?;
-                self.forwarded_to.resize(self.members.len(), 0);
-                id
+                let member = Member::new(name, addr, weight);
+                // A forgotten member's slot that no flow points to any more is reused, so that
+                // churn of names does not grow the table.
+                let free =
+                    self.members.iter().find(|(id, m)| m.removed && self.flows.flows_on(*id) == 0).map(|(id, _)| id);
+                match free {
+                    Some(id) => {
+                        self.members.reuse(id, member)?;
+                        self.forwarded_to[id.index()] = 0;
+                        id
+                    }
+                    None => {
+                        let id = self.members.add(member)?;
+                        self.forwarded_to.resize(self.members.len(), 0);
+                        id
+                    }
+                }
             }
         };
         if let Some(m) = self.members.get_mut(id) {
             m.weight = weight;
             m.state = state;
+            if state.is_gone() {
+                m.load = None;
+            }
         }
         Ok(id)
+    }
+
+    /// Forgets a member: its flows see it gone, its name and address are free.
+    pub fn remove_member(&mut self, name: &str) {
+        if let Some(id) = self.members.by_name(name).filter(|&id| id != self.config.local) {
+            self.members.remove(id);
+        }
+    }
+
+    /// Applies a change the cluster state machine made.
+    pub fn apply(&mut self, now: Timestamp, update: &crate::Update) -> Result<(), crate::MembersError> {
+        match update {
+            crate::Update::Member { name, underlay, weight, state } => {
+                self.upsert_member(name, *underlay, *weight, *state)?;
+            }
+            crate::Update::Removed { name } => self.remove_member(name),
+            crate::Update::Load { name, load } => {
+                if let Some(id) = self.members.by_name(name) {
+                    let report = LoadReport {
+                        served_flows: load.served_flows,
+                        new_flows_per_sec: load.new_flows_per_sec,
+                        cpu: load.cpu,
+                        received: now,
+                    };
+                    self.set_load(id, report, f64::from(load.weight), load.draining);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Records a member's load vector received at `now`.
@@ -288,7 +339,7 @@ impl Node {
                 self.flows.retarget(h, target);
                 return target;
             }
-            if state == Some(MemberState::Dead) {
+            if state.is_some_and(MemberState::is_gone) {
                 return self.rescue(now, h, meta);
             }
             return target;
@@ -541,9 +592,34 @@ mod tests {
             }
         }
         assert!(n.counters().flows_reset > 0 && n.counters().flows_replaced > 0);
-        // Its carrier packets are refused from now on.
+        // Views may differ: what a member held dead still sends is delivered (the local kernel
+        // serves it or resets it), never dropped in silence ...
         let good = udp_v4(CLIENT, VIP, 1, 53, b"q");
+        assert_eq!(n.on_carrier_packet(at(1), ip([10, 77, 0, 3]), &good), Verdict::Deliver);
+        // ... until the cluster forgets it; then its address is nobody's.
+        n.remove_member("n3");
         assert_eq!(n.on_carrier_packet(at(1), ip([10, 77, 0, 3]), &good), Verdict::Drop(DropReason::NotMember));
+    }
+
+    #[test]
+    fn a_replacement_takes_a_gone_members_address_and_its_flows_stay_gone() {
+        let mut n = node(Policy::ConsistentHash);
+        let on_n3: Vec<u16> =
+            (0..200).filter(|&p| target(n.on_tun_packet(at(0), &mut syn(p))) == Some(NodeId(2))).collect();
+        assert!(!on_n3.is_empty());
+        n.upsert_member("n3", ip([10, 77, 0, 3]), 1.0, MemberState::Dead).unwrap();
+        // n4 at n3's address: the dead n3 yields it.
+        let n4 = n.upsert_member("n4", ip([10, 77, 0, 3]), 1.0, MemberState::Alive).unwrap();
+        assert_ne!(n4, NodeId(2), "flows pinned to n3 must not move to n4");
+        assert_eq!(n.members().by_addr(ip([10, 77, 0, 3])), Some(n4));
+        let t = target(n.on_tun_packet(at(1), &mut tcp_v4(CLIENT, VIP, on_n3[0], 80, ACK, &[])));
+        assert_eq!(t, Some(NodeId(0)), "n3's flow is reset, not handed to n4");
+        // A live holder does not yield.
+        assert!(n.upsert_member("n5", ip([10, 77, 0, 3]), 1.0, MemberState::Alive).is_err());
+        // A forgotten member's slot is reused once no flow points to it.
+        n.remove_member("n4");
+        let n6 = n.upsert_member("n6", ip([10, 77, 0, 6]), 1.0, MemberState::Alive).unwrap();
+        assert_eq!(n6, n4, "n4's slot had no flows and is reused");
     }
 
     #[test]

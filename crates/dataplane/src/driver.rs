@@ -159,9 +159,14 @@ pub struct Driver {
     load: watch::Sender<LocalLoad>,
 }
 
-/// A change to apply to the core between packets (members, loads, drain), from the control
-/// plane. A closure keeps this crate free of the control plane's types.
-pub type NodeUpdate = Box<dyn FnOnce(&mut Node, Timestamp) + Send>;
+/// A change to apply to the core between packets, from the control plane.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeUpdate {
+    /// A member, its load, or its removal.
+    Cluster(ringlb_core::Update),
+    /// This node's own drain.
+    Drain(bool),
+}
 
 /// How the rest of the process talks to a running [`Driver`].
 #[derive(Debug)]
@@ -281,10 +286,13 @@ impl Driver {
                         served_new_flows: self.node.counters().served_new_flows,
                     });
                 }
-                Event::Update(update) => {
+                Event::Update(NodeUpdate::Cluster(update)) => {
                     let now = self.now();
-                    update(&mut self.node, now);
+                    if let Err(e) = self.node.apply(now, &update) {
+                        tracing::warn!(?update, error = %e, "member update refused by the data plane");
+                    }
                 }
+                Event::Update(NodeUpdate::Drain(on)) => self.node.set_draining(on),
                 Event::Snapshot(reply) => {
                     let _ = reply.send(snapshot(&self.node));
                 }

@@ -7,9 +7,8 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use ringlb_control::ControlHandle;
-use ringlb_core::{DropReason, MemberState};
+use ringlb_core::{DropReason, MemberState, Refusal};
 use ringlb_dataplane::{Snapshot, SnapshotRequests};
-use ringlb_wire::control::UpdateState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -64,15 +63,6 @@ async fn answer(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
-}
-
-fn state_name(s: MemberState) -> &'static str {
-    match s {
-        MemberState::Alive => "alive",
-        MemberState::Suspect => "suspect",
-        MemberState::Draining => "draining",
-        MemberState::Dead => "dead",
-    }
 }
 
 /// Prometheus text exposition.
@@ -136,29 +126,35 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
         let _ = writeln!(out, "ringlb_peer_up{{node=\"{node}\",peer=\"{}\"}} {up}", m.name);
     }
     if let Some(c) = control {
-        let r = c.refusals();
+        let stats = c.stats();
         let _ = writeln!(out, "# HELP ringlb_control_refused_total Control peers or messages refused, by reason.\n# TYPE ringlb_control_refused_total counter");
-        for (reason, v) in [("tls", r.tls), ("identity", r.identity), ("malformed", r.malformed)] {
-            let _ = writeln!(out, "ringlb_control_refused_total{{node=\"{node}\",reason=\"{reason}\"}} {v}");
+        for r in Refusal::ALL {
+            let _ = writeln!(
+                out,
+                "ringlb_control_refused_total{{node=\"{node}\",reason=\"{}\"}} {}",
+                r.name(),
+                stats.refused(r)
+            );
         }
-        let t = c.transitions();
         let _ = writeln!(out, "# HELP ringlb_member_transitions_total Times this node saw a peer change to suspect or to dead.\n# TYPE ringlb_member_transitions_total counter");
-        for (state, v) in [("suspect", t.suspect), ("dead", t.dead)] {
+        for (state, v) in [("suspect", stats.suspected), ("dead", stats.died)] {
             let _ = writeln!(out, "ringlb_member_transitions_total{{node=\"{node}\",state=\"{state}\"}} {v}");
         }
+        let _ = writeln!(out, "# HELP ringlb_refutations_total Times this node refuted a suspicion of itself.\n# TYPE ringlb_refutations_total counter\nringlb_refutations_total{{node=\"{node}\"}} {}", stats.refuted);
+        let _ = writeln!(out, "# HELP ringlb_local_health Lifeguard local health: 0 is healthy; timeouts are scaled by one more than this.\n# TYPE ringlb_local_health gauge\nringlb_local_health{{node=\"{node}\"}} {}", c.local_health());
+        let _ = writeln!(out, "# HELP ringlb_dataplane_stalled Whether the data plane stopped publishing its load (1): the node is not advertised.\n# TYPE ringlb_dataplane_stalled gauge\nringlb_dataplane_stalled{{node=\"{node}\"}} {}", u8::from(c.dataplane_stalled()));
         let members = c.members();
-        let alive = members.iter().filter(|m| m.state == UpdateState::Alive).count();
+        let disagree = members.iter().filter(|m| !m.flow_hash_agrees).count();
+        let _ = writeln!(out, "# HELP ringlb_flow_hash_mismatch Members that compute another flow hash than this node.\n# TYPE ringlb_flow_hash_mismatch gauge\nringlb_flow_hash_mismatch{{node=\"{node}\"}} {disagree}");
+        let alive = members.iter().filter(|m| m.state == MemberState::Alive).count();
         let _ = writeln!(out, "# HELP ringlb_members_alive Members seen alive, this node included.\n# TYPE ringlb_members_alive gauge\nringlb_members_alive{{node=\"{node}\"}} {alive}");
         let _ =
             writeln!(out, "# HELP ringlb_members Members by state, this node included.\n# TYPE ringlb_members gauge");
-        for (name, state) in [
-            ("alive", UpdateState::Alive),
-            ("suspect", UpdateState::Suspect),
-            ("dead", UpdateState::Dead),
-            ("left", UpdateState::Left),
-        ] {
+        for state in
+            [MemberState::Alive, MemberState::Suspect, MemberState::Draining, MemberState::Left, MemberState::Dead]
+        {
             let n = members.iter().filter(|m| m.state == state).count();
-            let _ = writeln!(out, "ringlb_members{{node=\"{node}\",state=\"{name}\"}} {n}");
+            let _ = writeln!(out, "ringlb_members{{node=\"{node}\",state=\"{}\"}} {n}", state.name());
         }
         for m in &members {
             if let Some(age) = m.load_age {
@@ -210,7 +206,7 @@ pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Stri
             "{:<10} {:<15} {:<9} {:>6} {:>8} {:>7} {:>5} {:>8} {:>6} {:>10}",
             name,
             m.addr,
-            state_name(m.state),
+            m.state.name(),
             m.weight,
             rtt,
             serves,
@@ -230,9 +226,22 @@ pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Stri
     if !drops.is_empty() {
         let _ = writeln!(out, "drops: {}", drops.join(" "));
     }
-    if let Some(r) = control.map(ControlHandle::refusals) {
-        if r != ringlb_control::Refusals::default() {
-            let _ = writeln!(out, "control refused: tls={} identity={} malformed={}", r.tls, r.identity, r.malformed);
+    if let Some(c) = control {
+        let stats = c.stats();
+        let refused: Vec<String> = Refusal::ALL
+            .iter()
+            .filter(|r| stats.refused(**r) > 0)
+            .map(|r| format!("{}={}", r.name(), stats.refused(*r)))
+            .collect();
+        if !refused.is_empty() {
+            let _ = writeln!(out, "control refused: {}", refused.join(" "));
+        }
+        let odd: Vec<&str> = views.iter().filter(|v| !v.flow_hash_agrees).map(|v| v.name.as_str()).collect();
+        if !odd.is_empty() {
+            let _ = writeln!(out, "WARNING: flow hash differs on {} (mixed versions?)", odd.join(", "));
+        }
+        if c.dataplane_stalled() {
+            let _ = writeln!(out, "WARNING: the data plane is stalled; this node is not advertised");
         }
     }
     out

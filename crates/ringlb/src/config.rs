@@ -56,13 +56,37 @@ pub struct ControlSection {
     pub suspicion_timeout: Duration,
     #[serde(default = "default_load_interval", with = "humantime_serde")]
     pub load_interval: Duration,
+    /// How long a dead or left member is remembered before its name and address are free.
+    #[serde(default = "default_dead_expiry", with = "humantime_serde")]
+    pub dead_expiry: Duration,
+    /// Most members, this node included; more are refused and counted.
+    #[serde(default = "default_max_members")]
+    pub max_members: usize,
+    /// Largest weight a member may announce; larger ones are clamped to it and counted.
+    #[serde(default = "default_max_weight")]
+    pub max_weight: f64,
+    /// Most QUIC handshakes in progress at once (beyond a quarter, clients must answer a Retry).
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
 }
 
 fn default_probe_interval() -> Duration {
-    ringlb_core::membership::MembershipConfig::default().probe_interval
+    ringlb_core::ClusterConfig::default().probe_interval
 }
 fn default_suspicion_timeout() -> Duration {
-    ringlb_core::membership::MembershipConfig::default().suspicion_timeout
+    ringlb_core::ClusterConfig::default().suspicion_timeout
+}
+fn default_dead_expiry() -> Duration {
+    ringlb_core::ClusterConfig::default().dead_expiry
+}
+fn default_max_members() -> usize {
+    ringlb_core::ClusterConfig::default().max_members
+}
+fn default_max_weight() -> f64 {
+    f64::from(ringlb_core::ClusterConfig::default().max_weight)
+}
+fn default_max_handshakes() -> usize {
+    ringlb_control::Limits::default().max_handshakes
 }
 fn default_load_interval() -> Duration {
     Duration::from_millis(250)
@@ -335,15 +359,37 @@ impl Config {
                 ("control.probe_interval", c.probe_interval),
                 ("control.suspicion_timeout", c.suspicion_timeout),
                 ("control.load_interval", c.load_interval),
+                ("control.dead_expiry", c.dead_expiry),
             ] {
                 if d.is_zero() {
                     p.push(format!("{key} = \"0s\": must be longer than zero"));
                 }
             }
+            if c.listen.ip().is_unspecified() {
+                p.push(format!(
+                    "control.listen = \"{}\": must be this node's own address (peers reach it there, and its certificate names it)",
+                    c.listen
+                ));
+            }
+            if !(2..=65_535).contains(&c.max_members) {
+                p.push(format!("control.max_members = {}: must be 2 to 65535", c.max_members));
+            }
+            if !c.max_weight.is_finite() || !(0.0..=1e6).contains(&c.max_weight) {
+                p.push(format!("control.max_weight = {}: must be a number from 0 to 1000000", c.max_weight));
+            }
+            if !(1..=100_000).contains(&c.max_handshakes) {
+                p.push(format!("control.max_handshakes = {}: must be 1 to 100000", c.max_handshakes));
+            }
+            if let Some(w) = self.local_member().map(|m| m.weight).filter(|w| w.is_finite() && *w > c.max_weight) {
+                p.push(format!("node.weight = {w}: above control.max_weight ({})", c.max_weight));
+            }
+        }
+        if let Some(w) = self.node.weight.filter(|w| !w.is_finite() || *w < 0.0 || *w > 1e6) {
+            p.push(format!("node.weight = {w}: must be a number from 0 to 1000000"));
         }
         for (i, m) in self.members.iter().enumerate() {
-            if !m.weight.is_finite() || m.weight < 0.0 {
-                p.push(format!("members[{i}].weight = {}: must be a finite number >= 0", m.weight));
+            if !m.weight.is_finite() || !(0.0..=1e6).contains(&m.weight) {
+                p.push(format!("members[{i}].weight = {}: must be a number from 0 to 1000000", m.weight));
             }
             if self.members[..i].iter().any(|o| o.name == m.name) {
                 p.push(format!("members[{i}].name = {:?}: duplicate", m.name));

@@ -13,8 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ringlb_control::{ControlConfig, ControlEvent, ControlHandle};
-use ringlb_core::membership::{Identity, MembershipConfig};
-use ringlb_core::{LoadReport, Member, Members, Node, NodeConfig};
+use ringlb_core::{ClusterConfig, Identity, Member, Members, Node, NodeConfig};
 use ringlb_dataplane::{Carrier, Driver, NodeUpdate};
 use tokio::sync::{mpsc, watch};
 
@@ -309,16 +308,33 @@ fn start_control(
     // Weights are small numbers that the load vector carries as f32.
     #[allow(clippy::cast_possible_truncation)]
     let weight = local.weight as f32;
+    let cluster = ClusterConfig {
+        probe_interval: c.probe_interval,
+        suspicion_timeout: c.suspicion_timeout,
+        dead_expiry: c.dead_expiry,
+        max_members: c.max_members,
+        #[allow(clippy::cast_possible_truncation)] // validated to at most 1e6
+        max_weight: c.max_weight as f32,
+        ..ClusterConfig::default()
+    };
+    let limits = ringlb_control::Limits {
+        max_handshakes: c.max_handshakes,
+        retry_above: (c.max_handshakes / 4).max(1),
+        ..ringlb_control::Limits::default()
+    };
     let control_config = ControlConfig {
-        identity: Identity { name: local.name.clone(), underlay: local.addr, control: c.listen, weight },
+        identity: Identity {
+            name: local.name.clone(),
+            underlay: local.addr,
+            control: c.listen,
+            weight,
+            flow_hash: ringlb_core::cluster::flow_hash_fingerprint(),
+        },
         listen: c.listen,
         seeds: c.seeds.iter().filter_map(|s| config::parse_seed(s)).collect(),
         tls: ringlb_control::tls::TlsFiles { ca: c.ca.clone(), cert: c.cert.clone(), key: c.key.clone() },
-        membership: MembershipConfig {
-            probe_interval: c.probe_interval,
-            suspicion_timeout: c.suspicion_timeout,
-            ..MembershipConfig::default()
-        },
+        cluster,
+        limits,
         load_interval: c.load_interval,
         incarnation,
     };
@@ -328,34 +344,16 @@ fn start_control(
     let updates = handle.updates.clone();
     tokio::spawn(async move {
         while let Some(ev) = events_rx.recv().await {
-            if updates.send(node_update(ev)).await.is_err() {
+            let update = match ev {
+                ControlEvent::Cluster(u) => NodeUpdate::Cluster(u),
+                ControlEvent::Drain(on) => NodeUpdate::Drain(on),
+            };
+            if updates.send(update).await.is_err() {
                 return;
             }
         }
     });
     Ok((control, task))
-}
-
-fn node_update(ev: ControlEvent) -> NodeUpdate {
-    Box::new(move |node: &mut Node, now| match ev {
-        ControlEvent::Member { name, underlay, weight, state } => {
-            if let Err(e) = node.upsert_member(&name, underlay, weight, state) {
-                tracing::warn!(member = %name, error = %e, "member update refused");
-            }
-        }
-        ControlEvent::Load { name, load } => {
-            if let Some(id) = node.members().by_name(&name) {
-                let report = LoadReport {
-                    served_flows: load.served_flows,
-                    new_flows_per_sec: load.new_flows_per_sec,
-                    cpu: load.cpu,
-                    received: now,
-                };
-                node.set_load(id, report, f64::from(load.weight), load.draining);
-            }
-        }
-        ControlEvent::Drain(on) => node.set_draining(on),
-    })
 }
 
 async fn shutdown_signal() {

@@ -11,7 +11,6 @@
 
 pub mod build;
 mod classify;
-pub mod control;
 pub mod ipip;
 mod mss;
 
