@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod adversary;
 mod bench;
 
 use std::path::PathBuf;
@@ -36,6 +37,27 @@ enum Cmd {
     },
     /// Stop everything and delete the namespaces.
     Down,
+    /// Play a member with a valid certificate that forges control messages (run it inside a
+    /// lab host's namespace; see `netlab/src/adversary.rs`). Not a test by itself.
+    Adversary {
+        #[arg(long)]
+        pki: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        addr: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 6636)]
+        port: u16,
+        /// Where to join, as name@address:port.
+        #[arg(long)]
+        seed: String,
+        #[arg(long)]
+        victim: String,
+        #[arg(long, value_enum)]
+        attack: adversary::Attack,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
     /// Run a command in `client`, `router` or `nN`.
     Exec {
         node: String,
@@ -132,6 +154,24 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Down => down(&cli.prefix),
+        Cmd::Adversary { pki, name, addr, port, seed, victim, attack, seconds } => {
+            let Some((seed_name, seed_addr)) = seed.split_once('@') else {
+                bail!("--seed: expected name@address:port")
+            };
+            let options = adversary::Options {
+                pki,
+                name,
+                addr,
+                port,
+                seed: (seed_name.to_owned(), seed_addr.parse()?),
+                victim,
+                attack,
+                seconds,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            println!("{}", rt.block_on(adversary::run(options))?);
+            Ok(())
+        }
         Cmd::Exec { node, cmd } => {
             let status =
                 Command::new("ip").args(["netns", "exec", &namespace(&cli.prefix, &node)?]).args(&cmd).status()?;
