@@ -9,8 +9,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 
-/// ALPN of the control protocol; bumped with incompatible changes.
-pub const ALPN: &[u8] = b"ringlb/1";
+/// ALPN of the control protocol; bumped with incompatible changes (2: field-list messages).
+pub const ALPN: &[u8] = b"ringlb/2";
 
 /// Where a node's TLS material lives.
 #[derive(Debug, Clone, PartialEq, Eq)]

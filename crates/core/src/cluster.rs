@@ -825,9 +825,17 @@ impl Cluster {
             return Err(Outcome::Refused(Refusal::AddressInUse));
         }
         if let Some((holder, _)) = holders.iter().find(|(_, live)| *live) {
-            // If the holder is in fact gone, probing it finds out soon.
+            // If the holder is in fact gone, probing it finds out soon. A certificate for its
+            // address in another's hands is the operator's word that it was replaced: it
+            // counts as one confirmation of a suspicion, never as one by itself.
             let holder = holder.clone();
             self.probe_soon(&holder);
+            let members = self.members.len();
+            if let Some(h) = self.members.get_mut(&holder) {
+                if !h.reporters.contains(&rec.name) && h.reporters.len() < members {
+                    h.reporters.push(rec.name.clone());
+                }
+            }
             return Err(Outcome::Refused(Refusal::AddressInUse));
         }
         for (holder, _) in holders {
