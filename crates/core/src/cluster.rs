@@ -508,11 +508,10 @@ impl Cluster {
         // Local health: a timer that fires late means this node is starved, and what it
         // concludes from silence is suspect itself.
         let lag = now.saturating_since(self.next_probe);
-        let period = self.scale(self.config.probe_interval);
         if lag > self.config.probe_interval / 2 {
             self.raise_health(if lag > self.config.probe_interval { 2 } else { 1 });
         }
-        if lag > period {
+        if lag > self.config.probe_interval {
             // Stalled: the probe in flight judged nobody, and no refutation could have been
             // heard while this node did not run.
             self.probe = None;
@@ -545,7 +544,11 @@ impl Cluster {
             if let Some(p) = self.probe.take() {
                 let missing = p.helpers.len() - p.nacked.len().min(p.helpers.len());
                 self.raise_health(if p.helpers.is_empty() { 1 } else { u32::try_from(missing).unwrap_or(1) });
-                self.suspect(&p.target, now);
+                // A new suspect is probed once more next round, told again that it is
+                // suspected: it is the one that must refute, and the first notice may be lost.
+                if self.suspect(&p.target, now) {
+                    self.probe_soon(&p.target);
+                }
             }
             self.start_probe(now);
             self.next_probe = now.saturating_add(self.scale(self.config.probe_interval));
@@ -979,15 +982,16 @@ impl Cluster {
         }
         origin.relays += 1;
         let my_seq = self.seq();
-        let timeout = self.scale(self.config.probe_timeout);
+        // The asker's round ends about a probe interval after it asked: a nack or an ack
+        // later than that is of no use to it (and a starved helper must not hoard relays).
         self.relays.push(Relay {
             seq: my_seq,
             target: target.clone(),
             origin: from.to_owned(),
             origin_seq: seq,
-            nack_at: now.saturating_add(timeout.mul_f64(0.8)),
+            nack_at: now.saturating_add(self.config.probe_timeout.mul_f64(0.8)),
             nacked: false,
-            end: now.saturating_add(self.scale(self.config.probe_interval)),
+            end: now.saturating_add(self.config.probe_interval),
         });
         let reports = self.take_gossip();
         self.send(&target, &Message::Ping { seq: my_seq, sender: self.me.clone(), reports });
@@ -1130,7 +1134,15 @@ impl Cluster {
             return self.start_probe(now);
         }
         let seq = self.seq();
-        let reports = self.take_gossip();
+        let mut reports = self.take_gossip();
+        if let Some(m) = self.members.get(&name).filter(|m| m.state == MemberState::Suspect) {
+            if !reports.iter().any(|r| r.name == name) {
+                let notice =
+                    Report { name: name.clone(), incarnation: m.record.incarnation, kind: ReportKind::Suspect };
+                reports.truncate(message::MAX_ITEMS - 1);
+                reports.push(notice);
+            }
+        }
         self.send(&name, &Message::Ping { seq, sender: self.me.clone(), reports });
         self.probe = Some(Probe {
             target: name,
@@ -1142,10 +1154,11 @@ impl Cluster {
         });
     }
 
-    fn suspect(&mut self, name: &str, now: Timestamp) {
-        let Some(m) = self.members.get_mut(name) else { return };
+    /// Makes a member suspect; whether it was not already.
+    fn suspect(&mut self, name: &str, now: Timestamp) -> bool {
+        let Some(m) = self.members.get_mut(name) else { return false };
         if !matches!(m.state, MemberState::Alive | MemberState::Draining) {
-            return;
+            return false;
         }
         m.state = MemberState::Suspect;
         m.suspicion = Some(Suspicion { since: now });
@@ -1155,6 +1168,7 @@ impl Cluster {
         self.stats.suspected += 1;
         self.enqueue_gossip(report);
         self.notice(now, name);
+        true
     }
 
     fn die(&mut self, name: &str, now: Timestamp) {
