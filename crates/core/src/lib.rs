@@ -20,7 +20,7 @@ mod rng;
 mod time;
 
 pub use counters::{Counters, DropReason};
-pub use flow_table::{FlowConfig, FlowState, FlowTable, Insert};
+pub use flow_table::{FlowConfig, FlowState, FlowTable, Insert, PlacedBy};
 pub use members::{LoadReport, LocalLoad, Member, MemberState, Members, MembersError, NodeId};
 pub use node::{FailurePolicy, Node, NodeConfig, Verdict};
 pub use placement::{Candidate, Placement, Policy};
