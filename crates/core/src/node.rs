@@ -146,9 +146,7 @@ impl Node {
         let target = match meta.l4 {
             // An error about a packet a server sent (e.g. "fragmentation needed" for a DSR
             // reply) goes to the node serving that flow, so its path-MTU discovery works.
-            L4::Icmp { error_for: Some(flow) } => {
-                self.flows.find(&flow).map_or(self.config.local, |h| self.flows.target(h))
-            }
+            L4::Icmp { error_for: Some(flow) } => self.icmp_error_target(now, &flow),
             // Other ICMP has no ports to pin; every member owns the VIP, so answer here.
             L4::Icmp { error_for: None } => self.config.local,
             _ => self.flow_target(now, &meta),
@@ -340,6 +338,26 @@ impl Node {
             None => self.counters.flows_untracked += 1,
         }
         target
+    }
+
+    /// Where an ICMP error about a server's packet of `flow` goes: to the node serving the flow.
+    /// A flow pinned to a dead member is served by none (its next packet is reset here or placed
+    /// anew), so the local kernel takes the error; a flow not tracked is served where
+    /// consistent hashing places its packets.
+    fn icmp_error_target(&mut self, now: Timestamp, flow: &FlowKey) -> NodeId {
+        let local = self.config.local;
+        if let Some(h) = self.flows.find(flow) {
+            let target = self.flows.target(h);
+            return match self.members.get(target) {
+                Some(m) if m.state != MemberState::Dead => target,
+                _ => local,
+            };
+        }
+        self.fill_candidates(now);
+        match consistent_hash(flow, &self.candidates) {
+            Placement::Chosen(id) => id,
+            Placement::NoCandidate => local,
+        }
     }
 
     /// A packet of a flow pinned to a member that died.
@@ -763,6 +781,39 @@ mod tests {
         pkt[2..4].copy_from_slice(&len.to_be_bytes());
         ringlb_wire::build::fix_ipv4_checksum(&mut pkt);
         pkt
+    }
+
+    fn kill(n: &mut Node, id: NodeId) {
+        if let Some(m) = n.members.get_mut(id) {
+            m.state = MemberState::Dead;
+        }
+    }
+
+    #[test]
+    fn icmp_errors_about_a_dead_members_flow_stay_here_and_untracked_flows_follow_the_hash() {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.0 });
+        let on_n3: Vec<u16> =
+            (1..60).filter(|&p| target(n.on_tun_packet(at(0), &mut syn(p))) == Some(NodeId(2))).collect();
+        assert!(!on_n3.is_empty());
+        assert_eq!(target(n.on_tun_packet(at(1), &mut icmp_error_about(on_n3[0]))), Some(NodeId(2)));
+        kill(&mut n, NodeId(2));
+        assert_eq!(
+            target(n.on_tun_packet(at(2), &mut icmp_error_about(on_n3[0]))),
+            Some(NodeId(0)),
+            "error forwarded to a dead member"
+        );
+        // Once the flow is rescued (replaced elsewhere), its errors follow it there.
+        n.config.on_failure = FailurePolicy::Replace;
+        let moved = target(n.on_tun_packet(at(3), &mut tcp_v4(CLIENT, VIP, on_n3[1], 80, ACK, &[])));
+        assert_ne!(moved, Some(NodeId(2)));
+        assert_eq!(target(n.on_tun_packet(at(4), &mut icmp_error_about(on_n3[1]))), moved);
+        // An untracked flow's errors go where the hash places its packets.
+        let mut hash = node(Policy::ConsistentHash);
+        kill(&mut hash, NodeId(2));
+        for port in 1000..1030 {
+            let want = target(hash.on_tun_packet(at(5), &mut syn(port)));
+            assert_eq!(target(n.on_tun_packet(at(5), &mut icmp_error_about(port))), want);
+        }
     }
 
     #[test]
