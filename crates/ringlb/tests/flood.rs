@@ -126,7 +126,8 @@ print(json.dumps(second), flush=True)
     .map(|(name, needle)| (name, counter(needle)))
     .collect();
     let unroutable = router_stat(&lab, "IpExtInNoRoutes") - unroutable_before;
-    println!("entry n1 after the flood: {counters:?}");
+    let tun_drops = lab.exec(&lab.node(1), &["cat", "/sys/class/net/ring0/statistics/tx_dropped"]).unwrap_or_default();
+    println!("entry n1 after the flood: {counters:?}; packets its TUN queue dropped: {}", tun_drops.trim());
     println!("answers to spoofed sources dropped by the router (no route): {unroutable}");
 
     let broken: Vec<String> = first
