@@ -46,6 +46,10 @@ netlab-demo requests="12":
 netlab-chaos:
     {{netlab}} chaos
 
+# Send COUNT TCP SYNs to the VIP from spoofed private sources, from the lab's client.
+netlab-flood count="1000000":
+    {{netlab}} flood --count {{count}}
+
 # Kill ringlb on a node (kill -9), or start it again.
 netlab-kill node:
     {{netlab}} kill {{node}}

@@ -18,6 +18,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod flood;
+
 use std::fmt::Write as _;
 use std::fs;
 use std::net::Ipv4Addr;

@@ -113,6 +113,29 @@ enum Cmd {
         #[arg(long, default_value_t = 12)]
         requests: usize,
     },
+    /// Send TCP SYNs (or bare ACKs) from spoofed sources, each its own flow, from a lab host
+    /// (not a test). Only to lab addresses, only from private sources outside the lab.
+    Flood {
+        /// Packets to send.
+        #[arg(long)]
+        count: u64,
+        /// The lab host it runs on: client, router or nN.
+        #[arg(long, default_value = "client")]
+        from: String,
+        #[arg(long, default_value_t = VIP)]
+        to: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+        /// Spoofed source range (private, outside the lab's subnets).
+        #[arg(long, default_value = "172.16.0.0/12")]
+        sources: ringlb_netlab::flood::Net,
+        /// Packets per second at most (default: as fast as the host sends).
+        #[arg(long)]
+        pps: Option<u64>,
+        /// Bare ACKs instead of SYNs.
+        #[arg(long)]
+        ack: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -216,6 +239,18 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Chaos => chaos(&Lab::attach(&cli.prefix)?),
+        Cmd::Flood { count, from, to, port, sources, pps, ack } => {
+            let lab = Lab::attach(&cli.prefix)?;
+            let flood = ringlb_netlab::flood::Flood { to, port, sources, count, pps, ack };
+            let sent = lab.flood(&from, &flood)?;
+            let secs = sent.elapsed.as_secs_f64();
+            println!(
+                "sent {} packets from {from} to {to}:{port} in {secs:.2} s ({:.0}/s)",
+                sent.packets,
+                sent.packets as f64 / secs.max(1e-9)
+            );
+            Ok(())
+        }
         Cmd::Demo { requests } => {
             let lab = Lab::attach(&cli.prefix)?;
             let mut tally = std::collections::BTreeMap::<String, usize>::new();

@@ -95,12 +95,20 @@ pub struct Counters {
     pub placed_peer: u64,
     /// Flows of unknown origin (non-SYN, e.g. after a restart) placed by consistent hash.
     pub placed_by_hash_fallback: u64,
+    /// New flows (SYNs, first datagrams) placed by consistent hash instead of the policy because
+    /// the flow table was under pressure (its unconfirmed quota or the table full), or for UDP
+    /// had been within `udp_idle`.
+    pub placed_by_hash_under_pressure: u64,
     /// SYNs whose MSS was lowered to fit the carrier.
     pub mss_clamped: u64,
     pub flows_created: u64,
     pub flows_expired: u64,
-    /// Flows pushed out because the table was full.
+    /// Unconfirmed flows placed by hash, forgotten to make room under pressure.
     pub flows_evicted: u64,
+    /// Packets of unknown flows placed without being tracked: the table was under pressure and
+    /// had nothing it may evict (a flood fills it so), or a FIN or RST of a connection never
+    /// seen. The hash places such a flow's next packet the same way.
+    pub flows_untracked: u64,
     /// TCP flows of a dead member handed to the local kernel, which resets them.
     pub flows_reset: u64,
     /// Flows of a dead member placed anew.

@@ -21,7 +21,7 @@ mod time;
 
 pub use cluster::{Cluster, ClusterConfig, Identity, Outcome, Peer, Refusal, Transmit, Update};
 pub use counters::{Counters, DropReason};
-pub use flow_table::{FlowConfig, FlowState, FlowTable, Insert};
+pub use flow_table::{FlowConfig, FlowState, FlowTable, Insert, PlacedBy};
 pub use members::{LoadReport, LocalLoad, Member, MemberState, Members, MembersError, NodeId};
 pub use node::{FailurePolicy, Node, NodeConfig, Verdict};
 pub use placement::{Candidate, Placement, Policy};

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use ringlb_wire::{clamp_tcp_mss, classify, FlowKey, PacketMeta, L4};
 
-use crate::placement::Placement;
+use crate::placement::{consistent_hash, Placement};
 use crate::{
     Candidate, Counters, DropReason, FlowConfig, FlowState, FlowTable, LoadReport, Member, MemberState, Members,
-    NodeId, Policy, Rng, Timestamp,
+    NodeId, PlacedBy, Policy, Rng, Timestamp,
 };
 
 /// What the IO layer must do with a packet.
@@ -75,6 +75,10 @@ pub struct Node {
     candidates: Vec<Candidate>,
     /// Flows this node serves that other entries forwarded here, to report its own load.
     served: FlowTable,
+    /// New UDP flows are placed by hash until then: a UDP flow placed by hash under pressure
+    /// and not tracked (or evicted) has no first packet to tell it apart, so the policy must
+    /// not place its later datagrams until they would have idled out.
+    hash_udp_until: Timestamp,
 }
 
 impl Node {
@@ -93,6 +97,7 @@ impl Node {
             flows,
             rng,
             counters: Counters::default(),
+            hash_udp_until: Timestamp::ZERO,
         }
     }
 
@@ -141,9 +146,7 @@ impl Node {
         let target = match meta.l4 {
             // An error about a packet a server sent (e.g. "fragmentation needed" for a DSR
             // reply) goes to the node serving that flow, so its path-MTU discovery works.
-            L4::Icmp { error_for: Some(flow) } => {
-                self.flows.find(&flow).map_or(self.config.local, |h| self.flows.target(h))
-            }
+            L4::Icmp { error_for: Some(flow) } => self.icmp_error_target(now, &flow),
             // Other ICMP has no ports to pin; every member owns the VIP, so answer here.
             L4::Icmp { error_for: None } => self.config.local,
             _ => self.flow_target(now, &meta),
@@ -200,7 +203,8 @@ impl Node {
             if state != FlowState::TcpEstablished {
                 self.counters.served_new_flows += 1;
             }
-            self.served.insert(now, meta.key, local, state);
+            // Only a count of what this node serves: any of it may be forgotten under pressure.
+            self.served.insert(now, meta.key, local, PlacedBy::Hash);
         }
     }
 
@@ -335,7 +339,7 @@ impl Node {
             // A SYN on a tracked tuple is a new connection (the client reused its port): it
             // is placed anew when its node takes no new flows (dead ones included).
             if meta.is_tcp_syn() && !state.is_some_and(MemberState::takes_new_flows) {
-                let target = self.place(now, key, true);
+                let target = self.place(now, key, How::Policy);
                 self.flows.retarget(h, target);
                 return target;
             }
@@ -344,15 +348,67 @@ impl Node {
             }
             return target;
         }
-        let state = initial_state(meta.l4);
-        let by_policy = !matches!(state, FlowState::TcpEstablished | FlowState::TcpClosing);
-        let target = self.place(now, key, by_policy);
-        let ins = self.flows.insert(now, *key, target, state);
-        self.counters.flows_created += 1;
-        if ins.evicted.is_some() {
-            self.counters.flows_evicted += 1;
+        self.new_flow(now, meta)
+    }
+
+    /// The first packet this entry sees of a flow: placed, and tracked as unconfirmed when the
+    /// table takes it. Under pressure (see [`FlowTable`]) new flows are placed by consistent
+    /// hash, so that whether or not they are tracked, their later packets land on the same node.
+    fn new_flow(&mut self, now: Timestamp, meta: &PacketMeta) -> NodeId {
+        let key = &meta.key;
+        let starts = match initial_state(meta.l4) {
+            FlowState::TcpHandshake | FlowState::Udp => true,
+            FlowState::TcpEstablished => false,
+            FlowState::TcpClosing => {
+                // The FIN or RST of a connection this entry never saw: the hash places it as it
+                // would the rest of that connection, and nothing is left worth pinning.
+                self.counters.flows_untracked += 1;
+                return self.place(now, key, How::HashFallback);
+            }
+        };
+        let room = self.flows.has_room();
+        if !room {
+            self.hash_udp_until = now.saturating_add(self.config.flows.udp_idle);
+        }
+        let how = if !starts {
+            How::HashFallback
+        } else if !room || (key.proto != IPPROTO_TCP && now < self.hash_udp_until) {
+            How::HashUnderPressure
+        } else {
+            How::Policy
+        };
+        let target = self.place(now, key, how);
+        let placed = if how == How::Policy { PlacedBy::Policy } else { PlacedBy::Hash };
+        match self.flows.insert(now, *key, target, placed) {
+            Some(ins) => {
+                self.counters.flows_created += 1;
+                if ins.evicted.is_some() {
+                    self.counters.flows_evicted += 1;
+                }
+            }
+            None => self.counters.flows_untracked += 1,
         }
         target
+    }
+
+    /// Where an ICMP error about a server's packet of `flow` goes: to the node serving the flow.
+    /// A flow pinned to a dead member is served by none (its next packet is reset here or placed
+    /// anew), so the local kernel takes the error; a flow not tracked is served where
+    /// consistent hashing places its packets.
+    fn icmp_error_target(&mut self, now: Timestamp, flow: &FlowKey) -> NodeId {
+        let local = self.config.local;
+        if let Some(h) = self.flows.find(flow) {
+            let target = self.flows.target(h);
+            return match self.members.get(target) {
+                Some(m) if m.state != MemberState::Dead => target,
+                _ => local,
+            };
+        }
+        self.fill_candidates(now);
+        match consistent_hash(flow, &self.candidates) {
+            Placement::Chosen(id) => id,
+            Placement::NoCandidate => local,
+        }
     }
 
     /// A packet of a flow pinned to a member that died.
@@ -364,14 +420,15 @@ impl Node {
             }
             _ => {
                 self.counters.flows_replaced += 1;
-                self.place(now, &meta.key, true)
+                self.place(now, &meta.key, How::Policy)
             }
         };
         self.flows.retarget(h, target);
         target
     }
 
-    fn place(&mut self, now: Timestamp, key: &FlowKey, by_policy: bool) -> NodeId {
+    /// The members as the policy sees them, into `self.candidates`.
+    fn fill_candidates(&mut self, now: Timestamp) {
         self.candidates.clear();
         // A load report is fresh if it arrived at or after this instant.
         let fresh_since = now.saturating_sub(self.config.load_stale_after);
@@ -390,12 +447,21 @@ impl Node {
                 name_hash: m.name_hash,
             });
         }
+    }
+
+    fn place(&mut self, now: Timestamp, key: &FlowKey, how: How) -> NodeId {
+        self.fill_candidates(now);
         let local = self.config.local.index();
-        let placement = if by_policy {
-            self.config.policy.place(key, &self.candidates, local, &mut self.rng)
-        } else {
-            self.counters.placed_by_hash_fallback += 1;
-            crate::placement::consistent_hash(key, &self.candidates)
+        let placement = match how {
+            How::Policy => self.config.policy.place(key, &self.candidates, local, &mut self.rng),
+            How::HashFallback => {
+                self.counters.placed_by_hash_fallback += 1;
+                consistent_hash(key, &self.candidates)
+            }
+            How::HashUnderPressure => {
+                self.counters.placed_by_hash_under_pressure += 1;
+                consistent_hash(key, &self.candidates)
+            }
         };
         let target = match placement {
             Placement::Chosen(id) => id,
@@ -411,6 +477,20 @@ impl Node {
     }
 }
 
+const IPPROTO_TCP: u8 = 6;
+
+/// How a flow is placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum How {
+    Policy,
+    /// A packet of a flow that began unseen (not a SYN): consistent hash, as every node would.
+    HashFallback,
+    /// A new flow while the flow table is under pressure: consistent hash, so that its later
+    /// packets find the same node whether or not it is tracked.
+    HashUnderPressure,
+}
+
+/// What the first packet seen of a flow says about it.
 fn initial_state(l4: L4) -> FlowState {
     match l4 {
         L4::Tcp(f) if f.syn && !f.ack => FlowState::TcpHandshake,
@@ -663,11 +743,112 @@ mod tests {
                 _ => None,
             })
             .unwrap();
-        // The peer's reply (VIP -> client) hit a smaller MTU; the router answers the VIP.
+        let mut pkt = icmp_error_about(port);
+        assert_eq!(target(n.on_tun_packet(at(1), &mut pkt)), Some(peer), "error not sent to the flow's node");
+        // An echo request is answered here.
+        pkt[20] = 8;
+        assert_eq!(target(n.on_tun_packet(at(1), &mut pkt)), Some(NodeId(0)));
+    }
+
+    fn small_table_node(max_flows: usize) -> Node {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.1 });
+        let flows = FlowConfig { max_flows, unconfirmed_share: 0.25, ..FlowConfig::default() };
+        n.flows = FlowTable::new(flows.clone(), 1);
+        n.config.flows = flows;
+        n
+    }
+
+    /// A spoofed source: 172.16.0.0/12, one address per `i`.
+    fn spoofed(i: u32) -> [u8; 4] {
+        (0xac10_0000 | (i & 0x000f_ffff)).to_be_bytes()
+    }
+
+    #[test]
+    fn a_syn_flood_evicts_no_established_flow_and_new_flows_stay_consistent() {
+        let mut n = small_table_node(100);
+        // 30 established connections, spread by the policy, idle from t = 10 ms on.
+        let mut pinned = Vec::new();
+        for port in 0..30 {
+            let t = target(n.on_tun_packet(at(0), &mut syn(port))).unwrap();
+            assert_eq!(target(n.on_tun_packet(at(10), &mut tcp_v4(CLIENT, VIP, port, 80, ACK, &[]))), Some(t));
+            pinned.push(t);
+        }
+        assert!(pinned.iter().any(|&t| t != NodeId(0)));
+        // 10,000 SYNs, then 10,000 ACKs, from spoofed sources.
+        let quota = n.flows().config().unconfirmed_quota();
+        for (flags, sources) in [(SYN, 0), (ACK, 500_000)] {
+            for i in 0..10_000u32 {
+                let port = u16::try_from(i % 60_000).unwrap() + 1024;
+                n.on_tun_packet(at(1000), &mut tcp_v4(spoofed(sources + i), VIP, port, 80, flags, &[]));
+            }
+            assert_eq!((n.flows().len(), n.flows().unconfirmed()), (30 + quota, quota));
+        }
+        let c = n.counters().clone();
+        assert_eq!(c.flows_evicted, 0, "only flows placed by the policy were there to evict");
+        assert_eq!(c.flows_untracked, 20_000 - quota as u64);
+        assert_eq!(c.placed_by_hash_under_pressure, 10_000 - quota as u64);
+        n.flows().check_invariants();
+        // Mid-stream packets of unknown flows, placed by hash, replace one another under
+        // pressure (the oldest first) once the SYNs placed by the policy have idled out.
+        n.handle_timeout(at(31_000));
+        for i in 0..1000u32 {
+            n.on_tun_packet(at(31_000), &mut tcp_v4(spoofed(i + 700_000), VIP, 9, 80, ACK, &[]));
+        }
+        assert_eq!(n.counters().flows_evicted, 1000 - quota as u64);
+        assert_eq!(n.flows().unconfirmed(), quota);
+        // A real client connecting during the flood: its SYN and ACK agree, tracked or not.
+        for port in 100..130 {
+            let t = target(n.on_tun_packet(at(31_001), &mut syn(port)));
+            for flags in [ACK, ACK, FIN_ACK] {
+                assert_eq!(target(n.on_tun_packet(at(31_002), &mut tcp_v4(CLIENT, VIP, port, 80, flags, &[]))), t);
+            }
+        }
+        // The idle established connections are where they were.
+        for (port, &t) in (0..30).zip(&pinned) {
+            let v = n.on_tun_packet(at(32_000), &mut tcp_v4(CLIENT, VIP, port, 80, ACK, &[]));
+            assert_eq!(target(v), Some(t), "port {port} moved");
+        }
+        // When the flood's flows have idled out, new flows go by the policy again; new UDP flows
+        // only once a flow placed by hash under pressure would have idled out too.
+        n.handle_timeout(at(62_000));
+        assert!(n.flows().has_room());
+        let before = n.counters().placed_by_hash_under_pressure;
+        n.on_tun_packet(at(62_000), &mut syn(200));
+        assert_eq!(n.counters().placed_by_hash_under_pressure, before);
+        n.on_tun_packet(at(62_000), &mut udp_v4(CLIENT, VIP, 200, 53, b"q"));
+        assert_eq!(n.counters().placed_by_hash_under_pressure, before + 1, "udp by hash within udp_idle");
+        n.on_tun_packet(at(31_002 + 120_000), &mut udp_v4(CLIENT, VIP, 201, 53, b"q"));
+        assert_eq!(n.counters().placed_by_hash_under_pressure, before + 1, "udp by the policy again");
+    }
+
+    #[test]
+    fn flows_that_began_unseen_wait_for_a_second_packet() {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.1 });
+        // A mid-stream ACK: tracked, unconfirmed, for the handshake timeout only.
+        n.on_tun_packet(at(0), &mut tcp_v4(CLIENT, VIP, 1, 80, ACK, &[]));
+        n.on_tun_packet(at(0), &mut tcp_v4(CLIENT, VIP, 2, 80, ACK, &[]));
+        assert_eq!(n.flows().unconfirmed(), 2);
+        n.on_tun_packet(at(1), &mut tcp_v4(CLIENT, VIP, 2, 80, ACK, &[]));
+        assert_eq!(n.flows().unconfirmed(), 1, "the second packet confirms");
+        n.handle_timeout(at(30_000));
+        assert_eq!(n.flows().find(&classify_key(1)), None, "unconfirmed flows idle out after 30 s");
+        assert!(n.flows().find(&classify_key(2)).is_some(), "confirmed ones last 15 min");
+        // A FIN or RST of an unknown connection is placed by hash and not tracked.
+        for (port, flags) in [(3, FIN_ACK), (4, 0x04)] {
+            let v = target(n.on_tun_packet(at(30_001), &mut tcp_v4(CLIENT, VIP, port, 80, flags, &[])));
+            let again = target(n.on_tun_packet(at(30_002), &mut tcp_v4(CLIENT, VIP, port, 80, ACK, &[])));
+            assert_eq!(v, again);
+        }
+        assert_eq!(n.counters().flows_untracked, 2);
+    }
+
+    /// The router's "fragmentation needed" (MTU 1400) for the reply (VIP -> client) of the
+    /// flow from CLIENT's `port`. (The core does not check ICMP checksums; the serving node's
+    /// kernel does.)
+    fn icmp_error_about(port: u16) -> Vec<u8> {
         let reply = tcp_v4(VIP, CLIENT, 80, port, ACK, &[]);
-        let mut icmp_body = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78]; // frag needed, MTU 1400
+        let mut icmp_body = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78];
         icmp_body.extend_from_slice(&reply[..28]);
-        // (The core does not check ICMP checksums; the serving node's kernel does.)
         let mut pkt = ringlb_wire::build::udp_v4([10, 77, 0, 254], VIP, 0, 0, &[]);
         pkt.truncate(20);
         pkt[9] = 1; // ICMP
@@ -675,10 +856,40 @@ mod tests {
         let len = u16::try_from(pkt.len()).unwrap();
         pkt[2..4].copy_from_slice(&len.to_be_bytes());
         ringlb_wire::build::fix_ipv4_checksum(&mut pkt);
-        assert_eq!(target(n.on_tun_packet(at(1), &mut pkt)), Some(peer), "error not sent to the flow's node");
-        // An echo request is answered here.
-        pkt[20] = 8;
-        assert_eq!(target(n.on_tun_packet(at(1), &mut pkt)), Some(NodeId(0)));
+        pkt
+    }
+
+    fn kill(n: &mut Node, id: NodeId) {
+        if let Some(m) = n.members.get_mut(id) {
+            m.state = MemberState::Dead;
+        }
+    }
+
+    #[test]
+    fn icmp_errors_about_a_dead_members_flow_stay_here_and_untracked_flows_follow_the_hash() {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.0 });
+        let on_n3: Vec<u16> =
+            (1..60).filter(|&p| target(n.on_tun_packet(at(0), &mut syn(p))) == Some(NodeId(2))).collect();
+        assert!(!on_n3.is_empty());
+        assert_eq!(target(n.on_tun_packet(at(1), &mut icmp_error_about(on_n3[0]))), Some(NodeId(2)));
+        kill(&mut n, NodeId(2));
+        assert_eq!(
+            target(n.on_tun_packet(at(2), &mut icmp_error_about(on_n3[0]))),
+            Some(NodeId(0)),
+            "error forwarded to a dead member"
+        );
+        // Once the flow is rescued (replaced elsewhere), its errors follow it there.
+        n.config.on_failure = FailurePolicy::Replace;
+        let moved = target(n.on_tun_packet(at(3), &mut tcp_v4(CLIENT, VIP, on_n3[1], 80, ACK, &[])));
+        assert_ne!(moved, Some(NodeId(2)));
+        assert_eq!(target(n.on_tun_packet(at(4), &mut icmp_error_about(on_n3[1]))), moved);
+        // An untracked flow's errors go where the hash places its packets.
+        let mut hash = node(Policy::ConsistentHash);
+        kill(&mut hash, NodeId(2));
+        for port in 1000..1030 {
+            let want = target(hash.on_tun_packet(at(5), &mut syn(port)));
+            assert_eq!(target(n.on_tun_packet(at(5), &mut icmp_error_about(port))), want);
+        }
     }
 
     #[test]

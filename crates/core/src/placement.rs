@@ -121,19 +121,61 @@ fn power_of_two(candidates: &[Candidate], local: usize, margin: f64, rng: &mut R
 
 /// Weighted rendezvous hashing: each member scores `-weight / ln(u)` with `u` a uniform draw
 /// from hash(flow, member); the highest score wins. Removing a member moves only its flows.
+///
+/// Nodes must agree on it. When all weights are equal it finds the same winner without a
+/// logarithm per member (a flood placed by hash calls it for every packet).
 pub(crate) fn consistent_hash(key: &FlowKey, candidates: &[Candidate]) -> Placement {
     let flow = key.stable_hash();
+    largest_draw(flow, candidates).unwrap_or_else(|| rendezvous(flow, candidates))
+}
+
+/// The member's draw for the flow: 53 random bits.
+fn draw(flow: u64, c: &Candidate) -> u64 {
+    ringlb_wire::mix64(flow ^ c.name_hash) >> 11
+}
+
+/// The definition of [`consistent_hash`].
+fn rendezvous(flow: u64, candidates: &[Candidate]) -> Placement {
     candidates
         .iter()
         .filter(|c| c.takes_flows())
         .map(|c| {
-            let h = ringlb_wire::mix64(flow ^ c.name_hash);
             // 53 random bits into (0, 1).
-            let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            let u = (draw(flow, c) as f64 + 0.5) / (1u64 << 53) as f64;
             (c.id, -c.weight / u.ln())
         })
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .map_or(Placement::NoCandidate, |(id, _)| Placement::Chosen(id))
+}
+
+/// [`rendezvous`]'s answer when every member that takes flows has the same weight: the score
+/// rises with the draw, so the largest draw wins. `None` (compute the scores) when weights
+/// differ, or when rounding could order the scores otherwise than the draws: the two largest
+/// draws within `MARGIN` of each other (ties go to the last), or the largest so close to 2^53
+/// that `u` rounds to 1 (its score is then -inf). Outside those, two draws `MARGIN` apart differ
+/// in score by at least 2^-42 relative (`-ln u` is at most 37.4), about a thousand times the
+/// rounding error of `ln` and the division.
+fn largest_draw(flow: u64, candidates: &[Candidate]) -> Option<Placement> {
+    const MARGIN: u64 = 1 << 16;
+    let mut weight = None;
+    let (mut best, mut top, mut second) = (None, 0, None);
+    for c in candidates.iter().filter(|c| c.takes_flows()) {
+        if *weight.get_or_insert(c.weight) != c.weight {
+            return None;
+        }
+        let d = draw(flow, c);
+        if best.is_none() || d > top {
+            if best.is_some() {
+                second = Some(top);
+            }
+            (best, top) = (Some(c.id), d);
+        } else if second.is_none_or(|s| d > s) {
+            second = Some(d);
+        }
+    }
+    let Some(best) = best else { return Some(Placement::NoCandidate) };
+    let clear = second.is_none_or(|s| top - s > MARGIN) && top < (1 << 53) - MARGIN;
+    clear.then_some(Placement::Chosen(best))
 }
 
 #[cfg(test)]
@@ -213,7 +255,74 @@ mod tests {
         assert!(counts.iter().all(|&c| (850..1150).contains(&c)), "{counts:?}");
     }
 
+    #[test]
+    fn consistent_hash_is_pinned() {
+        // Nodes must agree: these answers are what every version so far computes.
+        let check = |weights: [f64; 5], want: [u16; 24]| {
+            let c: Vec<Candidate> = (0..5).map(|i| cand(i, weights[usize::from(i)], 0.0, true)).collect();
+            let got: Vec<u16> = (0..24)
+                .map(|p| match consistent_hash(&key(p * 977), &c) {
+                    Placement::Chosen(id) => id.0,
+                    Placement::NoCandidate => 99,
+                })
+                .collect();
+            assert_eq!(got, want, "weights {weights:?}");
+        };
+        check([1.0; 5], [4, 1, 0, 3, 3, 4, 0, 3, 3, 2, 3, 0, 4, 3, 1, 1, 2, 0, 2, 3, 4, 0, 2, 3]);
+        check([1.0, 2.0, 0.5, 1.0, 3.0], [4, 1, 0, 3, 3, 4, 0, 3, 3, 4, 3, 0, 4, 4, 1, 1, 4, 0, 2, 4, 4, 0, 4, 3]);
+    }
+
+    /// The inverse of `mix64`, to give members the draws a test needs.
+    fn unmix64(mut z: u64) -> u64 {
+        z ^= z >> 31 ^ z >> 62;
+        z = z.wrapping_mul(0x3196_42b2_d24d_8ec3);
+        z ^= z >> 27 ^ z >> 54;
+        z = z.wrapping_mul(0x96de_1b17_3f11_9089);
+        z ^ z >> 30 ^ z >> 60
+    }
+
+    /// A member whose draw for `key` is `draw`.
+    fn with_draw(i: u16, key: &FlowKey, draw: u64) -> Candidate {
+        let name_hash = unmix64(draw << 11 | 0x7ff) ^ key.stable_hash();
+        Candidate { name_hash, ..cand(i, 1.0, 0.0, true) }
+    }
+
+    #[test]
+    fn the_shortcut_steps_aside_where_rounding_could_decide() {
+        assert_eq!(unmix64(ringlb_wire::mix64(0x1234_5678_9abc_def0)), 0x1234_5678_9abc_def0);
+        let k = key(7);
+        let top = (1u64 << 53) - 1;
+        for draws in [
+            vec![5, 5],                       // a tie: the last one wins
+            vec![1 << 40, (1 << 40) + 3, 17], // close
+            vec![top, 1 << 52],               // u rounds to 1: score -inf, never wins
+            vec![top - 1, top, 3],
+            vec![1 << 52, 1 << 30], // clear: the shortcut answers
+            vec![0, 1],
+        ] {
+            let c: Vec<Candidate> = draws.iter().zip(0..).map(|(&d, i)| with_draw(i, &k, d)).collect();
+            for (c, &d) in c.iter().zip(&draws) {
+                assert_eq!(draw(k.stable_hash(), c), d);
+            }
+            assert_eq!(consistent_hash(&k, &c), rendezvous(k.stable_hash(), &c), "draws {draws:?}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn the_shortcut_agrees_with_the_definition(
+            members in 1usize..64, equal in any::<bool>(), seed in any::<u64>(), port in any::<u16>(),
+        ) {
+            let mut rng = Rng::seed(seed);
+            let c: Vec<Candidate> = (0..members)
+                .map(|i| {
+                    let weight = if equal { 1.0 } else { [0.5, 1.0, 2.0][rng.below(3)] };
+                    Candidate { name_hash: rng.next_u64(), ..cand(u16::try_from(i).unwrap(), weight, 0.0, rng.below(4) > 0) }
+                })
+                .collect();
+            prop_assert_eq!(consistent_hash(&key(port), &c), rendezvous(key(port).stable_hash(), &c));
+        }
+
         #[test]
         fn never_picks_an_ineligible_or_weightless_member(
             members in proptest::collection::vec((0.0f64..4.0, 0.0f64..100.0, any::<bool>()), 1..40),

@@ -111,6 +111,8 @@ const TICK: Duration = Duration::from_millis(250);
 pub struct Snapshot {
     pub counters: Counters,
     pub flows: usize,
+    /// Of those, flows no later packet has confirmed yet.
+    pub flows_unconfirmed: usize,
     pub members: Vec<MemberSnapshot>,
 }
 
@@ -132,6 +134,7 @@ fn snapshot(node: &Node) -> Snapshot {
     Snapshot {
         counters: node.counters().clone(),
         flows: node.flows().len(),
+        flows_unconfirmed: node.flows().unconfirmed(),
         members: node
             .members()
             .iter()

@@ -81,16 +81,28 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
     counter("mss_clamped_total", "Forwarded SYNs whose MSS was lowered.", c.mss_clamped);
     counter("flows_created_total", "Flows created.", c.flows_created);
     counter("flows_expired_total", "Flows expired after idling.", c.flows_expired);
-    counter("flows_evicted_total", "Flows evicted because the table was full.", c.flows_evicted);
+    counter(
+        "flows_evicted_total",
+        "Unconfirmed flows placed by hash, evicted to make room while the flow table was under pressure.",
+        c.flows_evicted,
+    );
+    counter(
+        "flows_untracked_total",
+        "Packets of unknown flows placed by consistent hash without being tracked (flow table under pressure, or an unknown FIN/RST).",
+        c.flows_untracked,
+    );
     counter("flows_reset_total", "TCP flows of a dead member handed to the local kernel to be reset.", c.flows_reset);
     counter("flows_replaced_total", "Flows of a dead member placed anew.", c.flows_replaced);
     let _ = writeln!(
         out,
         "# HELP ringlb_placements_total New flows placed, by outcome.\n# TYPE ringlb_placements_total counter"
     );
-    for (outcome, v) in
-        [("local", c.placed_local), ("peer", c.placed_peer), ("hash_fallback", c.placed_by_hash_fallback)]
-    {
+    for (outcome, v) in [
+        ("local", c.placed_local),
+        ("peer", c.placed_peer),
+        ("hash_fallback", c.placed_by_hash_fallback),
+        ("hash_pressure", c.placed_by_hash_under_pressure),
+    ] {
         let _ = writeln!(out, "ringlb_placements_total{{node=\"{node}\",outcome=\"{outcome}\"}} {v}");
     }
     let _ = writeln!(
@@ -104,6 +116,12 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
         out,
         "# HELP ringlb_flows Flows tracked.\n# TYPE ringlb_flows gauge\nringlb_flows{{node=\"{node}\"}} {}",
         s.flows
+    );
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_flows_unconfirmed Flows tracked that no later packet has confirmed yet (at most flows.unconfirmed_share of flows.max).\n\
+         # TYPE ringlb_flows_unconfirmed gauge\nringlb_flows_unconfirmed{{node=\"{node}\"}} {}",
+        s.flows_unconfirmed
     );
     let _ = writeln!(out, "# HELP ringlb_peer_flows Flows pinned to each member.\n# TYPE ringlb_peer_flows gauge");
     for m in &s.members {

@@ -182,6 +182,9 @@ impl Default for SteeringSection {
 #[serde(deny_unknown_fields, default)]
 pub struct FlowsSection {
     pub max: usize,
+    /// The share of `max` that flows seen only once (a SYN, a first datagram) may hold; a
+    /// flood of spoofed packets takes at most this much.
+    pub unconfirmed_share: f64,
     #[serde(with = "humantime_serde")]
     pub tcp_handshake_idle: Duration,
     #[serde(with = "humantime_serde")]
@@ -197,6 +200,7 @@ impl Default for FlowsSection {
         let d = ringlb_core::FlowConfig::default();
         FlowsSection {
             max: d.max_flows,
+            unconfirmed_share: d.unconfirmed_share,
             tcp_handshake_idle: d.tcp_handshake_idle,
             tcp_established_idle: d.tcp_established_idle,
             tcp_closing_linger: d.tcp_closing_linger,
@@ -427,6 +431,10 @@ impl Config {
         if !(1..=(1 << 31)).contains(&self.flows.max) {
             p.push(format!("flows.max = {}: must be 1 to 2^31", self.flows.max));
         }
+        let share = self.flows.unconfirmed_share;
+        if !(share.is_finite() && share > 0.0 && share <= 1.0) {
+            p.push(format!("flows.unconfirmed_share = {share}: must be above 0 and at most 1"));
+        }
         for (key, d) in [
             ("flows.tcp_handshake_idle", self.flows.tcp_handshake_idle),
             ("flows.tcp_established_idle", self.flows.tcp_established_idle),
@@ -479,6 +487,7 @@ impl Config {
     pub fn flow_config(&self) -> ringlb_core::FlowConfig {
         ringlb_core::FlowConfig {
             max_flows: self.flows.max,
+            unconfirmed_share: self.flows.unconfirmed_share,
             tcp_handshake_idle: self.flows.tcp_handshake_idle,
             tcp_established_idle: self.flows.tcp_established_idle,
             tcp_closing_linger: self.flows.tcp_closing_linger,
@@ -562,6 +571,9 @@ mod tests {
         );
         check(&GOOD.replace("weight = 2", "weight = -2"), &[], Err(&["members[1].weight", "-2"]));
         check(GOOD, &[("RINGLB_CARRIER__KIND", "gre")], Err(&["carrier.kind", "gre"]));
+        check(&format!("{GOOD}\n[flows]\nunconfirmed_share = 1.5\n"), &[], Err(&["flows.unconfirmed_share", "1.5"]));
+        check(GOOD, &[("RINGLB_FLOWS__UNCONFIRMED_SHARE", "0")], Err(&["flows.unconfirmed_share = 0"]));
+        check(&format!("{GOOD}\n[flows]\nmax = 20000\nunconfirmed_share = 0.1\n"), &[], Ok(()));
         check(
             GOOD,
             &[("RINGLB_FLOWS__UDP_IDLE", "0s"), ("RINGLB_CARRIER__PORT", "0")],
