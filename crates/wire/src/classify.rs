@@ -350,7 +350,8 @@ fn classify_full(pkt: &[u8]) -> Result<PacketMeta, MalformedReason> {
         // reads it as a jumbogram's (IPv6), which ringlb refused above.
         Some(TransportSlice::Udp(u)) if u.length() == 0 => return Err(MalformedReason::BadTransportHeader),
         Some(TransportSlice::Udp(u)) => (u.source_port(), u.destination_port(), IPPROTO_UDP, L4::Udp),
-        Some(TransportSlice::Icmpv4(icmp)) => {
+        // ICMPv4 only over IPv4: the kernel has no handler for protocol 1 in IPv6 and drops it.
+        Some(TransportSlice::Icmpv4(icmp)) if src.is_ipv4() => {
             let error_for = matches!(icmp.type_u8(), 3 | 11 | 12).then(|| quoted_flow(icmp.payload())).flatten();
             (0, 0, IPPROTO_ICMP, L4::Icmp { error_for })
         }
@@ -467,6 +468,12 @@ mod tests {
         let payload_len = u16::try_from(ah6.len() - 40).unwrap();
         ah6[4..6].copy_from_slice(&payload_len.to_be_bytes());
         check(&ah6, Err(UnsupportedProtocol));
+        // ICMPv4 (protocol 1) over IPv6, which etherparse reads as ICMP (found by fuzzing).
+        let mut icmp4_in_6 = udp6[..40].to_vec();
+        icmp4_in_6[6] = IPPROTO_ICMP;
+        icmp4_in_6.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]);
+        icmp4_in_6[4..6].copy_from_slice(&8u16.to_be_bytes());
+        check(&icmp4_in_6, Err(UnsupportedProtocol));
     }
 
     /// Packets near the common case: well-formed TCP, UDP and ICMP ones with a few bytes
