@@ -237,6 +237,13 @@ pub fn classify(pkt: &[u8]) -> Result<PacketMeta, MalformedReason> {
     }
 }
 
+/// Both paths' answers, for the fuzz target that holds them to each other.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn classify_paths(pkt: &[u8]) -> (Option<PacketMeta>, Result<PacketMeta, MalformedReason>) {
+    (classify_fast(pkt), classify_full(pkt))
+}
+
 /// The common case, read straight from the bytes: an unfragmented IPv4 packet whose total
 /// length is the buffer's length, with a valid header checksum, carrying a TCP segment or a
 /// UDP datagram whose headers fit. It answers only when it is sure; anything else (IPv6,

@@ -15,6 +15,8 @@ pub mod control;
 pub mod ipip;
 mod mss;
 
+#[cfg(fuzzing)]
+pub use classify::classify_paths;
 pub use classify::{
     classify, mix64, FlowKey, MalformedReason, PacketMeta, TcpFlags, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, L4,
 };
