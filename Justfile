@@ -22,6 +22,37 @@ lint:
     cargo fmt --all --check
     cargo clippy --release --all-targets -- -D warnings
 
+# cargo-fuzz with libFuzzer and the address sanitizer; findings and logs go to
+# fuzz/artifacts/TARGET, the growing corpus to fuzz/corpus/TARGET. Not part of `just test`.
+# Fuzz every parser of untrusted bytes, RUNS executions per target, one after another.
+fuzz runs="10000000":
+    #!/usr/bin/env bash
+    set -uo pipefail
+    command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+    cd fuzz
+    # cargo-fuzz needs nightly flags (-Zsanitizer); stable Rust allows them with this.
+    export RUSTC_BOOTSTRAP=1
+    cargo fuzz build || exit 1
+    failed=()
+    for target in $(cargo fuzz list); do
+        mkdir -p "artifacts/$target"
+        log="artifacts/$target/run.log"
+        start=$(date +%s)
+        nice -n 19 cargo fuzz run "$target" -- -runs={{runs}} -print_final_stats=1 >"$log" 2>&1
+        status=$?
+        secs=$(( $(date +%s) - start ))
+        execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+        if [ "$status" -eq 0 ]; then
+            echo "fuzz $target: ok, ${execs:-?} executions in ${secs} s"
+        else
+            failed+=("$target")
+            echo "fuzz $target: FAILED after ${execs:-?} executions in ${secs} s (see fuzz/$log):"
+            grep -m 3 -E "panicked|ERROR: AddressSanitizer|ERROR: libFuzzer|^(Failing input|Output of)" "$log" || tail -n 5 "$log"
+            ls artifacts/"$target"/crash-* artifacts/"$target"/leak-* artifacts/"$target"/timeout-* artifacts/"$target"/oom-* 2>/dev/null
+        fi
+    done
+    [ ${#failed[@]} -eq 0 ] || { echo "fuzz: findings in ${failed[*]}"; exit 1; }
+
 # Bring up the lab: NODES nodes, ENTRY single (VIP via n1) or ecmp, CARRIER udp or ipip.
 netlab-up nodes="3" entry="single" carrier="udp": build
     {{netlab}} up --nodes {{nodes}} --entry {{entry}} --carrier {{carrier}}

@@ -10,11 +10,11 @@ pub enum DropReason {
     Truncated,
     /// Bad IP version, IHL, total length or header checksum.
     BadIpHeader,
-    /// Bad TCP header (e.g. data offset out of range).
+    /// Bad TCP or UDP header (TCP data offset, UDP length out of range).
     BadTransportHeader,
     /// An IP fragment: ringlb never depends on fragmentation.
     Fragment,
-    /// Not TCP, UDP or ICMP.
+    /// Not TCP, UDP or ICMP, or behind an IPsec authentication header.
     UnsupportedProtocol,
     /// Inner destination is not the VIP.
     NotVip,

@@ -60,10 +60,37 @@ pub fn udp_v4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]
     ipv4(src, dst, 17, &u)
 }
 
-/// Checks the TCP checksum of an IPv4 packet.
+/// A UDP datagram over IPv6 (no extension headers).
+pub fn udp_v6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(8 + payload.len()).expect("test packet fits in 64 KiB");
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&[17, 64]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&len.to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    // Pseudo-header: addresses, upper-layer length, next header.
+    let mut sum = crate::checksum::add(0, &p[8..40]);
+    sum += u32::from(len) + 17;
+    let sum = crate::checksum::finish(crate::checksum::add(sum, &p[40..]));
+    p[46..48].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
+/// Checks the TCP checksum of an IPv4 packet: over its total length, as a receiver does
+/// (bytes after it, such as link-layer padding, are not part of the segment). False when the
+/// header lengths do not fit the buffer.
 pub fn tcp_checksum_ok(pkt: &[u8]) -> bool {
-    let ihl = usize::from(pkt[0] & 0x0f) * 4;
+    let ihl = usize::from(pkt.first().map_or(0, |b| b & 0x0f)) * 4;
+    let total = pkt.get(2..4).map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+    if ihl < 20 || total < ihl || total > pkt.len() {
+        return false;
+    }
     let src = [pkt[12], pkt[13], pkt[14], pkt[15]];
     let dst = [pkt[16], pkt[17], pkt[18], pkt[19]];
-    l4_checksum(src, dst, 6, &pkt[ihl..]) == 0
+    l4_checksum(src, dst, 6, &pkt[ihl..total]) == 0
 }

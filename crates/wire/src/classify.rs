@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use etherparse::err::packet::SliceError;
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use etherparse::{Ipv6ExtensionSlice, LenSource, NetSlice, SlicedPacket, TransportSlice};
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -227,7 +227,7 @@ fn quoted_flow(quoted: &[u8]) -> Option<FlowKey> {
 /// Parses an inner IP packet (no link header) into its flow key.
 ///
 /// Checks what the kernel checks before it would deliver the packet (IPv4 header checksum,
-/// lengths), so that nothing ringlb forwards can be refused later for a reason it could have
+/// IP, TCP and UDP header lengths; no IPsec header, which needs a security association), so that nothing ringlb forwards can be refused later for a reason it could have
 /// seen here. Fragments are refused: ringlb never depends on IP fragmentation.
 #[inline(always)]
 pub fn classify(pkt: &[u8]) -> Result<PacketMeta, MalformedReason> {
@@ -235,6 +235,13 @@ pub fn classify(pkt: &[u8]) -> Result<PacketMeta, MalformedReason> {
         Some(meta) => Ok(meta),
         None => classify_full(pkt),
     }
+}
+
+/// Both paths' answers, for the fuzz target that holds them to each other.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub fn classify_paths(pkt: &[u8]) -> (Option<PacketMeta>, Result<PacketMeta, MalformedReason>) {
+    (classify_fast(pkt), classify_full(pkt))
 }
 
 /// The common case, read straight from the bytes: an unfragmented IPv4 packet whose total
@@ -301,10 +308,13 @@ fn ipv4_header_sum_ok(header: &[u8]) -> bool {
 #[inline(never)]
 fn classify_full(pkt: &[u8]) -> Result<PacketMeta, MalformedReason> {
     let sliced = SlicedPacket::from_ip(pkt).map_err(|e| match e {
+        // A UDP length below the UDP header's own 8 bytes.
+        SliceError::Len(e) if e.len_source == LenSource::UdpHeaderLen => MalformedReason::BadTransportHeader,
         SliceError::Len(_) => MalformedReason::Truncated,
         SliceError::Tcp(_) => MalformedReason::BadTransportHeader,
         _ => MalformedReason::BadIpHeader,
     })?;
+    // Where etherparse is more lenient than the kernel, the kernel's rule wins.
     let (src, dst) = match &sliced.net {
         Some(NetSlice::Ipv4(v4)) => {
             let h = v4.header();
@@ -314,13 +324,26 @@ fn classify_full(pkt: &[u8]) -> Result<PacketMeta, MalformedReason> {
             if h.is_fragmenting_payload() {
                 return Err(MalformedReason::Fragment);
             }
+            // etherparse walks through an authentication header to the transport; the kernel
+            // drops the packet unless a security association matches, and ringlb has none.
+            if !v4.extensions().is_empty() {
+                return Err(MalformedReason::UnsupportedProtocol);
+            }
             (IpAddr::V4(h.source_addr()), IpAddr::V4(h.destination_addr()))
         }
         Some(NetSlice::Ipv6(v6)) => {
+            let h = v6.header();
+            // etherparse takes the rest of the buffer as payload; to the kernel it means a
+            // jumbogram, which needs a hop-by-hop option, and ringlb carries none.
+            if h.payload_length() == 0 {
+                return Err(MalformedReason::BadIpHeader);
+            }
             if v6.is_payload_fragmented() {
                 return Err(MalformedReason::Fragment);
             }
-            let h = v6.header();
+            if v6.extensions().clone().into_iter().any(|e| matches!(e, Ipv6ExtensionSlice::Authentication(_))) {
+                return Err(MalformedReason::UnsupportedProtocol);
+            }
             (IpAddr::V6(h.source_addr()), IpAddr::V6(h.destination_addr()))
         }
         _ => return Err(MalformedReason::BadIpHeader),
@@ -330,8 +353,12 @@ fn classify_full(pkt: &[u8]) -> Result<PacketMeta, MalformedReason> {
             let flags = TcpFlags { syn: t.syn(), ack: t.ack(), fin: t.fin(), rst: t.rst() };
             (t.source_port(), t.destination_port(), IPPROTO_TCP, L4::Tcp(flags))
         }
+        // Length 0: etherparse falls back to the IP payload's; the kernel drops it (IPv4), or
+        // reads it as a jumbogram's (IPv6), which ringlb refused above.
+        Some(TransportSlice::Udp(u)) if u.length() == 0 => return Err(MalformedReason::BadTransportHeader),
         Some(TransportSlice::Udp(u)) => (u.source_port(), u.destination_port(), IPPROTO_UDP, L4::Udp),
-        Some(TransportSlice::Icmpv4(icmp)) => {
+        // ICMPv4 only over IPv4: the kernel has no handler for protocol 1 in IPv6 and drops it.
+        Some(TransportSlice::Icmpv4(icmp)) if src.is_ipv4() => {
             let error_for = matches!(icmp.type_u8(), 3 | 11 | 12).then(|| quoted_flow(icmp.payload())).flatten();
             (0, 0, IPPROTO_ICMP, L4::Icmp { error_for })
         }
@@ -345,9 +372,13 @@ mod tests {
     use super::*;
     use crate::build::{tcp_v4, udp_v4};
 
+    /// Classifies `pkt`, and holds the fast path to the full one wherever it answers.
     fn check(pkt: &[u8], want: Result<(u8, u16, u16), MalformedReason>) {
         let got = classify(pkt).map(|m| (m.key.proto, m.key.src_port, m.key.dst_port));
         assert_eq!(got, want, "packet {pkt:02x?}");
+        if let Some(fast) = classify_fast(pkt) {
+            assert_eq!(Ok(fast), classify_full(pkt), "paths disagree on {pkt:02x?}");
+        }
     }
 
     #[test]
@@ -382,6 +413,74 @@ mod tests {
         gre[9] = 47;
         crate::build::fix_ipv4_checksum(&mut gre);
         check(&gre, Err(MalformedReason::UnsupportedProtocol));
+    }
+
+    /// Packets the kernel drops before any socket sees them: refused on both paths, so that
+    /// ringlb never forwards what the serving node would throw away.
+    #[test]
+    fn refuses_what_the_kernel_drops() {
+        use MalformedReason::*;
+        let (client, vip) = ([10, 0, 0, 1], [10, 200, 0, 10]);
+        // UDP length: the kernel drops one below 8 or beyond the IP payload, and trims the IP
+        // payload to a shorter one.
+        let udp = udp_v4(client, vip, 5353, 53, b"hello");
+        let udp_len = |p: &[u8], at: usize, len: u16| {
+            let mut p = p.to_vec();
+            p[at..at + 2].copy_from_slice(&len.to_be_bytes());
+            p
+        };
+        for (len, want) in [
+            (0, Err(BadTransportHeader)),
+            (1, Err(BadTransportHeader)),
+            (7, Err(BadTransportHeader)),
+            (8, Ok((IPPROTO_UDP, 5353, 53))),
+            (12, Ok((IPPROTO_UDP, 5353, 53))),
+            (13, Ok((IPPROTO_UDP, 5353, 53))),
+            (14, Err(Truncated)),
+            (0xffff, Err(Truncated)),
+        ] {
+            check(&udp_len(&udp, 24, len), want);
+        }
+
+        // IPv4 with an authentication header before TCP: without a security association
+        // the kernel drops it; etherparse walks through it to the TCP header.
+        let tcp = tcp_v4(client, vip, 40000, 80, 0x02, &[]);
+        let mut ah = tcp[..20].to_vec();
+        ah[9] = 51;
+        ah.extend_from_slice(&[IPPROTO_TCP, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]);
+        ah.extend_from_slice(&tcp[20..]);
+        let total = u16::try_from(ah.len()).unwrap();
+        ah[2..4].copy_from_slice(&total.to_be_bytes());
+        crate::build::fix_ipv4_checksum(&mut ah);
+        check(&ah, Err(UnsupportedProtocol));
+
+        // IPv6: payload length 0 (a jumbogram's, without the hop-by-hop option that makes one),
+        // UDP lengths as above, and AH.
+        let (client6, vip6) = ([0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0xfd; 16]);
+        let udp6 = crate::build::udp_v6(client6, vip6, 5353, 53, b"hello");
+        check(&udp6, Ok((IPPROTO_UDP, 5353, 53)));
+        check(&udp_len(&udp6, 4, 0), Err(BadIpHeader));
+        check(&udp_len(&udp6, 4, 12), Err(Truncated)); // the UDP length is now beyond it
+        let mut padded = udp6.clone();
+        padded.push(0);
+        check(&padded, Ok((IPPROTO_UDP, 5353, 53)));
+        check(&udp_len(&udp6, 4, 14), Err(Truncated));
+        check(&udp_len(&udp6, 44, 0), Err(BadTransportHeader));
+        check(&udp_len(&udp6, 44, 7), Err(BadTransportHeader));
+        check(&udp_len(&udp6, 44, 14), Err(Truncated));
+        let mut ah6 = udp6[..40].to_vec();
+        ah6[6] = 51;
+        ah6.extend_from_slice(&[IPPROTO_UDP, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]);
+        ah6.extend_from_slice(&udp6[40..]);
+        let payload_len = u16::try_from(ah6.len() - 40).unwrap();
+        ah6[4..6].copy_from_slice(&payload_len.to_be_bytes());
+        check(&ah6, Err(UnsupportedProtocol));
+        // ICMPv4 (protocol 1) over IPv6, which etherparse reads as ICMP (found by fuzzing).
+        let mut icmp4_in_6 = udp6[..40].to_vec();
+        icmp4_in_6[6] = IPPROTO_ICMP;
+        icmp4_in_6.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]);
+        icmp4_in_6[4..6].copy_from_slice(&8u16.to_be_bytes());
+        check(&icmp4_in_6, Err(UnsupportedProtocol));
     }
 
     /// Packets near the common case: well-formed TCP, UDP and ICMP ones with a few bytes

@@ -3,7 +3,7 @@
 //! - [`classify`] turns an inner IP packet into a [`PacketMeta`] (flow key, TCP flags), or a
 //!   [`MalformedReason`] saying why it is not a packet ringlb can route.
 //! - [`ipip`] writes and strips the outer IPv4 header of RFC 2003 IP-in-IP.
-//! - [`clamp_tcp_mss`] lowers the MSS option of a SYN in place and fixes the checksum.
+//! - [`clamp_tcp_mss`] lowers every MSS option of a SYN in place and fixes the checksum.
 //!
 //! This crate does no IO and allocates nothing; it only reads and writes caller buffers.
 //! It knows nothing of nodes or policy: that is `ringlb-core`.
@@ -14,6 +14,8 @@ mod classify;
 pub mod ipip;
 mod mss;
 
+#[cfg(fuzzing)]
+pub use classify::classify_paths;
 pub use classify::{
     classify, mix64, FlowKey, MalformedReason, PacketMeta, TcpFlags, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, L4,
 };
