@@ -313,6 +313,8 @@ struct Control {
     last_new_flows: Option<(u64, Instant)>,
     /// When the data plane last published its load; a silent data plane must not be advertised.
     dataplane_seen: Instant,
+    /// When each loud refusal was last logged.
+    warned: HashMap<Refusal, Instant>,
 }
 
 /// A data plane silent for this long is taken as hung: its node stops sending load vectors, so
@@ -352,6 +354,7 @@ impl Control {
             cpu: CpuMeter::default(),
             last_new_flows: None,
             dataplane_seen: Instant::now(),
+            warned: HashMap::new(),
         }
     }
 
@@ -430,7 +433,17 @@ impl Control {
                 match self.cluster.handle_datagram(now, &peer, &bytes) {
                     Outcome::Accepted => {}
                     Outcome::Refused(why) => {
-                        tracing::debug!(peer = %peer.name, reason = why.name(), "control message refused");
+                        // What an operator must act on is said, once in a while per reason (a
+                        // peer could otherwise fill the log); the counters have every one.
+                        let loud = matches!(why, Refusal::TableFull | Refusal::Address | Refusal::AddressInUse);
+                        let due = self.warned.get(&why).is_none_or(|t| t.elapsed() > Duration::from_secs(10));
+                        if loud && due {
+                            self.warned.insert(why, Instant::now());
+                            tracing::warn!(peer = %peer.name, addr = %peer.source, reason = why.name(),
+                                "control message refused (table_full: raise control.max_members; address: the claimed address is not in the peer's certificate or not its source; address_in_use: a live member holds it)");
+                        } else {
+                            tracing::debug!(peer = %peer.name, reason = why.name(), "control message refused");
+                        }
                     }
                     Outcome::Close(why) => {
                         tracing::warn!(peer = %peer.name, addr = %peer.source, reason = why.name(), len = bytes.len(), "control message refused; closing the connection");
