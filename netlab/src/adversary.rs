@@ -79,8 +79,9 @@ impl Conns {
     }
 }
 
-/// Runs the attack; returns counts of what was sent, as JSON.
-pub async fn run(o: Options) -> Result<String> {
+/// Runs the attack until `o.seconds` pass or, for a forgery, `stop` fires; returns counts of
+/// what was sent, as JSON. Its sockets are those of the calling thread's network namespace.
+pub async fn run(o: Options, stop: tokio::sync::oneshot::Receiver<()>) -> Result<String> {
     if !in_lab(IpAddr::V4(o.addr)) || !in_lab(o.seed.1.ip()) {
         bail!("the adversary only plays inside the lab (10.77.0.0/24)");
     }
@@ -128,17 +129,9 @@ pub async fn run(o: Options) -> Result<String> {
     let mut load = tokio::time::interval(Duration::from_millis(250));
     let mut forge = tokio::time::interval(Duration::from_millis(200));
     let mut flooded = false;
-    // A line on stdin, or its end, stops a forgery early (a flood runs its course).
-    let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
-    if o.attack == Attack::Forge {
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = std::io::stdin().read_line(&mut line);
-            let _ = stop_tx.send(());
-        });
-    } else {
-        std::mem::forget(stop_tx);
-    }
+    // Only a forgery stops early; a flood runs its course.
+    let mut stop = stop;
+    let mut stop_armed = o.attack == Attack::Forge;
     while Instant::now() < end {
         let wake = cluster
             .poll_timeout()
@@ -178,7 +171,12 @@ pub async fn run(o: Options) -> Result<String> {
                 }
             }
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => cluster.handle_timeout(now()),
-            _ = &mut stop => break,
+            _ = &mut stop, if stop_armed => {
+                stop_armed = false;
+                if o.attack == Attack::Forge {
+                    break;
+                }
+            }
         }
         while let Some(t) = cluster.poll_transmit() {
             let ok = conns.send(&t.to, t.addr, t.bytes).await;
@@ -274,4 +272,32 @@ async fn handshakes(
     }
     sent.insert("handshakes", n);
     sent.insert("handshakes_completed", ok);
+}
+
+/// A play of the adversary on a lab host's thread; see [`Lab::adversary`].
+#[derive(Debug)]
+pub struct Play {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: std::thread::JoinHandle<Result<String>>,
+}
+
+impl Play {
+    /// Stops a forgery (a flood runs its course) and returns what it sent, as JSON.
+    pub fn finish(mut self) -> Result<String> {
+        drop(self.stop.take());
+        self.thread.join().map_err(|_| anyhow::anyhow!("the adversary thread panicked"))?
+    }
+}
+
+impl crate::Lab {
+    /// Starts the adversary inside lab host `host` (its network namespace), on a thread of
+    /// its own with a single-threaded runtime.
+    pub fn adversary(&self, host: &str, o: Options) -> Result<Play> {
+        let (stop_tx, stop) = tokio::sync::oneshot::channel();
+        let thread = self.in_host(host, move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(run(o, stop))
+        })?;
+        Ok(Play { stop: Some(stop_tx), thread })
+    }
 }

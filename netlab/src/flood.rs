@@ -153,6 +153,17 @@ impl Lab {
     /// enters that host's network namespace. Returns once every packet is sent.
     pub fn flood(&self, host: &str, flood: &Flood) -> Result<Sent> {
         flood.check()?;
+        let flood = flood.clone();
+        self.in_host(host, move || send(&flood))?.join().map_err(|_| anyhow::anyhow!("the flood thread panicked"))?
+    }
+
+    /// Runs `f` on a thread of its own inside lab host `host`'s network namespace (`client`,
+    /// `router` or `nN`): every socket it opens is that host's.
+    pub fn in_host<T: Send + 'static>(
+        &self,
+        host: &str,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<Result<T>>> {
         let ns = match host {
             "client" => self.client(),
             "router" => self.router(),
@@ -163,14 +174,11 @@ impl Lab {
         };
         let path = Path::new("/run/netns").join(&ns);
         let netns = File::open(&path).with_context(|| format!("lab namespace {}", path.display()))?;
-        let flood = flood.clone();
-        std::thread::spawn(move || -> Result<Sent> {
+        Ok(std::thread::spawn(move || -> Result<T> {
             rustix::thread::move_into_link_name_space(netns.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
                 .with_context(|| format!("entering network namespace {ns}"))?;
-            send(&flood)
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("the flood thread panicked"))?
+            f()
+        }))
     }
 }
 

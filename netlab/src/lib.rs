@@ -18,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod adversary;
 pub mod flood;
 
 use std::fmt::Write as _;

@@ -2,7 +2,6 @@
 
 #![forbid(unsafe_code)]
 
-mod adversary;
 mod bench;
 
 use std::path::PathBuf;
@@ -10,7 +9,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use ringlb_netlab::{down, Entry, Lab, Spec, VIP};
+use ringlb_netlab::{adversary, down, Entry, Lab, Spec, VIP};
 
 #[derive(Debug, Parser)]
 #[command(about = "ringlb's lab in network namespaces")]
@@ -191,8 +190,15 @@ fn run(cli: Cli) -> Result<()> {
                 attack,
                 seconds,
             };
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            println!("{}", rt.block_on(adversary::run(options))?);
+            // A line on stdin, or its end, stops a forgery early (a flood runs its course).
+            let (stop_tx, stop) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let _ = std::io::stdin().read_line(&mut line);
+                let _ = stop_tx.send(());
+            });
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            println!("{}", rt.block_on(adversary::run(options, stop))?);
             Ok(())
         }
         Cmd::Exec { node, cmd } => {

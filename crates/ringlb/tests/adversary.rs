@@ -6,7 +6,8 @@
 //!
 //! The adversary is `n9`: a real data plane and nginx at 10.77.0.9 (a `ringlb node` without a
 //! control plane), whose control plane is played by `netlab adversary` holding the lab CA's
-//! certificate for n9: it answers probes and sends load vectors like a member, and lies.
+//! certificate for n9: it answers probes and sends load vectors like a member, and lies. It
+//! runs on a thread of this test that entered n9's network namespace.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -14,38 +15,32 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use std::net::Ipv4Addr;
+
+use ringlb_netlab::adversary::{Attack, Options, Play};
 use ringlb_netlab::{unique_prefix, Lab, Spec, VIP};
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_ringlb")
 }
 
-fn netlab_bin() -> String {
-    Path::new(bin()).with_file_name("netlab").to_string_lossy().into_owned()
+/// Starts the adversary in n9's namespace (a thread of this process that entered it).
+fn adversary(lab: &Lab, attack: Attack, seconds: f64) -> Play {
+    let options = Options {
+        pki: lab.dir.join("pki"),
+        name: "n9".into(),
+        addr: Ipv4Addr::new(10, 77, 0, 9),
+        port: 6636,
+        seed: ("n1".into(), "10.77.0.1:6636".parse().unwrap()),
+        victim: "n3".into(),
+        attack,
+        seconds,
+    };
+    lab.adversary("n9", options).expect("the adversary starts")
 }
 
 fn script(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netlab").join(name).to_string_lossy().into_owned()
-}
-
-/// Starts `netlab adversary` in n9's namespace; stdin stays open until [`stop`].
-fn adversary(lab: &Lab, attack: &str, seconds: u32) -> Child {
-    let pki = lab.dir.join("pki").to_string_lossy().into_owned();
-    Command::new("ip")
-        .args(["netns", "exec", &lab.node(9), &netlab_bin(), "adversary", "--pki", &pki, "--name", "n9"])
-        .args(["--addr", "10.77.0.9", "--seed", "n1@10.77.0.1:6636", "--victim", "n3", "--attack", attack])
-        .args(["--seconds", &seconds.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("netlab adversary starts")
-}
-
-fn stop(mut child: Child) -> String {
-    drop(child.stdin.take());
-    let out = child.wait_with_output().expect("adversary ends");
-    assert!(out.status.success(), "the adversary failed: {out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// A keep-alive connection from the client that landed on n3; answers a request per line on
@@ -141,14 +136,14 @@ fn a_member_with_a_valid_certificate_cannot_evict_invent_or_steer() {
     let (mut keep_alive, mut answers) = pinned_to_n3(&lab);
 
     // Forgeries for as long as 2,000 new connections take.
-    let forger = adversary(&lab, "forge", 300);
+    let forger = adversary(&lab, Attack::Forge, 300.0);
     lab.wait_converged(&[1, 2, 3], 4, Duration::from_secs(20)).expect("n9 becomes a member");
     let loop_out = Command::new("ip")
         .args(["netns", "exec", &lab.client(), "python3", &script("connloop.py"), &format!("http://{VIP}/")])
         .args(["180", "2", "2000"])
         .output()
         .unwrap();
-    let sent = stop(forger);
+    let sent = forger.finish().expect("the forgery ran");
     println!("forger: {sent}");
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
     for l in String::from_utf8_lossy(&loop_out.stdout).lines() {
@@ -184,8 +179,8 @@ fn a_member_with_a_valid_certificate_cannot_evict_invent_or_steer() {
     assert_eq!(ask(&mut keep_alive, &mut answers), "n3", "the connection pinned to n3 broke");
 
     // Floods, and a record spoken for the victim.
-    let flooder = adversary(&lab, "flood", 12);
-    let sent = stop(flooder);
+    let flooder = adversary(&lab, Attack::Flood, 12.0);
+    let sent = flooder.finish().expect("the flood ran");
     println!("flooder: {sent}");
     std::thread::sleep(Duration::from_secs(1));
     let rate_limited: u64 = (1..=3).map(|i| refused(&lab, i, "rate_limited")).sum();
