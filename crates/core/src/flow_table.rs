@@ -275,6 +275,21 @@ impl FlowTable {
         n
     }
 
+    /// Flows that are not closing (handshake, established, UDP) whose target satisfies `pick`.
+    /// Walks them all: for a stopping daemon's few checks a second, not for the packet path.
+    pub fn count_open(&self, mut pick: impl FnMut(NodeId) -> bool) -> usize {
+        let mut n = 0;
+        for state in [FlowState::TcpHandshake, FlowState::TcpEstablished, FlowState::Udp] {
+            let mut h = self.heads[state.list()];
+            while h != NIL {
+                let s = &self.slots[h as usize];
+                n += usize::from(pick(s.target));
+                h = s.next;
+            }
+        }
+        n
+    }
+
     fn push_back(&mut self, h: u32) {
         let list = self.slots[h as usize].state.list();
         let tail = self.tails[list];
@@ -370,6 +385,26 @@ mod tests {
         assert_eq!(t.expire(at(1700)), 1);
         assert!(t.is_empty());
         t.check_invariants();
+    }
+
+    #[test]
+    fn open_flows_are_counted_by_target_and_closing_ones_not() {
+        let mut t = table(10);
+        for (port, target, state) in [
+            (1, 0, FlowState::TcpHandshake),
+            (2, 1, FlowState::TcpEstablished),
+            (3, 1, FlowState::TcpClosing),
+            (4, 1, FlowState::Udp),
+            (5, 2, FlowState::TcpEstablished),
+        ] {
+            t.insert(at(0), key(port), NodeId(target), state);
+        }
+        assert_eq!(t.count_open(|_| true), 4);
+        assert_eq!(t.count_open(|n| n == NodeId(1)), 2, "the closing flow is not counted");
+        assert_eq!(t.count_open(|n| n != NodeId(0)), 3);
+        let h = t.find(&key(2)).unwrap();
+        t.touch(h, at(1), FlowState::TcpClosing);
+        assert_eq!(t.count_open(|n| n == NodeId(1)), 1);
     }
 
     #[test]
