@@ -46,9 +46,12 @@ netlab-demo requests="12":
 netlab-chaos:
     {{netlab}} chaos
 
-# Kill ringlb on a node (kill -9), or start it again.
+# Kill ringlb on a node (kill -9), stop it (SIGTERM: it drains first, then exits), or start it again.
 netlab-kill node:
     {{netlab}} kill {{node}}
+
+netlab-stop node:
+    {{netlab}} stop {{node}}
 
 netlab-start node:
     {{netlab}} start {{node}}
