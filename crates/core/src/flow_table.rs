@@ -275,15 +275,17 @@ impl FlowTable {
         n
     }
 
-    /// Flows that are not closing (handshake, established, UDP) whose target satisfies `pick`.
+    /// Flows whose target satisfies `pick` and that are open: established, UDP, or in a
+    /// handshake that saw a packet at or after `handshakes_since` (closing ones are not).
     /// Walks them all: for a stopping daemon's few checks a second, not for the packet path.
-    pub fn count_open(&self, mut pick: impl FnMut(NodeId) -> bool) -> usize {
+    pub fn count_open(&self, handshakes_since: Timestamp, mut pick: impl FnMut(NodeId) -> bool) -> usize {
         let mut n = 0;
         for state in [FlowState::TcpHandshake, FlowState::TcpEstablished, FlowState::Udp] {
             let mut h = self.heads[state.list()];
             while h != NIL {
                 let s = &self.slots[h as usize];
-                n += usize::from(pick(s.target));
+                let quiet = state == FlowState::TcpHandshake && s.last_seen < handshakes_since;
+                n += usize::from(!quiet && pick(s.target));
                 h = s.next;
             }
         }
@@ -399,12 +401,13 @@ mod tests {
         ] {
             t.insert(at(0), key(port), NodeId(target), state);
         }
-        assert_eq!(t.count_open(|_| true), 4);
-        assert_eq!(t.count_open(|n| n == NodeId(1)), 2, "the closing flow is not counted");
-        assert_eq!(t.count_open(|n| n != NodeId(0)), 3);
+        assert_eq!(t.count_open(at(0), |_| true), 4);
+        assert_eq!(t.count_open(at(0), |n| n == NodeId(1)), 2, "the closing flow is not counted");
+        assert_eq!(t.count_open(at(0), |n| n != NodeId(0)), 3);
         let h = t.find(&key(2)).unwrap();
         t.touch(h, at(1), FlowState::TcpClosing);
-        assert_eq!(t.count_open(|n| n == NodeId(1)), 1);
+        assert_eq!(t.count_open(at(0), |n| n == NodeId(1)), 1);
+        assert_eq!(t.count_open(at(1), |n| n == NodeId(0)), 0, "the handshake has been quiet since 0 s");
     }
 
     #[test]

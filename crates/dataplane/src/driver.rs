@@ -276,7 +276,8 @@ impl Driver {
 
     /// Counts the flows that still need the daemon and tells the [`Stop`] handle.
     fn count_remaining(&mut self) {
-        self.remaining.send_replace(Some(self.node.flows_needing_daemon()));
+        let now = self.now();
+        self.remaining.send_replace(Some(self.node.flows_needing_daemon(now)));
     }
 
     fn now(&self) -> Timestamp {

@@ -12,10 +12,18 @@
 //! pinned here before the first packet ([`Node::adopt_local_flow`]); left to the
 //! consistent-hash fallback, most of them would be sent to a peer, which answers RST.
 
+use std::time::Duration;
+
 use ringlb_wire::{classify, FlowKey, L4};
 
 use super::{initial_state, next_state, Node, Verdict};
 use crate::{MemberState, Timestamp};
+
+/// A handshake quiet for this long needs nobody: a live one sends again within a SYN's or
+/// SYN-ACK's retransmission (after 1 s, then 2 s more). A quiet one has gone to another node
+/// (its entry placed the retransmitted SYN anew, e.g. while this node was suspect) or was given
+/// up; it would hold a stop until the handshake timeout.
+const QUIET_HANDSHAKE: Duration = Duration::from_secs(3);
 
 /// Live flows (not closing) that break if this node's daemon exits now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,13 +56,17 @@ impl Node {
         true
     }
 
-    /// Counts the flows that still need this daemon (see [`FlowsNeedingDaemon`]). Walks the
-    /// flow tables: a few times a second while stopping, never per packet.
-    pub fn flows_needing_daemon(&self) -> FlowsNeedingDaemon {
+    /// Counts the flows that still need this daemon at `now` (see [`FlowsNeedingDaemon`]);
+    /// handshakes quiet for 3 s do not count. Walks the flow tables: a few times a second while
+    /// stopping, never per packet.
+    pub fn flows_needing_daemon(&self, now: Timestamp) -> FlowsNeedingDaemon {
         let (local, members) = (self.config.local, &self.members);
-        let forwarded =
-            self.flows.count_open(|t| t != local && members.get(t).is_some_and(|m| m.state != MemberState::Dead));
-        FlowsNeedingDaemon { forwarded, served: self.served.count_open(|_| true) }
+        let since = now.saturating_sub(QUIET_HANDSHAKE);
+        let on_live_peer = |t| t != local && members.get(t).is_some_and(|m| m.state != MemberState::Dead);
+        FlowsNeedingDaemon {
+            forwarded: self.flows.count_open(since, on_live_peer),
+            served: self.served.count_open(since, |_| true),
+        }
     }
 
     /// [`Node::on_tun_packet`] while the daemon stops. The node is still an entry (the router
@@ -177,16 +189,18 @@ mod tests {
         n.on_carrier_packet(at(0), from_n2, &tcp_v4(CLIENT, VIP, 5000, 80, SYN, &[]));
         n.on_carrier_packet(at(0), from_n2, &udp_v4(CLIENT, VIP, 5001, 53, b"q"));
         let want = FlowsNeedingDaemon { forwarded: on_peers.len(), served: 2 };
-        assert_eq!(n.flows_needing_daemon(), want);
+        assert_eq!(n.flows_needing_daemon(at(1)), want);
         // A FIN closes a forwarded flow and a served one: they may linger, nobody waits.
         n.on_tun_packet(at(1), &mut tcp(on_peers[0].0, FIN_ACK));
         n.on_carrier_packet(at(1), from_n2, &tcp_v4(CLIENT, VIP, 5000, 80, FIN_ACK, &[]));
         let want = FlowsNeedingDaemon { forwarded: on_peers.len() - 1, served: 1 };
-        assert_eq!(n.flows_needing_daemon(), want);
+        assert_eq!(n.flows_needing_daemon(at(1)), want);
         // n3 dies: its flows are reset whether the daemon runs or not.
         n.upsert_member("n3", ip([10, 77, 0, 3]), 1.0, MemberState::Dead).unwrap();
         let on_n2 = on_peers[1..].iter().filter(|(_, p)| *p == NodeId(1)).count();
-        assert_eq!(n.flows_needing_daemon().forwarded, on_n2);
+        assert_eq!(n.flows_needing_daemon(at(1)).forwarded, on_n2);
+        // Handshakes that stay quiet for 3 s have gone elsewhere: only the UDP flow is left.
+        assert_eq!(n.flows_needing_daemon(at(3_001)), FlowsNeedingDaemon { forwarded: 0, served: 1 });
     }
 
     #[test]
@@ -196,7 +210,7 @@ mod tests {
             .find_map(|port| peer(n.on_tun_packet(at(0), &mut tcp(port, SYN))).map(|p| (port, p)))
             .expect("a flow placed on a peer");
         n.set_draining(true);
-        let (before, delivered) = (n.flows_needing_daemon(), n.counters().delivered_local);
+        let (before, delivered) = (n.flows_needing_daemon(at(1)), n.counters().delivered_local);
         for port in 100..140 {
             assert_eq!(n.on_tun_packet_stopping(at(1), &mut tcp(port, SYN)), Verdict::Deliver);
             assert_eq!(n.on_tun_packet_stopping(at(2), &mut tcp(port, ACK)), Verdict::Deliver);
@@ -205,7 +219,7 @@ mod tests {
         }
         let udp = &mut udp_v4(CLIENT, VIP, 7000, 53, b"q");
         assert_eq!(n.on_tun_packet_stopping(at(3), udp), Verdict::Deliver);
-        assert_eq!(n.flows_needing_daemon(), before, "new flows made the daemon needed longer");
+        assert_eq!(n.flows_needing_daemon(at(5)), before, "new flows made the daemon needed longer");
         assert_eq!(peer(n.on_tun_packet_stopping(at(4), &mut tcp(port, ACK))), Some(pinned), "pinned flow moved");
         // Its peer drains too: a new connection on its tuple is served here.
         let m = n.members().get(pinned).unwrap().clone();
@@ -240,6 +254,6 @@ mod tests {
         for port in 1..20 {
             assert!(peer(n.on_tun_packet_stopping(at(0), &mut tcp(port, SYN))).is_some(), "port {port} served here");
         }
-        assert_eq!(n.flows_needing_daemon().forwarded, 19);
+        assert_eq!(n.flows_needing_daemon(at(0)).forwarded, 19);
     }
 }
