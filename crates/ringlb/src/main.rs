@@ -432,7 +432,8 @@ impl Drain {
         // for those flows would only run into the deadline.
         let waits_for_served = self.control.is_some();
         let mut last_log: Option<tokio::time::Instant> = None;
-        let mut remaining = None;
+        let mut remaining: Option<usize> = None;
+        let shown = |r: Option<usize>| r.map_or_else(|| "not counted yet".to_owned(), |n| n.to_string());
         loop {
             tokio::select! {
                 count = stop.next_count() => {
@@ -455,13 +456,13 @@ impl Drain {
                 }
                 () = tokio::time::sleep_until(deadline) => {
                     tracing::warn!(
-                        flows = ?remaining, stop_timeout = ?self.timeout,
+                        flows = %shown(remaining), stop_timeout = ?self.timeout,
                         "stopping: node.stop_timeout passed; leaving with flows that still need this daemon"
                     );
                     return;
                 }
                 () = signals.recv() => {
-                    tracing::warn!(flows = ?remaining, "stopping at once: second signal");
+                    tracing::warn!(flows = %shown(remaining), "stopping at once: second signal");
                     return;
                 }
             }
