@@ -17,7 +17,7 @@ use std::time::Duration;
 use ringlb_wire::{classify, FlowKey, L4};
 
 use super::{initial_state, next_state, Node, Verdict};
-use crate::{MemberState, Timestamp};
+use crate::{FlowState, MemberState, Timestamp};
 
 /// A handshake quiet for this long needs nobody: a live one sends again within a SYN's or
 /// SYN-ACK's retransmission (after 1 s, then 2 s more). A quiet one has gone to another node
@@ -49,7 +49,7 @@ impl Node {
         if !key.dst_is(self.config.vip) || self.flows.find(&key).is_some() {
             return false;
         }
-        let ins = self.flows.insert(now, key, self.config.local, crate::FlowState::TcpEstablished);
+        let ins = self.flows.insert(now, key, self.config.local, FlowState::TcpEstablished);
         if ins.evicted.is_some() {
             self.counters.flows_evicted += 1;
         }
