@@ -81,9 +81,12 @@ netlab-chaos:
 netlab-flood count="1000000":
     {{netlab}} flood --count {{count}}
 
-# Kill ringlb on a node (kill -9), or start it again.
+# Kill ringlb on a node (kill -9), stop it (SIGTERM: it drains first, then exits), or start it again.
 netlab-kill node:
     {{netlab}} kill {{node}}
+
+netlab-stop node:
+    {{netlab}} stop {{node}}
 
 netlab-start node:
     {{netlab}} start {{node}}

@@ -41,6 +41,8 @@ const CONTROL_PORT: u16 = 6636;
 pub const CAPACITY: u32 = 1000;
 /// Where labs keep configs, logs and pid files.
 pub const STATE_ROOT: &str = "/tmp/ringlb-netlab";
+/// ringlb's default `node.stop_timeout`: how long a daemon stopped by SIGTERM may drain.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How client traffic for the VIP reaches the cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -73,6 +75,8 @@ pub struct Spec {
     /// Run the QUIC control plane (certificates issued by the lab, node 1 as the seed);
     /// without it every node gets the static member list.
     pub control: bool,
+    /// Every node's `node.stop_timeout` (`None`: ringlb's default, [`DEFAULT_STOP_TIMEOUT`]).
+    pub stop_timeout: Option<Duration>,
 }
 
 impl Spec {
@@ -88,6 +92,7 @@ impl Spec {
             extra_config: String::new(),
             start_ringlb: true,
             control: true,
+            stop_timeout: None,
         }
     }
 }
@@ -329,6 +334,9 @@ impl Lab {
         let (r, n) = (self.router(), self.node(i));
         sh(None, &["ip", "netns", "add", &n])?;
         self.exec(&n, &["ip", "link", "set", "lo", "up"])?;
+        // No IPv6 duplicate address detection on the node's link: an address that turns from
+        // tentative to valid a second or two later would change what the teardown test compares.
+        self.exec(&n, &["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"])?;
         let leg = format!("vn{i}");
         sh(None, &["ip", "-n", &r, "link", "add", &leg, "type", "veth", "peer", "name", "eth0", "netns", &n])?;
         self.exec(&r, &["ip", "link", "set", &leg, "master", "br0", "up"])?;
@@ -351,12 +359,14 @@ impl Lab {
     pub fn config_toml(&self, i: usize) -> String {
         let s = &self.spec;
         let weight = |j: usize| s.weights.get(j - 1).copied().unwrap_or(1.0);
+        let stop_timeout = s.stop_timeout.map(|t| format!("stop_timeout = \"{}ms\"\n", t.as_millis()));
         let mut t = format!(
-            "[node]\nname = \"n{i}\"\nvip = \"{VIP}\"\nunderlay_interface = \"eth0\"\naddress = \"{}\"\nweight = {:?}\n\n\
+            "[node]\nname = \"n{i}\"\nvip = \"{VIP}\"\nunderlay_interface = \"eth0\"\naddress = \"{}\"\nweight = {:?}\n{}\n\
              [carrier]\nkind = \"{}\"\nport = {CARRIER_PORT}\n\n\
              [steering]\nstate_dir = \"{}\"\n\n",
             node_addr(i),
             weight(i),
+            stop_timeout.unwrap_or_default(),
             s.carrier,
             self.node_dir(i).display()
         );
@@ -458,7 +468,9 @@ impl Lab {
         bail!("ringlb on n{i} did not come up; its log:\n{log}")
     }
 
-    /// Stops `ringlb node` on node `i` (SIGTERM, or SIGKILL with `hard`).
+    /// Stops `ringlb node` on node `i` (SIGTERM, or SIGKILL with `hard`) and waits until it has
+    /// exited. After SIGTERM the daemon drains first: it exits once no live flow needs it, at
+    /// the latest after its `node.stop_timeout`.
     pub fn stop_ringlb(&self, i: usize, hard: bool) -> Result<()> {
         let sig = if hard { "-KILL" } else { "-TERM" };
         let mut killed = Vec::new();
@@ -472,10 +484,14 @@ impl Lab {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()).is_some_and(|st| st != "Z")
         };
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let within = match hard {
+            true => Duration::from_secs(5),
+            false => self.spec.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT) + Duration::from_secs(5),
+        };
+        let deadline = Instant::now() + within;
         while killed.iter().any(running) {
             if Instant::now() > deadline {
-                bail!("ringlb on n{i} did not exit");
+                bail!("ringlb on n{i} did not exit within {within:?}");
             }
             sleep(Duration::from_millis(20));
         }

@@ -105,6 +105,8 @@ enum Cmd {
     Chaos,
     /// kill -9 ringlb on a node (its services keep running).
     Kill { node: String },
+    /// Stop ringlb on a node with SIGTERM: it drains, then exits (its services keep running).
+    Stop { node: String },
     /// Start ringlb on a node again.
     Start { node: String },
     /// Send requests to the VIP from the client and print who answered.
@@ -231,12 +233,17 @@ fn run(cli: Cli) -> Result<()> {
             let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
             bench::profile(&format!("{}p", cli.prefix), &bin, &out, load, &carrier, secs)
         }
-        Cmd::Kill { node } | Cmd::Start { node } if node_index(&node).is_none() => {
+        Cmd::Kill { node } | Cmd::Stop { node } | Cmd::Start { node } if node_index(&node).is_none() => {
             bail!("unknown node {node:?}: use n1, n2, ...")
         }
         Cmd::Kill { node } => {
             Lab::attach(&cli.prefix)?.stop_ringlb(node_index(&node).unwrap_or(0), true)?;
             println!("killed ringlb on {node}");
+            Ok(())
+        }
+        Cmd::Stop { node } => {
+            Lab::attach(&cli.prefix)?.stop_ringlb(node_index(&node).unwrap_or(0), false)?;
+            println!("stopped ringlb on {node}");
             Ok(())
         }
         Cmd::Start { node } => {

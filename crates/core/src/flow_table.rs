@@ -402,6 +402,23 @@ impl FlowTable {
         n
     }
 
+    /// Flows whose target satisfies `pick` and that are open: established, UDP, or in a
+    /// handshake that saw a packet at or after `handshakes_since` (closing ones are not).
+    /// Walks them all: for a stopping daemon's few checks a second, not for the packet path.
+    pub fn count_open(&self, handshakes_since: Timestamp, mut pick: impl FnMut(NodeId) -> bool) -> usize {
+        let mut n = 0;
+        for list in List::ALL.into_iter().filter(|l| l.state() != FlowState::TcpClosing) {
+            let mut h = self.heads[list.index()];
+            while h != NIL {
+                let s = &self.slots[h as usize];
+                let quiet = list.state() == FlowState::TcpHandshake && s.last_seen < handshakes_since;
+                n += usize::from(!quiet && pick(s.target));
+                h = s.next;
+            }
+        }
+        n
+    }
+
     fn push_back(&mut self, h: u32) {
         let list = self.slots[h as usize].list.index();
         let tail = self.tails[list];
@@ -557,6 +574,29 @@ mod tests {
         assert_eq!(t.unconfirmed(), 0);
         assert_eq!(t.expire(at(32)), 1, "the closing flow lingered 10 s");
         assert_eq!(t.expire(at(33)), 1, "the reopened tuple lasts the handshake timeout");
+        t.check_invariants();
+    }
+
+    #[test]
+    fn open_flows_are_counted_by_target_and_closing_ones_not() {
+        let mut t = table(10, 1.0);
+        for (k, target, state) in [
+            (key(1), 0, FlowState::TcpHandshake),
+            (key(2), 1, FlowState::TcpEstablished),
+            (key(3), 1, FlowState::TcpClosing),
+            (ukey(4), 1, FlowState::Udp),
+            (key(5), 2, FlowState::TcpEstablished),
+        ] {
+            let h = insert(&mut t, at(0), k, target, PlacedBy::Policy).unwrap().handle;
+            t.touch(h, at(0), state);
+        }
+        assert_eq!(t.count_open(at(0), |_| true), 4);
+        assert_eq!(t.count_open(at(0), |n| n == NodeId(1)), 2, "the closing flow is not counted");
+        assert_eq!(t.count_open(at(0), |n| n != NodeId(0)), 3);
+        let h = t.find(&key(2)).unwrap();
+        t.touch(h, at(1), FlowState::TcpClosing);
+        assert_eq!(t.count_open(at(0), |n| n == NodeId(1)), 1);
+        assert_eq!(t.count_open(at(1), |n| n == NodeId(0)), 0, "the handshake has been quiet since 0 s");
         t.check_invariants();
     }
 

@@ -23,7 +23,7 @@ pub use cluster::{Cluster, ClusterConfig, Identity, Outcome, Peer, Refusal, Tran
 pub use counters::{Counters, DropReason};
 pub use flow_table::{FlowConfig, FlowState, FlowTable, Insert, PlacedBy};
 pub use members::{LoadReport, LocalLoad, Member, MemberState, Members, MembersError, NodeId};
-pub use node::{FailurePolicy, Node, NodeConfig, Verdict};
+pub use node::{FailurePolicy, FlowsNeedingDaemon, Node, NodeConfig, Verdict};
 pub use placement::{Candidate, Placement, Policy};
 pub use rng::Rng;
 pub use time::Timestamp;

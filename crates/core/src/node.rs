@@ -11,6 +11,9 @@ use crate::{
     NodeId, PlacedBy, Policy, Rng, Timestamp,
 };
 
+mod restart;
+pub use restart::FlowsNeedingDaemon;
+
 /// What the IO layer must do with a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

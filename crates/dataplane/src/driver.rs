@@ -5,7 +5,7 @@ use std::io;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use ringlb_core::{Counters, DropReason, LocalLoad, MemberState, Node, Timestamp, Verdict};
+use ringlb_core::{Counters, DropReason, FlowsNeedingDaemon, LocalLoad, MemberState, Node, Timestamp, Verdict};
 use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::AsyncDevice;
 
@@ -114,6 +114,8 @@ pub struct Snapshot {
     /// Of those, flows no later packet has confirmed yet.
     pub flows_unconfirmed: usize,
     pub members: Vec<MemberSnapshot>,
+    /// Once the daemon is stopping: the flows that still need it, as last counted.
+    pub stopping: Option<FlowsNeedingDaemon>,
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +150,7 @@ fn snapshot(node: &Node) -> Snapshot {
                 forwarded_packets: node.forwarded_to(id),
             })
             .collect(),
+        stopping: None,
     }
 }
 
@@ -160,6 +163,10 @@ pub struct Driver {
     requests: mpsc::Receiver<oneshot::Sender<Snapshot>>,
     updates: mpsc::Receiver<NodeUpdate>,
     load: watch::Sender<LocalLoad>,
+    stop: watch::Receiver<bool>,
+    /// Set once the daemon began to stop (see [`Stop`]).
+    stopping: bool,
+    remaining: watch::Sender<Option<FlowsNeedingDaemon>>,
 }
 
 /// A change to apply to the core between packets, from the control plane.
@@ -177,6 +184,35 @@ pub struct DriverHandle {
     pub snapshots: SnapshotRequests,
     pub updates: mpsc::Sender<NodeUpdate>,
     pub load: watch::Receiver<LocalLoad>,
+    pub stop: Stop,
+}
+
+/// Starts the packet loop's stop and follows it. After [`Stop::begin`] the node drains (it
+/// takes no new flows from other entries), serves the new flows that enter through it itself
+/// (as fail-open delivery will once the daemon is gone), and the loop counts at every tick the
+/// flows that still need the daemon. When to exit is the caller's decision: the loop runs until
+/// the future given to [`Driver::run`] completes.
+#[derive(Debug)]
+pub struct Stop {
+    begin: watch::Sender<bool>,
+    remaining: watch::Receiver<Option<FlowsNeedingDaemon>>,
+}
+
+impl Stop {
+    pub fn begin(&self) {
+        self.begin.send_replace(true);
+    }
+
+    /// Waits for the next count (one per tick, 4 a second, once stopping); `None` when the
+    /// packet loop has ended.
+    pub async fn next_count(&mut self) -> Option<FlowsNeedingDaemon> {
+        loop {
+            self.remaining.changed().await.ok()?;
+            if let Some(count) = *self.remaining.borrow_and_update() {
+                return Some(count);
+            }
+        }
+    }
 }
 
 /// Asks the packet loop for a fresh [`Snapshot`].
@@ -204,6 +240,7 @@ enum Event {
     Tick,
     Snapshot(oneshot::Sender<Snapshot>),
     Update(NodeUpdate),
+    Stop,
 }
 
 impl Driver {
@@ -211,16 +248,54 @@ impl Driver {
         let (tx, rx) = mpsc::channel(16);
         let (up_tx, up_rx) = mpsc::channel(1024);
         let (load_tx, load_rx) = watch::channel(LocalLoad::default());
-        let driver = Driver { node, tun, carrier, origin: Instant::now(), requests: rx, updates: up_rx, load: load_tx };
-        (driver, DriverHandle { snapshots: SnapshotRequests(tx), updates: up_tx, load: load_rx })
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (remaining_tx, remaining_rx) = watch::channel(None);
+        let driver = Driver {
+            node,
+            tun,
+            carrier,
+            origin: Instant::now(),
+            requests: rx,
+            updates: up_rx,
+            load: load_tx,
+            stop: stop_rx,
+            stopping: false,
+            remaining: remaining_tx,
+        };
+        let stop = Stop { begin: stop_tx, remaining: remaining_rx };
+        (driver, DriverHandle { snapshots: SnapshotRequests(tx), updates: up_tx, load: load_rx, stop })
+    }
+
+    /// Connections the kernel kept while no daemon ran (fail-open), or that a previous daemon
+    /// placed here, stay here: the consistent-hash fallback would send most of them to a peer.
+    fn adopt_kernel_connections(&mut self) {
+        let vip = self.node.config().vip;
+        match crate::sockets::tcp_connections_on(vip) {
+            Ok(keys) => {
+                let now = self.now();
+                let adopted = keys.into_iter().filter(|&k| self.node.adopt_local_flow(now, k)).count();
+                if adopted > 0 {
+                    tracing::info!(connections = adopted, "pinned the connections the kernel already serves here");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the kernel's connections on the VIP; none pinned"),
+        }
+    }
+
+    /// Counts the flows that still need the daemon and tells the [`Stop`] handle.
+    fn count_remaining(&mut self) {
+        let now = self.now();
+        self.remaining.send_replace(Some(self.node.flows_needing_daemon(now)));
     }
 
     fn now(&self) -> Timestamp {
         Timestamp::from_duration(self.origin.elapsed())
     }
 
-    /// Runs until `shutdown` completes or the TUN fails for good.
+    /// Runs until `shutdown` completes or the TUN fails for good. First pins to this node the
+    /// connections its kernel already serves on the VIP (see [`crate::sockets`]).
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        self.adopt_kernel_connections();
         // TUN reads: virtio-net header, then a packet or a GSO super-packet.
         let mut tun_buf = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
         // One carrier read may return up to 64 coalesced datagrams (UDP GRO).
@@ -237,6 +312,7 @@ impl Driver {
                 _ = tick.tick() => Event::Tick,
                 Some(reply) = self.requests.recv() => Event::Snapshot(reply),
                 Some(update) = self.updates.recv() => Event::Update(update),
+                Ok(()) = self.stop.changed(), if !self.stopping => Event::Stop,
                 () = &mut shutdown => break,
             };
             match event {
@@ -288,6 +364,16 @@ impl Driver {
                         served_flows: u32::try_from(self.node.served_flows()).unwrap_or(u32::MAX),
                         served_new_flows: self.node.counters().served_new_flows,
                     });
+                    if self.stopping {
+                        self.count_remaining();
+                    }
+                }
+                Event::Stop => {
+                    if *self.stop.borrow() {
+                        self.stopping = true;
+                        self.node.set_draining(true);
+                        self.count_remaining();
+                    }
                 }
                 Event::Update(NodeUpdate::Cluster(update)) => {
                     let now = self.now();
@@ -297,7 +383,7 @@ impl Driver {
                 }
                 Event::Update(NodeUpdate::Drain(on)) => self.node.set_draining(on),
                 Event::Snapshot(reply) => {
-                    let _ = reply.send(snapshot(&self.node));
+                    let _ = reply.send(Snapshot { stopping: *self.remaining.borrow(), ..snapshot(&self.node) });
                 }
             }
         }
@@ -330,7 +416,9 @@ impl Driver {
             }
         }
         let now = self.now();
-        let verdict = self.node.on_tun_packet(now, &mut frame[VIRTIO_NET_HDR_LEN..]);
+        let pkt = &mut frame[VIRTIO_NET_HDR_LEN..];
+        let verdict =
+            if self.stopping { self.node.on_tun_packet_stopping(now, pkt) } else { self.node.on_tun_packet(now, pkt) };
         tracing::trace!(len = frame.len(), gso = hdr.gso_type, ?verdict, "tun packet");
         match verdict {
             // Back into the kernel as it came, super-packet and all.

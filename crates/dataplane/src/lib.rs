@@ -6,14 +6,17 @@
 //! - [`carrier`]: the two ways to reach a peer: IP-in-UDP (default, no privilege) and RFC 2003
 //!   IP-in-IP on a raw socket.
 //! - [`driver`]: the loop that reads packets, asks the core, and carries out its verdicts.
+//! - [`sockets`]: the TCP connections the kernel already serves on the VIP, which a starting
+//!   daemon pins to this node.
 //!
 //! Deliberately not here: decisions (they are the core's), config parsing and the CLI (the
 //! binary's). This is the only crate with `unsafe`, and only for socket options socket2 lacks.
 
 pub mod carrier;
 pub mod driver;
+pub mod sockets;
 pub mod steering;
 pub mod tun;
 
 pub use carrier::{Carrier, CarrierKind};
-pub use driver::{Driver, DriverHandle, MemberSnapshot, NodeUpdate, Snapshot, SnapshotRequests};
+pub use driver::{Driver, DriverHandle, MemberSnapshot, NodeUpdate, Snapshot, SnapshotRequests, Stop};

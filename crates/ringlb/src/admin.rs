@@ -42,7 +42,11 @@ async fn answer(
         _ => None,
     };
     let (status, body) = if let Some(on) = drain {
+        // A stopping node drains until it exits: taking new flows again would only make it wait
+        // for them, and leave them to be reset at its deadline.
+        let stopping = !on && snapshots.get().await.is_some_and(|s| s.stopping.is_some());
         match control {
+            _ if stopping => ("409 Conflict", format!("{node}: stopping; it drains until it exits\n")),
             Some(c) if c.drain(on).await => {
                 ("200 OK", format!("{node}: {}\n", if on { "draining: no new flows" } else { "taking new flows" }))
             }
@@ -123,6 +127,22 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
          # TYPE ringlb_flows_unconfirmed gauge\nringlb_flows_unconfirmed{{node=\"{node}\"}} {}",
         s.flows_unconfirmed
     );
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_stopping Whether the daemon is stopping (draining before it exits).\n\
+         # TYPE ringlb_stopping gauge\nringlb_stopping{{node=\"{node}\"}} {}",
+        u8::from(s.stopping.is_some())
+    );
+    if let Some(r) = s.stopping {
+        let _ = writeln!(
+            out,
+            "# HELP ringlb_stopping_flows Live flows the stopping daemon waits for: forwarded to peers, \
+             or served here for other entries.\n# TYPE ringlb_stopping_flows gauge"
+        );
+        for (kind, v) in [("forwarded", r.forwarded), ("served", r.served)] {
+            let _ = writeln!(out, "ringlb_stopping_flows{{node=\"{node}\",kind=\"{kind}\"}} {v}");
+        }
+    }
     let _ = writeln!(out, "# HELP ringlb_peer_flows Flows pinned to each member.\n# TYPE ringlb_peer_flows gauge");
     for m in &s.members {
         let _ = writeln!(out, "ringlb_peer_flows{{node=\"{node}\",peer=\"{}\"}} {}", m.name, m.flows);
@@ -200,7 +220,15 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
 pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> String {
     let c = &s.counters;
     let mut out = format!("node {node}: {} flows tracked, {} dropped packets", s.flows, c.total_drops());
-    if control.is_some_and(ControlHandle::draining) {
+    if let Some(r) = s.stopping {
+        let _ = write!(
+            out,
+            ", STOPPING: {} flows need this daemon ({} forwarded to peers, {} served for other entries)",
+            r.total(),
+            r.forwarded,
+            r.served
+        );
+    } else if control.is_some_and(ControlHandle::draining) {
         out.push_str(", DRAINING");
     }
     out.push('\n');

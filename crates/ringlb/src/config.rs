@@ -131,7 +131,19 @@ pub struct NodeSection {
     /// This node's capacity weight, when it is not listed in `members`.
     #[serde(default)]
     pub weight: Option<f64>,
+    /// How long a stopping daemon (SIGTERM, Ctrl-C) keeps serving the flows that need it before
+    /// it leaves anyway; 0 leaves at once.
+    #[serde(default = "default_stop_timeout", with = "humantime_serde")]
+    pub stop_timeout: Duration,
 }
+
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The longest `node.stop_timeout`: a day is longer than any sensible drain, and bounds the
+/// deadline's arithmetic.
+const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(86_400);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -344,6 +356,9 @@ impl Config {
         if self.local_member().is_none() {
             p.push(format!("node.name = {:?}: not among members, and node.address is not set", self.node.name));
         }
+        if self.node.stop_timeout > MAX_STOP_TIMEOUT {
+            p.push(format!("node.stop_timeout = {:?}: must be at most 1 day", self.node.stop_timeout));
+        }
         if self.control.is_none() && self.members.is_empty() {
             p.push("members: empty, and there is no [control] to learn them from".into());
         }
@@ -550,6 +565,7 @@ mod tests {
             jail.set_env("RINGLB_FLOWS__UDP_IDLE", "5s");
             let c = load(Some(Path::new("ringlb.toml")), &Overrides::default()).unwrap();
             assert_eq!(c.flows.udp_idle, Duration::from_secs(5), "env layer");
+            assert_eq!(c.node.stop_timeout, Duration::from_secs(30), "default");
             assert_eq!(c.carrier.kind, CarrierKind::Udp);
             assert_eq!(c.members[1].weight, 2.0);
             let cli =
@@ -570,6 +586,8 @@ mod tests {
             Err(&["node.name", "n9"]),
         );
         check(&GOOD.replace("weight = 2", "weight = -2"), &[], Err(&["members[1].weight", "-2"]));
+        check(GOOD, &[("RINGLB_NODE__STOP_TIMEOUT", "2days")], Err(&["node.stop_timeout", "172800s"]));
+        check(GOOD, &[("RINGLB_NODE__STOP_TIMEOUT", "soon")], Err(&["node.stop_timeout", "soon"]));
         check(GOOD, &[("RINGLB_CARRIER__KIND", "gre")], Err(&["carrier.kind", "gre"]));
         check(&format!("{GOOD}\n[flows]\nunconfirmed_share = 1.5\n"), &[], Err(&["flows.unconfirmed_share", "1.5"]));
         check(GOOD, &[("RINGLB_FLOWS__UNCONFIRMED_SHARE", "0")], Err(&["flows.unconfirmed_share = 0"]));

@@ -243,8 +243,18 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
         control = config.control.is_some(), admin = %config.admin.listen, "ringlb node running"
     );
     let mut stop = stop_rx.clone();
+    let stopping = handle.stop;
+    let drain = Drain {
+        control: control.as_ref().map(|(h, _)| h.clone()),
+        timeout: config.node.stop_timeout,
+        // Peers learn of the drain from this node's next load vector; two of them, and SYNs a
+        // peer placed here just before, arrive before the node may leave.
+        settle: config.control.as_ref().map_or(Duration::ZERO, |c| 2 * c.load_interval),
+    };
     let dataplane = driver.run(async move {
-        shutdown_signal().await;
+        let mut signals = StopSignals::new();
+        signals.recv().await;
+        drain.run(stopping, &mut signals).await;
         let _ = stop_tx.send(true);
     });
     tokio::pin!(dataplane);
@@ -356,17 +366,104 @@ fn start_control(
     Ok((control, task))
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT (Ctrl-C): the first starts a graceful stop, a second ends it at once.
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        StopSignals { term: signal(SignalKind::terminate()).ok(), int: signal(SignalKind::interrupt()).ok() }
+    }
+
+    async fn recv(&mut self) {
+        async fn one(s: &mut Option<tokio::signal::unix::Signal>) {
+            // Without a handler (or once its driver is gone) this one never fires.
+            if let Some(s) = s {
+                if s.recv().await.is_some() {
+                    return;
+                }
             }
+            std::future::pending().await
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            () = one(&mut self.term) => {}
+            () = one(&mut self.int) => {}
+        }
+    }
+}
+
+/// How a stopping node drains before it leaves.
+struct Drain {
+    control: Option<ControlHandle>,
+    /// `node.stop_timeout`: the longest it waits.
+    timeout: Duration,
+    /// The shortest it waits, so that peers learn of the drain before it leaves.
+    settle: Duration,
+}
+
+impl Drain {
+    /// Stops taking new flows (peers see `draining`; new flows entering here are served here)
+    /// and waits until no live flow needs this daemon, the timeout passes, or a second signal
+    /// comes. The control plane announces the departure afterwards.
+    async fn run(self, mut stop: ringlb_dataplane::Stop, signals: &mut StopSignals) {
+        if self.timeout.is_zero() {
+            tracing::info!("stopping at once: node.stop_timeout is 0");
+            return;
+        }
+        let start = tokio::time::Instant::now();
+        let settle = self.settle.min(self.timeout);
+        let deadline = start + self.timeout;
+        tracing::info!(
+            stop_timeout = ?self.timeout,
+            "stopping: no new flows from peers; waiting for the flows that need this daemon \
+             (a second SIGTERM or Ctrl-C stops at once)"
+        );
+        stop.begin();
+        if let Some(c) = &self.control {
+            c.drain(true).await;
+        }
+        // Without a control plane, peers cannot learn that this node leaves, and they keep
+        // forwarding to it before and after a restart (which then serves them again): waiting
+        // for those flows would only run into the deadline.
+        let waits_for_served = self.control.is_some();
+        let mut last_log: Option<tokio::time::Instant> = None;
+        let mut remaining: Option<usize> = None;
+        let shown = |r: Option<usize>| r.map_or_else(|| "not counted yet".to_owned(), |n| n.to_string());
+        loop {
+            tokio::select! {
+                count = stop.next_count() => {
+                    let Some(count) = count else { return };
+                    let left = count.forwarded + if waits_for_served { count.served } else { 0 };
+                    remaining = Some(left);
+                    let now = tokio::time::Instant::now();
+                    if left == 0 && now >= start + settle {
+                        tracing::info!(waited = ?now - start, "stopping: no flow needs this daemon any more");
+                        return;
+                    }
+                    if last_log.is_none_or(|t| now - t >= Duration::from_secs(1)) {
+                        last_log = Some(now);
+                        tracing::info!(
+                            flows = left, forwarded = count.forwarded, served = count.served,
+                            deadline_in = ?deadline.saturating_duration_since(now),
+                            "stopping: flows still need this daemon"
+                        );
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(
+                        flows = %shown(remaining), stop_timeout = ?self.timeout,
+                        "stopping: node.stop_timeout passed; leaving with flows that still need this daemon"
+                    );
+                    return;
+                }
+                () = signals.recv() => {
+                    tracing::warn!(flows = %shown(remaining), "stopping at once: second signal");
+                    return;
+                }
+            }
         }
     }
 }
