@@ -610,9 +610,10 @@ impl Cluster {
             let name = live[self.rng.below(live.len())].clone();
             self.send(&name, &Message::Join { sender: self.me.clone() });
         }
-        // One member held dead: if it is back (restarted, or a partition healed) it answers.
+        // One member held dead or left: if it is back (restarted, or a partition healed) it
+        // answers, even one whose only seed is itself.
         let mut dead: Vec<String> =
-            self.members.values().filter(|m| m.state == MemberState::Dead).map(|m| m.record.name.clone()).collect();
+            self.members.values().filter(|m| m.state.is_gone()).map(|m| m.record.name.clone()).collect();
         if !dead.is_empty() {
             dead.sort_unstable();
             let name = dead.swap_remove(self.rng.below(dead.len()));
