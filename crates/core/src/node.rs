@@ -226,7 +226,11 @@ impl Node {
         weight: f64,
         state: MemberState,
     ) -> Result<NodeId, crate::MembersError> {
-        self.members.release_addr_of_gone(addr);
+        // A gone member of another name yields the address; the same name coming back keeps
+        // its entry, so that flows still pinned to it (a refuted death) reach it again.
+        if self.members.by_addr(addr).and_then(|id| self.members.get(id)).is_some_and(|m| m.name != name) {
+            self.members.release_addr_of_gone(addr);
+        }
         let id = match self.members.by_name(name) {
             Some(id) => {
                 if self.members.get(id).is_some_and(|m| m.addr != addr) {
@@ -699,6 +703,9 @@ mod tests {
         assert_eq!(t, Some(NodeId(0)), "n3's flow is reset, not handed to n4");
         // A live holder does not yield.
         assert!(n.upsert_member("n5", ip([10, 77, 0, 3]), 1.0, MemberState::Alive).is_err());
+        // A member declared dead that comes back under its own name keeps its entry.
+        n.upsert_member("n2", ip([10, 77, 0, 2]), 1.0, MemberState::Dead).unwrap();
+        assert_eq!(n.upsert_member("n2", ip([10, 77, 0, 2]), 1.0, MemberState::Alive), Ok(NodeId(1)));
         // A forgotten member's slot is reused once no flow points to it.
         n.remove_member("n4");
         let n6 = n.upsert_member("n6", ip([10, 77, 0, 6]), 1.0, MemberState::Alive).unwrap();

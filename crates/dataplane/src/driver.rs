@@ -140,6 +140,8 @@ fn snapshot(node: &Node) -> Snapshot {
         members: node
             .members()
             .iter()
+            // Forgotten members keep their slot (flows may still point to it) but are nobody.
+            .filter(|(_, m)| !m.is_removed())
             .map(|(id, m)| MemberSnapshot {
                 name: m.name.clone(),
                 addr: m.addr,
