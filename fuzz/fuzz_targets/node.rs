@@ -182,6 +182,9 @@ fuzz_target!(|input: Input| {
         tcp_established_idle: Duration::from_secs(20),
         tcp_closing_linger: Duration::from_secs(1),
         udp_idle: Duration::from_secs(5),
+        // Half the table for unconfirmed flows: the fuzzer reaches pressure (stateless
+        // placement, untracked flows) with a handful of packets.
+        unconfirmed_share: 0.5,
     };
     let mut node = Node::new(
         NodeConfig {
