@@ -8,8 +8,9 @@
 //!
 //! The driver's own bounds: at most `max_handshakes` handshakes at once (beyond
 //! `retry_above`, a client must first prove its address with a QUIC Retry), one inbound
-//! connection per node name (the newest), a token bucket per connection, and a bounded
-//! queue to the core that a flooding peer cannot fill for the others. Every refusal is counted
+//! connection per node name (the newest), a token bucket per node name (shared by its
+//! connections), and a bounded queue to the core that a flooding peer cannot fill for the
+//! others. Every refusal is counted
 //! with the core's [`Refusal`] reasons. Connection loss and failed sends are a hint to the core
 //! (probe that peer next), never a verdict.
 
@@ -191,6 +192,9 @@ fn timestamp(origin: Instant) -> Timestamp {
 /// with what the certificate and the connection say of its sender, to the control loop.
 async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, limits: Limits, origin: Instant) {
     let handshaking = Arc::new(AtomicUsize::new(0));
+    // Per certificate name, across its connections: its token bucket, and its one inbound
+    // connection (the newest; an older one is closed as soon as a newer one is up).
+    let by_name: Arc<Mutex<HashMap<String, (RateLimit, quinn::Connection)>>> = Arc::default();
     while let Some(incoming) = endpoint.accept().await {
         let busy = handshaking.load(Ordering::Relaxed);
         if busy >= limits.max_handshakes {
@@ -204,7 +208,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, limit
             continue;
         }
         handshaking.fetch_add(1, Ordering::Relaxed);
-        let (tx, handshaking, limits) = (tx.clone(), handshaking.clone(), limits.clone());
+        let (tx, handshaking, limits, by_name) = (tx.clone(), handshaking.clone(), limits.clone(), by_name.clone());
         tokio::spawn(async move {
             let connecting = incoming.await;
             handshaking.fetch_sub(1, Ordering::Relaxed);
@@ -223,11 +227,28 @@ async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, limit
             };
             let peer = Arc::new(Peer { name, cert_addrs: tls::peer_addrs(&conn), source: conn.remote_address() });
             tracing::debug!(peer = %peer.name, addr = %peer.source, "control connection accepted");
-            let mut limit = RateLimit::new(limits.peer_rate, limits.peer_burst, timestamp(origin));
+            {
+                let mut names = by_name.lock().unwrap_or_else(|e| e.into_inner());
+                // Bounded: only certificate holders get here, and a name's entry is replaced.
+                if names.len() >= 4 * 65_536 {
+                    names.retain(|_, (_, c)| c.close_reason().is_none());
+                }
+                let limit = RateLimit::new(limits.peer_rate, limits.peer_burst, timestamp(origin));
+                let entry = names.entry(peer.name.clone()).or_insert_with(|| (limit, conn.clone()));
+                if entry.1.stable_id() != conn.stable_id() {
+                    let older = std::mem::replace(&mut entry.1, conn.clone());
+                    older.close(4u32.into(), b"replaced by a newer connection");
+                }
+            }
             let mut refused = 0u64;
             while let Ok(bytes) = conn.read_datagram().await {
-                let admitted = limit.allow(timestamp(origin))
-                    && tx.try_send(Inbound::Datagram { peer: peer.clone(), bytes, conn: conn.clone() }).is_ok();
+                let allowed = by_name
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_mut(&peer.name)
+                    .is_some_and(|(limit, _)| limit.allow(timestamp(origin)));
+                let admitted =
+                    allowed && tx.try_send(Inbound::Datagram { peer: peer.clone(), bytes, conn: conn.clone() }).is_ok();
                 if !admitted {
                     refused += 1;
                 }
@@ -315,6 +336,8 @@ struct Control {
     dataplane_seen: Instant,
     /// When each loud refusal was last logged.
     warned: HashMap<Refusal, Instant>,
+    /// When each peer's sender was last replaced for a new incarnation.
+    reconnected: HashMap<String, Instant>,
 }
 
 /// A data plane silent for this long is taken as hung: its node stops sending load vectors, so
@@ -355,6 +378,7 @@ impl Control {
             last_new_flows: None,
             dataplane_seen: Instant::now(),
             warned: HashMap::new(),
+            reconnected: HashMap::new(),
         }
     }
 
@@ -393,8 +417,20 @@ impl Control {
                 _ = load_tick.tick() => {
                     self.send_load(&mut local_load);
                     self.publish_status();
+                    // Senders to names the cluster no longer knows (hints given up) end.
+                    let cluster = &self.cluster;
+                    self.senders.retain(|name, _| cluster.knows(name));
+                    self.reconnected.retain(|name, _| cluster.knows(name));
                 }
                 () = sleep => {
+                    // What arrived while this thread did not run (a refutation, say) is heard
+                    // before any timer judges silence.
+                    for _ in 0..4096 {
+                        match inbound.try_recv() {
+                            Ok(msg) => self.on_inbound(msg),
+                            Err(_) => break,
+                        }
+                    }
                     let now = self.now();
                     self.cluster.handle_timeout(now);
                 }
@@ -424,12 +460,8 @@ impl Control {
                 self.rtts.insert(name, rtt);
             }
             Inbound::Datagram { peer, bytes, conn } => {
-                // One inbound connection per name: the newest replaces older ones, so that a
-                // certificate holder cannot pile up connections.
-                let older = self.connections.insert(peer.name.clone(), conn.clone());
-                if let Some(old) = older.filter(|o| o.stable_id() != conn.stable_id()) {
-                    old.close(4u32.into(), b"replaced by a newer connection");
-                }
+                // (One inbound connection per name is kept by the accept task.)
+                self.connections.insert(peer.name.clone(), conn.clone());
                 match self.cluster.handle_datagram(now, &peer, &bytes) {
                     Outcome::Accepted => {}
                     Outcome::Refused(why) => {
@@ -505,9 +537,15 @@ impl Control {
                     tracing::info!(member = %name, state = state.name(), incarnation, %underlay, "member update");
                     // A new incarnation may be a new process: a connection to the old one
                     // would swallow what we send until it times out.
+                    // At most one new connection per peer every 2 s for that: a member made to
+                    // refute again and again must not cost a handshake each time.
                     let restarted =
                         self.incarnations.insert(name.clone(), incarnation).is_some_and(|i| i != incarnation);
-                    if (restarted && !state.is_gone()) || state.is_gone() {
+                    let due = self.reconnected.get(name).is_none_or(|t| t.elapsed() > Duration::from_secs(2));
+                    if (restarted && due && !state.is_gone()) || state.is_gone() {
+                        if restarted {
+                            self.reconnected.insert(name.clone(), Instant::now());
+                        }
                         self.senders.remove(name);
                     }
                     if state.is_gone() {

@@ -15,14 +15,17 @@
 //! once and, if its own probe fails too, shortens its suspicion (a confirmation). No report
 //! makes a member suspect or dead by itself, and a member can always refute: a report about
 //! itself at its current incarnation makes it raise its incarnation and announce itself to
-//! every peer; a report at an incarnation it never had is a lie, refused and counted.
+//! every peer (at most once per probe interval); a report at an incarnation it never had is a
+//! lie, refused and counted. Hints of other members are taken only in answer to this node's
+//! own `Join`.
 //!
 //! **Failure detection** is SWIM with Lifeguard's refinements: probes in a shuffled
 //! round-robin, indirect probes through `indirect_probes` helpers who answer with a nack when
 //! the target is silent for them too, a suspicion whose timeout shrinks from
 //! `suspicion_max_mult × min` towards `min` with independent confirmations, and *local health*:
 //! a node that sees signs of its own starvation (its timers firing late, probes failing while
-//! helpers' nacks do not arrive, having to refute) widens its own probe and suspicion timeouts,
+//! helpers' nacks do not arrive) widens its own probe and suspicion timeouts (unlike Lifeguard,
+//! not for having to refute: reports are others' claims, and must not slow a node down),
 //! so that a node that is slow does not declare the living dead. A stall longer than a probe
 //! period voids the probe in flight and pushes every suspicion's deadline back by the stall.
 //!
@@ -338,6 +341,10 @@ pub struct Cluster {
     /// Local health: 0 (healthy) to `max_local_health`; timeouts are scaled by `1 + health`.
     health: u32,
     last_refutation: Option<Timestamp>,
+    /// Whom this node sent a Join, and when: only their answers may bring hints.
+    joined: HashMap<String, Timestamp, foldhash::fast::FixedState>,
+    /// The latest time this node was given (to stamp Joins sent from deep inside).
+    now_hint: Timestamp,
     outbox: VecDeque<Transmit>,
     updates: VecDeque<Update>,
     stats: Stats,
@@ -381,6 +388,8 @@ impl Cluster {
             gossip: Vec::new(),
             health: 0,
             last_refutation: None,
+            joined: HashMap::with_hasher(foldhash::fast::FixedState::with_seed(seed ^ 2)),
+            now_hint: now,
             outbox: VecDeque::new(),
             updates: VecDeque::new(),
             stats: Stats::default(),
@@ -433,6 +442,12 @@ impl Cluster {
         }
     }
 
+    /// Whether this node may still send to `name`: a member, a seed, or a hint being tried.
+    /// The driver drops its connections to anyone else.
+    pub fn knows(&self, name: &str) -> bool {
+        self.members.contains_key(name) || self.hints.contains_key(name) || self.seeds.iter().any(|(n, _)| n == name)
+    }
+
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.outbox.pop_front()
     }
@@ -483,10 +498,9 @@ impl Cluster {
                 t = t.min(p.started.saturating_add(self.scale(self.config.probe_timeout)));
             }
         }
-        let joins = !self.seeds.is_empty() || !self.members.is_empty();
-        if joins {
-            t = t.min(self.next_join);
-        }
+        // The join round always runs (a second apart): it is also the clock that local
+        // health measures lateness against.
+        t = t.min(self.next_join);
         for h in self.hints.values() {
             t = t.min(h.next_at);
         }
@@ -505,9 +519,16 @@ impl Cluster {
     }
 
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.now_hint = now;
+        let keep = self.config.join_retry * 5;
+        self.joined.retain(|_, at| now < at.saturating_add(keep));
         // Local health: a timer that fires late means this node is starved, and what it
-        // concludes from silence is suspect itself.
-        let lag = now.saturating_since(self.next_probe);
+        // concludes from silence is suspect itself. Lateness counts against the two timers
+        // set at fixed times (the probe round, and the join round every `join_retry`), so a
+        // stall longer than a second is seen however long the scaled probe round is; other
+        // deadlines can move earlier (a suspicion confirmed) and would look late.
+        let due = self.next_probe.min(self.next_join);
+        let lag = now.saturating_since(due);
         if lag > self.config.probe_interval / 2 {
             self.raise_health(if lag > self.config.probe_interval { 2 } else { 1 });
         }
@@ -708,6 +729,7 @@ impl Cluster {
 
     /// A datagram from the authenticated `from`.
     pub fn handle_datagram(&mut self, now: Timestamp, from: &Peer, bytes: &[u8]) -> Outcome {
+        self.now_hint = now;
         let outcome = self.handle(now, from, bytes);
         match outcome {
             Outcome::Accepted => {}
@@ -765,6 +787,15 @@ impl Cluster {
                 if let Err(o) = self.hear(now, from, sender) {
                     return o;
                 }
+                // Hints are taken only in answer to a Join this node sent to that peer, once:
+                // nobody can push names on it unasked.
+                let asked = self
+                    .joined
+                    .remove(&from.name)
+                    .is_some_and(|at| now < at.saturating_add(self.config.join_retry * 5));
+                if !asked {
+                    return Outcome::Refused(Refusal::RateLimited);
+                }
                 self.on_hints(now, hints);
                 Outcome::Accepted
             }
@@ -787,6 +818,10 @@ impl Cluster {
         if rec.name != from.name {
             return Err(Outcome::Close(Refusal::Identity));
         }
+        // One spelling per address (an IPv4-mapped IPv6 address is the IPv4 one), so that
+        // uniqueness checks and the data plane see the same address whatever the claim said.
+        rec.underlay = rec.underlay.to_canonical();
+        rec.control = SocketAddr::new(rec.control.ip().to_canonical(), rec.control.port());
         let source = from.source.ip().to_canonical();
         let in_cert = |a: IpAddr| from.cert_addrs.iter().any(|c| c.to_canonical() == a.to_canonical());
         if !in_cert(rec.underlay) || !in_cert(rec.control.ip()) || source != rec.control.ip().to_canonical() {
@@ -937,16 +972,13 @@ impl Cluster {
 
     /// Someone suspects this node at its current incarnation: it is alive, so it says so.
     fn refute(&mut self, now: Timestamp) {
-        // One refutation per quarter probe interval: the last one's announcement is still on
-        // its way, and a peer that keeps reporting cannot make this node flood the cluster.
-        let quiet = self.config.probe_interval / 4;
-        if self.last_refutation.is_some_and(|t| now < t.saturating_add(quiet)) {
+        // One refutation per probe interval: the last one's announcement is still on its way,
+        // and a peer that keeps reporting cannot make this node flood the cluster. Unlike
+        // Lifeguard, a refutation does not raise local health: a report is another's claim,
+        // and health must move only on what this node observes itself (late timers, missing
+        // nacks), or one member's reports could slow every other node's detection.
+        if self.last_refutation.is_some_and(|t| now < t.saturating_add(self.config.probe_interval)) {
             return;
-        }
-        // Having to refute is a sign of this node's own slowness (Lifeguard); counted at most
-        // once a probe interval, so that reports alone cannot drive it up.
-        if self.last_refutation.is_none_or(|t| now >= t.saturating_add(self.config.probe_interval)) {
-            self.raise_health(1);
         }
         self.last_refutation = Some(now);
         self.me.incarnation = self.me.incarnation.saturating_add(1);
@@ -1087,10 +1119,27 @@ impl Cluster {
     }
 
     fn send_to(&mut self, to: &str, addr: SocketAddr, msg: &Message) {
-        match encode(msg) {
-            Ok(bytes) => self.outbox.push_back(Transmit { to: to.to_owned(), addr, bytes }),
-            // Only this node's own records go out; they were valid when made.
-            Err(_) => debug_assert!(false, "unencodable message {msg:?}"),
+        if matches!(msg, Message::Join { .. }) && (self.joined.len() < MAX_HINTS * 2 || self.joined.contains_key(to)) {
+            self.joined.insert(to.to_owned(), self.now_hint);
+        }
+        let mut msg = std::borrow::Cow::Borrowed(msg);
+        loop {
+            match encode(&msg) {
+                Ok(bytes) => return self.outbox.push_back(Transmit { to: to.to_owned(), addr, bytes }),
+                // Too many reports beside a long record: drop the last until it fits.
+                Err(message::EncodeError::TooLong) => match msg.to_mut() {
+                    Message::Ping { reports, .. }
+                    | Message::Ack { reports, .. }
+                    | Message::Announce { reports, .. }
+                        if !reports.is_empty() =>
+                    {
+                        reports.pop();
+                    }
+                    _ => return debug_assert!(false, "unencodable message {msg:?}"),
+                },
+                // Only this node's own records go out; they were valid when made.
+                Err(_) => return debug_assert!(false, "unencodable message {msg:?}"),
+            }
         }
     }
 

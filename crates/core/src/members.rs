@@ -5,8 +5,9 @@ use std::net::IpAddr;
 
 use hashbrown::HashMap;
 
-/// Index of a member in [`Members`]. Ids are never reused while the process runs, so a flow
-/// pinned to an id keeps meaning the same member.
+/// Index of a member in [`Members`]. An id is reused for another member only once the cluster
+/// has forgotten its member and no flow points to it, so a flow pinned to an id keeps meaning
+/// the same member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId(pub u16);
 

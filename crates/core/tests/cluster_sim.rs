@@ -478,3 +478,40 @@ fn a_stalled_node_is_suspected_and_refutes_and_suspects_nobody() {
         assert!(sim.all_alive(), "seed {seed}: {:?}", sim.views());
     });
 }
+
+/// A member reports another at its current incarnation again and again, and pushes hints on
+/// it unasked: the victim refutes at most once a probe interval, its own timeouts stay as
+/// they are (reports never move local health), and no pushed name is ever tried.
+#[test]
+fn reports_cannot_slow_a_node_and_hints_come_only_when_asked() {
+    use ringlb_core::Refusal;
+    with_seed(|seed| {
+        let mut sim = Sim::new(3, seed, 0.0);
+        sim.run_for(Duration::from_secs(3));
+        let attacker = peer(2);
+        let me = record_of(&sim, 2);
+        let refuted_before = sim.node(0).stats().refuted;
+        let mut accepted = 0u64;
+        for k in 0..200u32 {
+            let inc = sim.node(1).member("n0").unwrap().incarnation;
+            let report = Report { name: name(0), incarnation: inc, kind: ReportKind::Suspect };
+            sim.forge(0, &attacker, &Message::Announce { sender: me.clone(), reports: vec![report] });
+            let hint = Hint { name: format!("ghost{k}"), control: "10.9.9.9:6636".parse().unwrap() };
+            // Taken only as the answer to a Join n0 sent n2 (about one every 2 s).
+            if sim.forge(0, &attacker, &Message::Introduce { sender: me.clone(), hints: vec![hint] })
+                == Outcome::Accepted
+            {
+                accepted += 1;
+            }
+            sim.run_for(Duration::from_millis(50));
+        }
+        assert!(accepted <= 12, "seed {seed}: {accepted} unasked introductions taken in 10 s");
+        assert!(sim.node(0).stats().refused(Refusal::RateLimited) >= 200 - accepted);
+        let refuted = sim.node(0).stats().refuted - refuted_before;
+        assert!(refuted <= 10 * 5 + 1, "seed {seed}: {refuted} refutations in 10 s");
+        assert_eq!(sim.node(0).local_health(), 0, "seed {seed}: reports moved local health");
+        let tried = (0..200).filter(|k| sim.node(0).knows(&format!("ghost{k}"))).count() as u64;
+        assert!(tried <= accepted, "seed {seed}: {tried} pushed hints tried");
+        assert!(sim.deaths.is_empty() && sim.all_alive(), "seed {seed}: {:?}", sim.views());
+    });
+}
