@@ -343,8 +343,6 @@ pub struct Cluster {
     last_refutation: Option<Timestamp>,
     /// Whom this node sent a Join, and when: only their answers may bring hints.
     joined: HashMap<String, Timestamp, foldhash::fast::FixedState>,
-    /// The latest time this node was given (to stamp Joins sent from deep inside).
-    now_hint: Timestamp,
     outbox: VecDeque<Transmit>,
     updates: VecDeque<Update>,
     stats: Stats,
@@ -389,7 +387,6 @@ impl Cluster {
             health: 0,
             last_refutation: None,
             joined: HashMap::with_hasher(foldhash::fast::FixedState::with_seed(seed ^ 2)),
-            now_hint: now,
             outbox: VecDeque::new(),
             updates: VecDeque::new(),
             stats: Stats::default(),
@@ -519,7 +516,6 @@ impl Cluster {
     }
 
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        self.now_hint = now;
         let keep = self.config.join_retry * 5;
         self.joined.retain(|_, at| now < at.saturating_add(keep));
         // Local health: a timer that fires late means this node is starved, and what it
@@ -622,14 +618,14 @@ impl Cluster {
         self.next_join = now.saturating_add(self.config.join_retry);
         if self.live_members() == 0 {
             for (name, addr) in self.seeds.clone() {
-                self.send_to(&name, addr, &Message::Join { sender: self.me.clone() });
+                self.join(now, &name, Some(addr));
             }
         } else {
             // Anti-entropy: one live member's answer brings hints of members this node has not
             // heard of (answers to a join carry a sample, so in a big cluster one is not enough).
             let live: Vec<String> = self.live_targets().into_iter().map(|(n, _)| n).collect();
             let name = live[self.rng.below(live.len())].clone();
-            self.send(&name, &Message::Join { sender: self.me.clone() });
+            self.join(now, &name, None);
         }
         // One member held dead or left: if it is back (restarted, or a partition healed) it
         // answers, even one whose only seed is itself.
@@ -638,7 +634,7 @@ impl Cluster {
         if !dead.is_empty() {
             dead.sort_unstable();
             let name = dead.swap_remove(self.rng.below(dead.len()));
-            self.send(&name, &Message::Join { sender: self.me.clone() });
+            self.join(now, &name, None);
         }
     }
 
@@ -658,7 +654,7 @@ impl Cluster {
             if gone {
                 self.hints.remove(&name);
             } else {
-                self.send_to(&name, addr, &Message::Join { sender: self.me.clone() });
+                self.join(now, &name, Some(addr));
             }
         }
     }
@@ -729,7 +725,6 @@ impl Cluster {
 
     /// A datagram from the authenticated `from`.
     pub fn handle_datagram(&mut self, now: Timestamp, from: &Peer, bytes: &[u8]) -> Outcome {
-        self.now_hint = now;
         let outcome = self.handle(now, from, bytes);
         match outcome {
             Outcome::Accepted => {}
@@ -1107,6 +1102,18 @@ impl Cluster {
         self.next_seq
     }
 
+    /// Sends this node's `Join` to `to`, remembering when: only an answer to it may bring hints.
+    fn join(&mut self, now: Timestamp, to: &str, addr: Option<SocketAddr>) {
+        if self.joined.len() < MAX_HINTS * 2 || self.joined.contains_key(to) {
+            self.joined.insert(to.to_owned(), now);
+        }
+        let msg = Message::Join { sender: self.me.clone() };
+        match addr {
+            Some(addr) => self.send_to(to, addr, &msg),
+            None => self.send(to, &msg),
+        }
+    }
+
     fn send(&mut self, to: &str, msg: &Message) {
         let addr = match self.members.get(to) {
             Some(m) => m.record.control,
@@ -1119,9 +1126,6 @@ impl Cluster {
     }
 
     fn send_to(&mut self, to: &str, addr: SocketAddr, msg: &Message) {
-        if matches!(msg, Message::Join { .. }) && (self.joined.len() < MAX_HINTS * 2 || self.joined.contains_key(to)) {
-            self.joined.insert(to.to_owned(), self.now_hint);
-        }
         let mut msg = std::borrow::Cow::Borrowed(msg);
         loop {
             match encode(&msg) {
