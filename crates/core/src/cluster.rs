@@ -346,6 +346,8 @@ pub struct Cluster {
     outbox: VecDeque<Transmit>,
     updates: VecDeque<Update>,
     stats: Stats,
+    /// Carried in this node's load vectors: it claims the VIP at layer 2.
+    entry_claim: bool,
 }
 
 impl Cluster {
@@ -390,6 +392,7 @@ impl Cluster {
             outbox: VecDeque::new(),
             updates: VecDeque::new(),
             stats: Stats::default(),
+            entry_claim: false,
         }
     }
 
@@ -685,6 +688,16 @@ impl Cluster {
         self.announce(Vec::new());
     }
 
+    /// Claims (or gives up) the VIP's layer-2 ownership; peers learn it from the next load
+    /// vector (see [`crate::entry`]).
+    pub fn set_entry_claim(&mut self, on: bool) {
+        self.entry_claim = on;
+    }
+
+    pub fn entry_claim(&self) -> bool {
+        self.entry_claim
+    }
+
     /// Announces a graceful departure to every peer; the caller sends the transmits and stops.
     pub fn leave(&mut self) {
         self.me.state = MemberState::Left;
@@ -701,6 +714,7 @@ impl Cluster {
             cpu: if cpu.is_finite() { cpu.clamp(0.0, 1.0) } else { 0.0 },
             weight: self.me.weight,
             draining: self.me.state == MemberState::Draining,
+            entry_claim: self.entry_claim,
         };
         let Ok(bytes) = encode(&Message::Load(load)) else { return };
         for (name, addr) in self.live_targets() {

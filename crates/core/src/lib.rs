@@ -12,6 +12,7 @@
 
 pub mod cluster;
 mod counters;
+pub mod entry;
 mod flow_table;
 mod members;
 mod node;

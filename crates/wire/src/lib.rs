@@ -3,12 +3,15 @@
 //! - [`classify`] turns an inner IP packet into a [`PacketMeta`] (flow key, TCP flags), or a
 //!   [`MalformedReason`] saying why it is not a packet ringlb can route.
 //! - [`ipip`] writes and strips the outer IPv4 header of RFC 2003 IP-in-IP.
+//! - [`arp`] reads ARP requests and writes replies and gratuitous announcements for the VIP's
+//!   layer-2 owner.
 //! - [`clamp_tcp_mss`] lowers every MSS option of a SYN in place and fixes the checksum.
 //!
 //! This crate does no IO and allocates nothing; it only reads and writes caller buffers.
 //! It knows nothing of nodes or policy: that is `ringlb-core`.
 #![forbid(unsafe_code)]
 
+pub mod arp;
 pub mod build;
 mod classify;
 pub mod ipip;

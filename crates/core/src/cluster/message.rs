@@ -76,6 +76,9 @@ pub struct LoadVector {
     pub cpu: f32,
     pub weight: f32,
     pub draining: bool,
+    /// Whether it claims the VIP's layer-2 ownership (`entry.mode = "l2"`). Optional on the
+    /// wire: a member that does not send it claims nothing.
+    pub entry_claim: bool,
 }
 
 /// One control message.
@@ -187,6 +190,7 @@ mod id {
     pub const CPU: u8 = 4;
     pub const LOAD_WEIGHT: u8 = 5;
     pub const DRAINING: u8 = 6;
+    pub const ENTRY_CLAIM: u8 = 7;
     pub const LOAD_INCARNATION: u8 = 1;
 }
 
@@ -336,7 +340,11 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
                 w.f32(id::RATE, l.new_flows_per_sec, "new flows per second")?;
                 w.f32(id::CPU, l.cpu, "cpu")?;
                 w.f32(id::LOAD_WEIGHT, l.weight, "load weight")?;
-                w.field(id::DRAINING, &[u8::from(l.draining)])
+                w.field(id::DRAINING, &[u8::from(l.draining)])?;
+                if l.entry_claim {
+                    w.field(id::ENTRY_CLAIM, &[1])?;
+                }
+                Ok(())
             })?;
         }
     }
@@ -509,6 +517,7 @@ fn hint_of(v: &[u8]) -> Result<Hint, DecodeError> {
 
 fn load_of(v: &[u8]) -> Result<LoadVector, DecodeError> {
     let (mut inc, mut served, mut rate, mut cpu, mut weight, mut draining) = (None, None, None, None, None, None);
+    let mut entry_claim = None;
     for f in Fields(v) {
         let (fid, v) = f?;
         match fid {
@@ -534,6 +543,14 @@ fn load_of(v: &[u8]) -> Result<LoadVector, DecodeError> {
                 };
                 once(&mut draining, d, "draining")?;
             }
+            id::ENTRY_CLAIM => {
+                let c = match v {
+                    [0] => false,
+                    [1] => true,
+                    _ => return Err(DecodeError::BadField("entry claim")),
+                };
+                once(&mut entry_claim, c, "entry claim")?;
+            }
             _ => {}
         }
     }
@@ -544,6 +561,7 @@ fn load_of(v: &[u8]) -> Result<LoadVector, DecodeError> {
         cpu: need(cpu, "cpu")?,
         weight: need(weight, "load weight")?,
         draining: need(draining, "draining")?,
+        entry_claim: entry_claim.unwrap_or(false),
     })
 }
 
@@ -657,7 +675,7 @@ mod tests {
                 4 => Message::Join { sender },
                 5 => Message::Introduce { sender, hints },
                 6 => Message::Announce { sender, reports },
-                _ => Message::Load(LoadVector { incarnation: seq, served_flows: 7, new_flows_per_sec: 1.5, cpu: 0.25, weight: 2.0, draining: true }),
+                _ => Message::Load(LoadVector { incarnation: seq, served_flows: 7, new_flows_per_sec: 1.5, cpu: 0.25, weight: 2.0, draining: true, entry_claim: seq % 2 == 0 }),
             };
             let bytes = encode(&msg).expect("fits");
             prop_assert_eq!(decode(&bytes), Ok(msg));
@@ -688,6 +706,25 @@ mod tests {
     }
 
     #[test]
+    fn a_load_vector_without_an_entry_claim_claims_nothing() {
+        let load = LoadVector {
+            incarnation: 3,
+            served_flows: 1,
+            new_flows_per_sec: 0.0,
+            cpu: 0.5,
+            weight: 1.0,
+            draining: false,
+            entry_claim: false,
+        };
+        let plain = encode(&Message::Load(load.clone())).unwrap();
+        let claiming = encode(&Message::Load(LoadVector { entry_claim: true, ..load.clone() })).unwrap();
+        // A member of the previous release sends no claim field at all.
+        assert_eq!(claiming.len(), plain.len() + 4);
+        assert_eq!(decode(&plain), Ok(Message::Load(load.clone())));
+        assert_eq!(decode(&claiming), Ok(Message::Load(LoadVector { entry_claim: true, ..load })));
+    }
+
+    #[test]
     fn unknown_fields_are_skipped() {
         let mut bytes = encode(&Message::Nack { seq: 9 }).unwrap();
         bytes.extend_from_slice(&[200, 0, 3, 1, 2, 3]);
@@ -707,6 +744,7 @@ mod tests {
                 cpu: 0.0,
                 weight: w,
                 draining: false,
+                entry_claim: false,
             };
             assert!(encode(&Message::Load(load)).is_err(), "load weight {w}");
         }
