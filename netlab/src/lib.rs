@@ -8,6 +8,12 @@
 //!                                                              └── n3 10.77.0.3  ┘   on the VIP
 //! ```
 //!
+//! With `--entry bgp` the router and every node run BIRD: each node announces the VIP over BGP
+//! while its ringlb says it is ready, and the router installs one ECMP route over the announcing
+//! nodes, with BFD to notice a node that stops answering. With `--entry l2` the client sits on
+//! the nodes' bridge as 10.77.0.100 with the VIP on-link, and the node the cluster elects
+//! answers its ARP requests.
+//!
 //! Nodes' default route is the router, so a reply from any node goes straight to the client
 //! (direct server return) and never crosses the entry node. Every node runs `ringlb node` and an
 //! unmodified nginx that answers `/` with the node's name, serves `/blob/…` files and `/1k`,
@@ -33,6 +39,13 @@ use anyhow::{bail, Context, Result};
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 100);
+/// The client's address with `--entry l2`, on the nodes' segment.
+pub const L2_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+/// Autonomous system numbers of the lab's router and of every node (`--entry bgp`).
+const ROUTER_AS: u32 = 65000;
+const NODES_AS: u32 = 65001;
+/// The kernel table in which ringlb holds the VIP's route for BIRD to announce.
+pub const ENTRY_TABLE: u32 = 201;
 pub const ROUTER_UNDERLAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 254);
 const CARRIER_PORT: u16 = 6635;
 const CONTROL_PORT: u16 = 6636;
@@ -51,6 +64,27 @@ pub enum Entry {
     Single,
     /// The router spreads the VIP over all nodes by L4-hash ECMP.
     Ecmp,
+    /// Like `ecmp`, but learned over BGP (BIRD on the router and on every node, with BFD)
+    /// from the nodes that ringlb says are ready.
+    Bgp,
+    /// No router on the way: the client shares the nodes' segment and ARPs for the VIP, which
+    /// the node the cluster elects answers.
+    L2,
+}
+
+impl Entry {
+    pub fn name(self) -> &'static str {
+        match self {
+            Entry::Single => "single",
+            Entry::Ecmp => "ecmp",
+            Entry::Bgp => "bgp",
+            Entry::L2 => "l2",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Entry> {
+        [Entry::Single, Entry::Ecmp, Entry::Bgp, Entry::L2].into_iter().find(|e| e.name() == name)
+    }
 }
 
 /// What to build.
@@ -192,6 +226,9 @@ impl Lab {
         let mut spec = Spec::new(prefix, bin.trim());
         spec.nodes = nodes.trim().parse()?;
         spec.control = dir.join("pki").exists();
+        if let Some(entry) = fs::read_to_string(dir.join("entry")).ok().and_then(|e| Entry::parse(e.trim())) {
+            spec.entry = entry;
+        }
         Ok(Lab { spec, dir, keep: true })
     }
 
@@ -203,6 +240,7 @@ impl Lab {
         let keep_failed = std::env::var_os("NETLAB_KEEP_FAILED").is_some();
         fs::write(dir.join("nodes"), spec.nodes.to_string())?;
         fs::write(dir.join("bin"), spec.bin.to_string_lossy().as_bytes())?;
+        fs::write(dir.join("entry"), spec.entry.name())?;
         let mut lab = Lab { spec, dir, keep: false };
         if let Err(e) = lab.build() {
             lab.keep = keep_failed;
@@ -289,25 +327,35 @@ impl Lab {
         self.exec(&r, &["ip", "link", "set", "br0", "up"])?;
         self.exec(&r, &["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=1"])?;
         sh(None, &["ip", "-n", &r, "link", "add", "vc", "type", "veth", "peer", "name", "eth0", "netns", &c])?;
-        self.exec(&r, &["ip", "addr", "add", "10.78.0.1/24", "dev", "vc"])?;
-        self.exec(&r, &["ip", "link", "set", "vc", "up"])?;
-        self.exec(&c, &["ip", "addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])?;
-        self.exec(&c, &["ip", "link", "set", "eth0", "up"])?;
-        self.exec(&c, &["ip", "route", "add", "default", "via", "10.78.0.1"])?;
+        let vip = format!("{VIP}/32");
+        if s.entry == Entry::L2 {
+            // The client on the nodes' segment, the VIP on-link: it ARPs for the VIP itself.
+            self.exec(&r, &["ip", "link", "set", "vc", "master", "br0", "up"])?;
+            self.exec(&c, &["ip", "addr", "add", &format!("{L2_CLIENT}/24"), "dev", "eth0"])?;
+            self.exec(&c, &["ip", "link", "set", "eth0", "up"])?;
+            self.exec(&c, &["ip", "route", "add", &vip, "dev", "eth0"])?;
+        } else {
+            self.exec(&r, &["ip", "addr", "add", "10.78.0.1/24", "dev", "vc"])?;
+            self.exec(&r, &["ip", "link", "set", "vc", "up"])?;
+            self.exec(&c, &["ip", "addr", "add", &format!("{CLIENT}/24"), "dev", "eth0"])?;
+            self.exec(&c, &["ip", "link", "set", "eth0", "up"])?;
+            self.exec(&c, &["ip", "route", "add", "default", "via", "10.78.0.1"])?;
+        }
         for i in 1..=s.nodes {
             self.wire_node(i)?;
         }
-        let vip = format!("{VIP}/32");
         match s.entry {
-            Entry::Single => self.exec(&r, &["ip", "route", "add", &vip, "via", &node_addr(1).to_string()])?,
+            Entry::Single => drop(self.exec(&r, &["ip", "route", "add", &vip, "via", &node_addr(1).to_string()])?),
             Entry::Ecmp => {
                 let mut args = vec!["ip".to_owned(), "route".into(), "add".into(), vip];
                 for i in 1..=s.nodes {
                     args.extend(["nexthop".into(), "via".into(), node_addr(i).to_string()]);
                 }
-                self.exec(&r, &args.iter().map(String::as_str).collect::<Vec<_>>())?
+                self.exec(&r, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
             }
-        };
+            Entry::Bgp => self.start_router_bird()?,
+            Entry::L2 => {}
+        }
         fs::write(self.dir.join("blob-small"), vec![b'x'; 1024])?;
         if s.control {
             self.issue_certs()?;
@@ -315,6 +363,9 @@ impl Lab {
         for i in 1..=s.nodes {
             fs::create_dir_all(self.node_dir(i))?;
             self.start_services(i)?;
+            if s.entry == Entry::Bgp {
+                self.start_node_bird(i)?;
+            }
             if s.start_ringlb {
                 self.start_ringlb(i)?;
             }
@@ -326,7 +377,131 @@ impl Lab {
             let all: Vec<usize> = (1..=s.nodes).collect();
             self.wait_converged(&all, s.nodes, Duration::from_secs(15))?;
         }
+        match s.entry {
+            Entry::Bgp if s.start_ringlb => {
+                self.wait_entries(s.nodes, Duration::from_secs(20))?;
+            }
+            Entry::L2 if s.start_ringlb => {
+                // A starting node listens for an owner for 3 s before it takes the VIP.
+                self.wait_l2_owner(Duration::from_secs(10))?;
+            }
+            _ => {}
+        }
         Ok(())
+    }
+
+    /// BIRD's files for a host: config, control socket, log.
+    fn bird_paths(&self, host: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.join(format!("bird-{host}"));
+        (d.join("bird.conf"), d.join("bird.ctl"))
+    }
+
+    /// Starts BIRD in a namespace with `conf` (foreground, so the lab's teardown finds it).
+    fn start_bird(&self, ns: &str, host: &str, conf: &str) -> Result<()> {
+        let (conf_path, ctl) = self.bird_paths(host);
+        fs::create_dir_all(conf_path.parent().expect("bird dir"))?;
+        fs::write(&conf_path, conf)?;
+        let (c, s) = (conf_path.to_string_lossy().into_owned(), ctl.to_string_lossy().into_owned());
+        run(Command::new("bird").args(["-p", "-c", &c]))
+            .with_context(|| format!("BIRD refuses {c} (is bird2 installed?)"))?;
+        self.spawn(ns, &conf_path.with_file_name("bird.log"), &["bird", "-f", "-c", &c, "-s", &s])
+    }
+
+    /// The router's BIRD: a BGP session with BFD to every node, and every VIP route it learns
+    /// installed as one multipath route (`merge paths`), hashed on the L4 header by the kernel
+    /// (`fib_multipath_hash_policy=1`). No graceful restart: a router that kept a dead node's
+    /// route while it "restarts" would send it traffic for minutes.
+    fn start_router_bird(&self) -> Result<()> {
+        let mut conf = format!(
+            "router id {ROUTER_UNDERLAY};\nlog stderr all;\nprotocol device {{}}\n\
+             protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+             protocol bfd {{ interface \"br0\" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }}; }}\n\
+             template bgp ringlb {{ local {ROUTER_UNDERLAY} as {ROUTER_AS}; bfd on; graceful restart off;\n  \
+             connect delay time 1; connect retry time 2; error wait time 1, 4;\n  \
+             ipv4 {{ import where net = {VIP}/32; export none; }};\n}}\n"
+        );
+        for i in 1..=self.spec.nodes {
+            let _ = writeln!(conf, "protocol bgp n{i} from ringlb {{ neighbor {} as {NODES_AS}; }}", node_addr(i));
+        }
+        self.start_bird(&self.router(), "router", &conf)
+    }
+
+    /// Node `i`'s BIRD: learns the VIP's route from the table ringlb holds it in (while ringlb
+    /// is ready) and announces it to the router, with BFD.
+    fn start_node_bird(&self, i: usize) -> Result<()> {
+        let me = node_addr(i);
+        let conf = format!(
+            "router id {me};\nlog stderr all;\nprotocol device {{}}\n\
+             protocol kernel ringlb {{ kernel table {ENTRY_TABLE}; learn; ipv4 {{ import where net = {VIP}/32; export none; }}; }}\n\
+             protocol bfd {{ interface \"eth0\" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }}; }}\n\
+             protocol bgp uplink {{ local {me} as {NODES_AS}; neighbor {ROUTER_UNDERLAY} as {ROUTER_AS}; bfd on;\n  \
+             graceful restart off; connect delay time 1; connect retry time 2; error wait time 1, 4;\n  \
+             ipv4 {{ import none; export where net = {VIP}/32; }};\n}}\n"
+        );
+        self.start_bird(&self.node(i), &format!("n{i}"), &conf)
+    }
+
+    /// The next hops of the router's route to the VIP (`--entry bgp`), as node numbers.
+    pub fn entries(&self) -> Result<Vec<usize>> {
+        let json = self.exec(&self.router(), &["ip", "-j", "route", "show", &format!("{VIP}/32")])?;
+        let routes: serde_json::Value = serde_json::from_str(&json).context("ip -j route")?;
+        let mut hops = Vec::new();
+        for route in routes.as_array().into_iter().flatten() {
+            let gateways: Vec<&serde_json::Value> = match route.get("nexthops").and_then(|n| n.as_array()) {
+                Some(list) => list.iter().filter_map(|h| h.get("gateway")).collect(),
+                None => route.get("gateway").into_iter().collect(),
+            };
+            for g in gateways {
+                let ip: Ipv4Addr = g.as_str().unwrap_or_default().parse().context("a next hop")?;
+                hops.push(usize::from(ip.octets()[3]));
+            }
+        }
+        hops.sort_unstable();
+        Ok(hops)
+    }
+
+    /// Waits until the router's VIP route has `n` next hops (`--entry bgp`).
+    pub fn wait_entries(&self, n: usize, within: Duration) -> Result<Vec<usize>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let hops = self.entries()?;
+            if hops.len() == n {
+                return Ok(hops);
+            }
+            if Instant::now() > deadline {
+                let (_, ctl) = self.bird_paths("router");
+                let protocols = self
+                    .exec(&self.router(), &["birdc", "-s", &ctl.to_string_lossy(), "show", "protocols"])
+                    .unwrap_or_default();
+                bail!("the router's VIP route has next hops {hops:?}, not {n}; its BGP sessions:\n{protocols}");
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The nodes that say they own the VIP at layer 2 (`--entry l2`), from their metrics.
+    pub fn l2_owners(&self) -> Vec<usize> {
+        (1..=self.spec.nodes)
+            .filter(|&i| {
+                self.metrics(i)
+                    .is_ok_and(|m| m.lines().any(|l| l.starts_with("ringlb_entry_announced{") && l.ends_with(" 1")))
+            })
+            .collect()
+    }
+
+    /// Waits until exactly one node owns the VIP at layer 2, and returns it.
+    pub fn wait_l2_owner(&self, within: Duration) -> Result<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            let owners = self.l2_owners();
+            if let [one] = owners[..] {
+                return Ok(one);
+            }
+            if Instant::now() > deadline {
+                bail!("no single layer-2 owner of the VIP: {owners:?}");
+            }
+            sleep(Duration::from_millis(50));
+        }
     }
 
     /// Creates node `i`'s namespace and plugs it into the router's bridge as 10.77.0.i.
@@ -370,6 +545,13 @@ impl Lab {
             s.carrier,
             self.node_dir(i).display()
         );
+        match s.entry {
+            Entry::Bgp => {
+                let _ = write!(t, "[entry]\nmode = \"bgp\"\ntable = {ENTRY_TABLE}\n\n");
+            }
+            Entry::L2 => t.push_str("[entry]\nmode = \"l2\"\n\n"),
+            Entry::Single | Entry::Ecmp => {}
+        }
         if s.control {
             let pki = self.dir.join("pki");
             let _ = write!(

@@ -108,6 +108,7 @@ pub struct ControlHandle {
 #[derive(Debug)]
 enum Command {
     Drain(bool),
+    EntryClaim(bool),
 }
 
 impl ControlHandle {
@@ -141,6 +142,12 @@ impl ControlHandle {
 
     pub async fn drain(&self, on: bool) -> bool {
         self.commands.send(Command::Drain(on)).await.is_ok()
+    }
+
+    /// Claims (or gives up) the VIP's layer-2 ownership; peers hear it at once, in a load
+    /// vector sent for the purpose, and in every one after.
+    pub async fn set_entry_claim(&self, on: bool) -> bool {
+        self.commands.send(Command::EntryClaim(on)).await.is_ok()
     }
 }
 
@@ -412,6 +419,12 @@ impl Control {
                         self.cluster.set_draining(on);
                         let _ = self.to_dataplane.send(ControlEvent::Drain(on)).await;
                         tracing::info!(draining = on, "drain state changed");
+                    }
+                    Command::EntryClaim(on) => {
+                        if self.cluster.entry_claim() != on {
+                            self.cluster.set_entry_claim(on);
+                            self.send_load(&mut local_load);
+                        }
                     }
                 },
                 _ = load_tick.tick() => {

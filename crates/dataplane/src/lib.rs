@@ -6,12 +6,15 @@
 //! - [`carrier`]: the two ways to reach a peer: IP-in-UDP (default, no privilege) and RFC 2003
 //!   IP-in-IP on a raw socket.
 //! - [`driver`]: the loop that reads packets, asks the core, and carries out its verdicts.
+//! - [`announce`]: telling the network this node takes VIP traffic: a route for a routing
+//!   daemon to export (BGP), or ARP answers and gratuitous ARP (L2).
 //! - [`sockets`]: the TCP connections the kernel already serves on the VIP, which a starting
 //!   daemon pins to this node.
 //!
 //! Deliberately not here: decisions (they are the core's), config parsing and the CLI (the
-//! binary's). This is the only crate with `unsafe`, and only for socket options socket2 lacks.
+//! binary's). This is the only crate with `unsafe`, and only for socket calls socket2 lacks.
 
+pub mod announce;
 pub mod carrier;
 pub mod driver;
 pub mod sockets;

@@ -12,14 +12,23 @@ use ringlb_dataplane::{Snapshot, SnapshotRequests};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-pub async fn serve(listener: TcpListener, snapshots: SnapshotRequests, control: Option<ControlHandle>, node: String) {
+use crate::edge::{EdgeStatus, EdgeView};
+
+pub async fn serve(
+    listener: TcpListener,
+    snapshots: SnapshotRequests,
+    control: Option<ControlHandle>,
+    edge: EdgeStatus,
+    node: String,
+) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else { continue };
         let snapshots = snapshots.clone();
         let node = node.clone();
         let control = control.clone();
+        let edge = edge.get();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &snapshots, control.as_ref(), &node).await {
+            if let Err(e) = answer(stream, &snapshots, control.as_ref(), edge.as_ref(), &node).await {
                 tracing::debug!(%peer, error = %e, "admin request failed");
             }
         });
@@ -30,6 +39,7 @@ async fn answer(
     mut stream: TcpStream,
     snapshots: &SnapshotRequests,
     control: Option<&ControlHandle>,
+    edge: Option<&EdgeView>,
     node: &str,
 ) -> std::io::Result<()> {
     let mut buf = [0u8; 1024];
@@ -55,8 +65,8 @@ async fn answer(
     } else {
         let Some(snapshot) = snapshots.get().await else { return Ok(()) };
         match path {
-            "/metrics" => ("200 OK", metrics(&snapshot, control, node)),
-            "/status" => ("200 OK", status(&snapshot, control, node)),
+            "/metrics" => ("200 OK", metrics(&snapshot, control, node) + &edge_metrics(edge, node)),
+            "/status" => ("200 OK", status(&snapshot, control, node) + &edge_status(edge)),
             _ => ("404 Not Found", "try /metrics, /status, /drain or /undrain\n".to_owned()),
         }
     };
@@ -300,4 +310,78 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut resp = String::new();
     stream.read_to_string(&mut resp).await?;
     Ok(resp.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or(resp))
+}
+
+/// The edge's metrics: whether this node announces the VIP, how, and since when.
+fn edge_metrics(edge: Option<&EdgeView>, node: &str) -> String {
+    let Some(e) = edge else { return String::new() };
+    let mut out = String::new();
+    let mech = e.mechanism.name();
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_entry_announced Whether this node announces the VIP to the network (entry.mode).\n\
+         # TYPE ringlb_entry_announced gauge\nringlb_entry_announced{{node=\"{node}\",mechanism=\"{mech}\"}} {}",
+        u8::from(e.announced)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_entry_state_seconds Seconds since the announcement last changed (or the daemon started).\n\
+         # TYPE ringlb_entry_state_seconds gauge\nringlb_entry_state_seconds{{node=\"{node}\",mechanism=\"{mech}\"}} {:.3}",
+        e.since.elapsed().as_secs_f64()
+    );
+    let mut counter = |name: &str, help: &str, labels: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP ringlb_{name} {help}\n# TYPE ringlb_{name} counter\nringlb_{name}{{node=\"{node}\"{labels}}} {value}"
+        );
+    };
+    counter("entry_changes_total", "Times the announcement started or stopped.", "", e.changes);
+    counter("entry_errors_total", "Announcements or withdrawals the kernel refused.", "", e.errors);
+    if e.mechanism == ringlb_core::entry::Mechanism::L2 {
+        counter(
+            "arp_answered_total",
+            "ARP requests for the VIP answered while this node owned it.",
+            "",
+            e.arp.answered,
+        );
+        counter("arp_ignored_total", "ARP requests for the VIP heard while another node owned it.", "", e.arp.ignored);
+        counter(
+            "arp_gratuitous_sent_total",
+            "Gratuitous ARP announcements of the VIP sent.",
+            "",
+            e.arp.gratuitous_sent,
+        );
+        counter("arp_dropped_total", "ARP frames dropped.", ",reason=\"malformed\"", e.arp.malformed);
+        counter("arp_send_errors_total", "ARP frames the kernel refused to send.", "", e.arp.send_errors);
+    }
+    out
+}
+
+/// The edge's line of `ringlb status`.
+fn edge_status(edge: Option<&EdgeView>) -> String {
+    let Some(e) = edge else { return "entry: not managed by ringlb (entry.mode = \"none\")\n".to_owned() };
+    let how = match e.mechanism {
+        ringlb_core::entry::Mechanism::Bgp => format!("bgp (route in table {})", e.table),
+        ringlb_core::entry::Mechanism::L2 => "l2 (ARP)".to_owned(),
+    };
+    let what = match (e.announced, e.withheld) {
+        (true, _) => "announcing the VIP".to_owned(),
+        (false, Some(why)) => format!("not announcing the VIP ({})", why.name()),
+        (false, None) => "not announcing the VIP".to_owned(),
+    };
+    let mut line =
+        format!("entry: {how}, {what} for {:.1} s, {} change(s)", e.since.elapsed().as_secs_f64(), e.changes);
+    if e.mechanism == ringlb_core::entry::Mechanism::L2 {
+        let owners = if e.owners.is_empty() { "none".to_owned() } else { e.owners.join(", ") };
+        let _ = write!(
+            line,
+            "; owner: {owners}; ARP: {} answered, {} gratuitous sent",
+            e.arp.answered, e.arp.gratuitous_sent
+        );
+    }
+    if e.errors > 0 {
+        let _ = write!(line, "; {} route change(s) refused (see the log)", e.errors);
+    }
+    line.push('\n');
+    line
 }

@@ -31,6 +31,9 @@ pub struct Config {
     /// The QUIC control plane; without it the member list below is static.
     #[serde(default)]
     pub control: Option<ControlSection>,
+    /// How the network learns that this node takes VIP traffic.
+    #[serde(default)]
+    pub entry: EntrySection,
     /// Members known in advance, this node included. With a control plane, the rest are
     /// learned from the seeds and this may list only this node, or nothing when
     /// `node.address` is set.
@@ -257,6 +260,35 @@ impl Default for AdminSection {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EntryMode {
+    /// Traffic arrives by a static route, DNS or ECMP that ringlb does not manage.
+    None,
+    /// While ready, the VIP's route sits in `entry.table` for a routing daemon to announce.
+    Bgp,
+    /// The cluster elects one node to answer ARP for the VIP on the underlay's segment.
+    L2,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EntrySection {
+    pub mode: EntryMode,
+    /// bgp: the kernel routing table that holds `VIP/32 dev <tun>` while this node is ready.
+    /// No rule looks it up; the routing daemon exports it.
+    pub table: u32,
+    /// l2: a peer whose load vectors stop for this long no longer owns the VIP.
+    #[serde(with = "humantime_serde")]
+    pub takeover_after: Duration,
+}
+
+impl Default for EntrySection {
+    fn default() -> Self {
+        EntrySection { mode: EntryMode::None, table: 201, takeover_after: Duration::from_millis(600) }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MemberEntry {
@@ -342,6 +374,39 @@ fn describe(fig: &Figment, e: &figment::Error) -> String {
 }
 
 impl Config {
+    /// How this node tells the network it takes VIP traffic, if ringlb does that at all.
+    pub fn entry_mechanism(&self) -> Option<ringlb_core::entry::Mechanism> {
+        match self.entry.mode {
+            EntryMode::None => None,
+            EntryMode::Bgp => Some(ringlb_core::entry::Mechanism::Bgp),
+            EntryMode::L2 => Some(ringlb_core::entry::Mechanism::L2),
+        }
+    }
+
+    fn entry_problems(&self, p: &mut Vec<String>) {
+        let e = &self.entry;
+        if e.mode == EntryMode::Bgp {
+            // 0 is unspecified, 253 to 255 are default, main and local.
+            if e.table == 0 || e.table >= 253 || e.table == self.steering.table {
+                p.push(format!(
+                    "entry.table = {}: must be 1 to 252 and differ from steering.table ({})",
+                    e.table, self.steering.table
+                ));
+            }
+        }
+        if e.mode == EntryMode::L2 {
+            match &self.control {
+                None => p.push("entry.mode = \"l2\": needs [control]: the owner is elected from the membership".into()),
+                Some(c) if e.takeover_after < 2 * c.load_interval => p.push(format!(
+                    "entry.takeover_after = {:?}: must be at least twice control.load_interval ({:?}), or one late \
+                     load vector moves the VIP",
+                    e.takeover_after, c.load_interval
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+
     /// Everything wrong with the values, each naming its key.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
@@ -403,6 +468,7 @@ impl Config {
                 p.push(format!("node.weight = {w}: above control.max_weight ({})", c.max_weight));
             }
         }
+        self.entry_problems(&mut p);
         if let Some(w) = self.node.weight.filter(|w| !w.is_finite() || *w < 0.0 || *w > 1e6) {
             p.push(format!("node.weight = {w}: must be a number from 0 to 1000000"));
         }

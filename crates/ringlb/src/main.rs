@@ -5,7 +5,9 @@
 
 mod admin;
 mod config;
+mod edge;
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -237,10 +239,36 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
         tokio::net::TcpListener::from_std(std)?
     };
     let control_handle = control.as_ref().map(|(h, _)| h.clone());
-    side.runtime.spawn(admin::serve(listener, handle.snapshots.clone(), control_handle, local.name.clone()));
+    let edge_status = edge::EdgeStatus::default();
+    if let Some(mechanism) = config.entry_mechanism() {
+        let IpAddr::V4(vip) = config.node.vip else { anyhow::bail!("node.vip: only IPv4 VIPs are supported so far") };
+        let _on_side = side.runtime.enter();
+        edge::spawn(
+            edge::EdgeConfig {
+                mechanism,
+                node: local.name.clone(),
+                vip,
+                underlay: config.node.underlay_interface.clone(),
+                tun: config.tun.name.clone(),
+                table: config.entry.table,
+                takeover_after: config.entry.takeover_after,
+            },
+            handle.snapshots.clone(),
+            control_handle.clone(),
+            edge_status.clone(),
+        )?;
+    }
+    side.runtime.spawn(admin::serve(
+        listener,
+        handle.snapshots.clone(),
+        control_handle,
+        edge_status,
+        local.name.clone(),
+    ));
     tracing::info!(
         node = %local.name, vip = %config.node.vip, carrier = ?config.carrier.kind, tun_mtu,
-        control = config.control.is_some(), admin = %config.admin.listen, "ringlb node running"
+        control = config.control.is_some(), admin = %config.admin.listen,
+        entry = config.entry_mechanism().map_or("none", ringlb_core::entry::Mechanism::name), "ringlb node running"
     );
     let mut stop = stop_rx.clone();
     let stopping = handle.stop;
