@@ -716,11 +716,11 @@ mod tests {
             draining: false,
             entry_claim: false,
         };
-        let plain = encode(&Message::Load(load.clone())).unwrap();
-        let claiming = encode(&Message::Load(LoadVector { entry_claim: true, ..load.clone() })).unwrap();
+        let plain = encode(&Message::Load(load)).unwrap();
+        let claiming = encode(&Message::Load(LoadVector { entry_claim: true, ..load })).unwrap();
         // A member of the previous release sends no claim field at all.
         assert_eq!(claiming.len(), plain.len() + 4);
-        assert_eq!(decode(&plain), Ok(Message::Load(load.clone())));
+        assert_eq!(decode(&plain), Ok(Message::Load(load)));
         assert_eq!(decode(&claiming), Ok(Message::Load(LoadVector { entry_claim: true, ..load })));
     }
 
