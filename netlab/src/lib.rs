@@ -776,6 +776,58 @@ impl Lab {
     }
 }
 
+/// One new connection made by [`Lab::start_connloop`].
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// When it started (unix seconds).
+    pub t: f64,
+    /// How long the connection and its request took.
+    pub secs: f64,
+    pub ok: bool,
+    /// The node that answered, or the error.
+    pub node: String,
+}
+
+/// The attempts a finished connection loop printed.
+pub fn parse_attempts(out: &[u8]) -> Vec<Attempt> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| Attempt {
+            t: v["t"].as_f64().unwrap_or(0.0),
+            secs: v["s"].as_f64().unwrap_or(0.0),
+            ok: v["ok"].as_bool().unwrap_or(false),
+            node: v["node"].as_str().unwrap_or_default().to_owned(),
+        })
+        .collect()
+}
+
+/// Now, in unix seconds (the connection loop's clock).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Lab {
+    /// Starts `connloop.py` in the client: new connections to the VIP one after another for
+    /// `seconds` (or `count` of them), each given `timeout`; its stdout is piped for
+    /// [`parse_attempts`].
+    pub fn start_connloop(&self, seconds: f64, timeout: f64, count: Option<usize>) -> Result<std::process::Child> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("connloop.py");
+        let mut args = vec![
+            "netns".to_owned(),
+            "exec".into(),
+            self.client(),
+            "python3".into(),
+            script.to_string_lossy().into_owned(),
+            format!("http://{VIP}/"),
+            seconds.to_string(),
+            timeout.to_string(),
+        ];
+        args.extend(count.map(|c| c.to_string()));
+        Command::new("ip").args(&args).stdout(Stdio::piped()).spawn().context("starting connloop.py")
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         if !self.keep {

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ringlb_netlab::{node_addr, unique_prefix, Lab, Spec, VIP};
+use ringlb_netlab::{node_addr, parse_attempts, unique_prefix, unix_now, Lab, Spec, VIP};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -280,52 +280,6 @@ fn bad_config_is_refused_naming_key_and_value() {
 
 // ---- The control plane: membership, failure detection, drain, identity, load-aware placement.
 
-fn netlab_script(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netlab").join(name).to_string_lossy().into_owned()
-}
-
-#[derive(Debug, Clone)]
-struct Attempt {
-    t: f64,
-    /// How long the connection and its request took.
-    secs: f64,
-    ok: bool,
-    node: String,
-}
-
-fn parse_attempts(out: &[u8]) -> Vec<Attempt> {
-    String::from_utf8_lossy(out)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|v| Attempt {
-            t: v["t"].as_f64().unwrap_or(0.0),
-            secs: v["s"].as_f64().unwrap_or(0.0),
-            ok: v["ok"].as_bool().unwrap_or(false),
-            node: v["node"].as_str().unwrap_or_default().to_owned(),
-        })
-        .collect()
-}
-
-/// Starts the connection loop in the client namespace in the background.
-fn start_connloop(lab: &Lab, seconds: f64, timeout: f64, count: Option<usize>) -> std::process::Child {
-    let mut args = vec![
-        "netns".to_owned(),
-        "exec".into(),
-        lab.client(),
-        "python3".into(),
-        netlab_script("connloop.py"),
-        format!("http://{VIP}/"),
-        seconds.to_string(),
-        timeout.to_string(),
-    ];
-    args.extend(count.map(|c| c.to_string()));
-    Command::new("ip").args(&args).stdout(std::process::Stdio::piped()).spawn().expect("connloop starts")
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
-}
-
 /// Starts a rate-limited download of `/blob/NAME` in the background; returns the child and the
 /// node serving it, read from the response headers as soon as they arrive.
 fn start_long_download(lab: &Lab, name: &str, tag: &str) -> (std::process::Child, String) {
@@ -386,7 +340,7 @@ fn a_killed_node_stops_getting_new_flows_fast_and_rejoins_after_restart() {
     let want = sha256(&blob);
     let (download, server) = start_long_download(&lab, "long", "kill");
     let victim = if server == "n3" { 2 } else { 3 };
-    let loop_child = start_connloop(&lab, 7.0, 0.3, None);
+    let loop_child = lab.start_connloop(7.0, 0.3, None).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let killed_at = unix_now();
     lab.stop_ringlb(victim, true).unwrap();
@@ -515,7 +469,7 @@ fn a_rogue_node_cannot_join() {
 /// The share of `connections` new connections that n3 served, the tally, and the median time
 /// a connection took on n3 and on the other nodes.
 fn share_of_n3(lab: &Lab, connections: usize) -> (f64, BTreeMap<String, usize>, f64, f64) {
-    let child = start_connloop(lab, 180.0, 2.0, Some(connections));
+    let child = lab.start_connloop(180.0, 2.0, Some(connections)).unwrap();
     let attempts = parse_attempts(&child.wait_with_output().unwrap().stdout);
     let mut t = BTreeMap::new();
     for a in attempts.iter().filter(|a| a.ok) {
