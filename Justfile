@@ -55,7 +55,8 @@ fuzz runs="10000000":
     done
     [ ${#failed[@]} -eq 0 ] || { echo "fuzz: findings in ${failed[*]}"; exit 1; }
 
-# Bring up the lab: NODES nodes, ENTRY single (VIP via n1) or ecmp, CARRIER udp or ipip.
+# Bring up the lab: NODES nodes; ENTRY single (VIP via n1), ecmp (static multipath), bgp (BIRD on
+# the router and every node, BFD) or l2 (client on the nodes' segment, ARP owner); CARRIER udp or ipip.
 netlab-up nodes="3" entry="single" carrier="udp": build
     {{netlab}} up --nodes {{nodes}} --entry {{entry}} --carrier {{carrier}}
 
@@ -75,7 +76,8 @@ netlab-status:
 netlab-demo requests="12":
     {{netlab}} demo --requests {{requests}}
 
-# Kill a node, cut a path between two nodes, heal; print what the cluster saw.
+# Kill a node, cut a path between two nodes, heal; print what the cluster saw. In a bgp or l2 lab
+# it first kills an entry's daemon and shows the network move its traffic.
 netlab-chaos:
     {{netlab}} chaos
 

@@ -6,7 +6,8 @@
 #                         being killed, and print its state (the lab stays up: just netlab-down)
 #   ./bootstrap.sh test   install what is missing, then lints, unit, property and end-to-end tests
 #
-# It installs Debian packages (iproute2, nftables, nginx, iperf3, wrk, haproxy, curl, python3)
+# It installs Debian packages (iproute2, nftables, nginx, iperf3, wrk, haproxy, curl, python3,
+# bird2 and tcpdump for the BGP and layer-2 entry labs)
 # and `just` when they are missing, and nothing else.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,7 +26,8 @@ command -v cargo >/dev/null || { echo "bootstrap.sh: install Rust first (https:/
 deps() {
     local missing=()
     local -A pkg=([ip]=iproute2 [nft]=nftables [nginx]=nginx-light [iperf3]=iperf3 [wrk]=wrk
-                  [haproxy]=haproxy [curl]=curl [python3]=python3 [sysctl]=procps [ss]=iproute2)
+                  [haproxy]=haproxy [curl]=curl [python3]=python3 [sysctl]=procps [ss]=iproute2
+                  [bird]=bird2 [tcpdump]=tcpdump)
     for cmd in "${!pkg[@]}"; do
         command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || missing+=("${pkg[$cmd]}")
     done
@@ -37,6 +39,8 @@ deps() {
     fi
     # nginx's Debian package starts a system nginx on :80 of the host; the lab does not need it.
     systemctl disable --now nginx >/dev/null 2>&1 || true
+    # Likewise bird2's system BIRD: the lab runs its own, one per namespace.
+    systemctl disable --now bird >/dev/null 2>&1 || true
     if command -v rustup >/dev/null; then
         rustup component add clippy rustfmt >/dev/null 2>&1 || true
     fi

@@ -219,6 +219,7 @@ fn run(cli: Cli) -> Result<()> {
                     Err(e) => println!("n{i}: not answering ({e:#})\n"),
                 }
             }
+            print!("{}", edge(&lab));
             Ok(())
         }
         Cmd::Bench { bin, out, quick, rounds, smoke, scaling } => {
@@ -313,9 +314,52 @@ fn requests(lab: &Lab, n: usize) -> String {
     format!("  {n} new connections to the VIP: {tally:?}\n")
 }
 
+/// How the network reaches the cluster right now: the router's next hops for the VIP (bgp) or
+/// the layer-2 owner and the client's ARP entry (l2).
+fn edge(lab: &Lab) -> String {
+    match lab.spec.entry {
+        Entry::Bgp => match lab.entries() {
+            Ok(hops) => format!("  the router's next hops for the VIP: {hops:?}\n"),
+            Err(e) => format!("  the router's route: {e:#}\n"),
+        },
+        Entry::L2 => {
+            let arp = lab.exec(&lab.client(), &["ip", "neigh", "show", &VIP.to_string()]).unwrap_or_default();
+            format!("  layer-2 owner(s) of the VIP: {:?}; the client's ARP entry: {}\n", lab.l2_owners(), arp.trim())
+        }
+        Entry::Single | Entry::Ecmp => String::new(),
+    }
+}
+
+/// With `--entry bgp` or `l2`: an entry's daemon dies, the network moves its traffic, and it
+/// comes back.
+fn entry_chaos(lab: &Lab) -> Result<()> {
+    let pause = |ms| std::thread::sleep(std::time::Duration::from_millis(ms));
+    let victim = match lab.spec.entry {
+        Entry::L2 => *lab.l2_owners().first().unwrap_or(&1),
+        _ => 1,
+    };
+    println!("== the edge ({})\n{}{}", lab.spec.entry.name(), edge(lab), requests(lab, 9));
+    lab.stop_ringlb(victim, true)?;
+    pause(1000);
+    println!("== 1 s after kill -9 of ringlb on the entry n{victim}\n{}{}", edge(lab), requests(lab, 9));
+    lab.start_ringlb(victim)?;
+    let all: Vec<usize> = (1..=lab.spec.nodes).collect();
+    lab.wait_converged(&all, lab.spec.nodes, std::time::Duration::from_secs(10))?;
+    pause(4000);
+    let after = match lab.spec.entry {
+        Entry::L2 => "(the VIP stays with its new owner: no preemption)",
+        _ => "(it announces the VIP again)",
+    };
+    println!("== n{victim} restarted {after}\n{}{}", edge(lab), requests(lab, 9));
+    Ok(())
+}
+
 fn chaos(lab: &Lab) -> Result<()> {
     let pause = |ms| std::thread::sleep(std::time::Duration::from_millis(ms));
     let last = lab.spec.nodes;
+    if matches!(lab.spec.entry, Entry::Bgp | Entry::L2) {
+        entry_chaos(lab)?;
+    }
     println!("== before\n{}{}", views(lab), requests(lab, 9));
     lab.stop_ringlb(last, true)?;
     pause(1500);
