@@ -268,6 +268,10 @@ fn bad_config_is_refused_naming_key_and_value() {
         (good.replace("10.200.0.10", "10.200.0.300"), vec!["check"], vec!["node.vip", "10.200.0.300"]),
         (good.replace("\"lo\"", "\"nope0\""), vec!["setup"], vec!["node.underlay_interface", "nope0"]),
         (good.replace("\"lo\"", "\"nope0\""), vec!["node"], vec!["node.underlay_interface", "nope0"]),
+        (format!("{good}\n[entry]\nmode = \"bgp\"\ntable = 100\n"), vec!["check"], vec!["entry.table = 100"]),
+        (format!("{good}\n[entry]\nmode = \"bgp\"\ntable = 254\n"), vec!["check"], vec!["entry.table = 254"]),
+        (format!("{good}\n[entry]\nmode = \"l2\"\n"), vec!["check"], vec!["entry.mode = \"l2\": needs [control]"]),
+        (format!("{good}\n[entry]\nmode = \"ospf\"\n"), vec!["check"], vec!["entry.mode", "ospf"]),
     ];
     for (config, args, needles) in cases {
         let (code, stderr) = ringlb_with(&config, &args);

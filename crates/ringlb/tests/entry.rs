@@ -165,3 +165,21 @@ fn l2_ownership_moves_within_a_second_of_the_owners_death_and_is_not_taken_back(
     assert!(moved.is_some_and(|t| t < Duration::from_secs(1)), "a drained owner kept the VIP for {moved:?}");
     assert!(lab.curl(&[&format!("http://{VIP}/")]).is_ok(), "the VIP answers after the drain");
 }
+
+#[test]
+fn the_deployed_bird_config_and_example_config_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let bird = Command::new("bird").arg("-p").arg("-c").arg(root.join("deploy/bird/bird.conf")).output();
+    let bird = bird.expect("bird runs (apt install bird2)");
+    assert!(bird.status.success(), "deploy/bird/bird.conf: {}", String::from_utf8_lossy(&bird.stderr));
+    // The example config with the BGP entry switched on.
+    let example = std::fs::read_to_string(root.join("deploy/ringlb.example.toml")).unwrap();
+    let enabled = example.replace("# [entry]\n# mode = \"none\"", "[entry]\nmode = \"bgp\"");
+    assert_ne!(enabled, example, "the example shows [entry]");
+    let path = std::env::temp_dir().join(format!("{}.toml", unique_prefix("example")));
+    std::fs::write(&path, enabled).unwrap();
+    let check = Command::new(env!("CARGO_BIN_EXE_ringlb")).arg("--config").arg(&path).arg("check").output().unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("mode: Bgp"));
+}
