@@ -70,6 +70,12 @@ impl EdgeStatus {
     fn set(&self, view: EdgeView) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(view);
     }
+
+    fn set_arp(&self, arp: ArpCounters) {
+        if let Some(view) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            view.arp = arp;
+        }
+    }
 }
 
 /// Opens what the mechanism needs (so that a missing privilege fails the start, naming it) and
@@ -118,6 +124,9 @@ async fn run(
                 if let Some(e) = r {
                     tracing::warn!(error = %e, "reading ARP");
                     tokio::time::sleep(TICK).await;
+                }
+                if let Some(arp) = &arp {
+                    status.set_arp(arp.counters());
                 }
                 continue;
             }

@@ -113,6 +113,30 @@ fn l2_ownership_moves_within_a_second_of_the_owners_death_and_is_not_taken_back(
     assert!(lab.curl(&[&format!("http://{VIP}/")]).is_ok(), "the VIP answers");
     assert_eq!(client_arp(&lab), mac_of(&lab, owner), "the client's ARP entry names the owner n{owner}");
 
+    // Forged ARP from the client's segment: a request with a foreign hardware type and one with
+    // a multicast sender. Counted, dropped, never answered, survived.
+    let forge = lab.dir.join("forge_arp.py");
+    std::fs::write(
+        &forge,
+        "import socket\n\
+         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n\
+         s.bind(('eth0', 0))\n\
+         me, vip, src = bytes([10, 77, 0, 100]), bytes([10, 200, 0, 10]), bytes.fromhex('020000000009')\n\
+         def frame(htype, sha):\n\
+         \x20   arp = htype + bytes.fromhex('080006040001') + sha + me + bytes(6) + vip\n\
+         \x20   return b'\\xff' * 6 + src + bytes.fromhex('0806') + arp\n\
+         s.send(frame(bytes.fromhex('0006'), src))\n\
+         s.send(frame(bytes.fromhex('0001'), bytes.fromhex('010000000009')))\n",
+    )
+    .unwrap();
+    let answered = lab.metric(owner, "ringlb_arp_answered_total{").unwrap();
+    lab.exec(&lab.client(), &["python3", &forge.to_string_lossy()]).unwrap();
+    let dropped =
+        time_until(Duration::from_secs(2), || lab.metric(owner, "ringlb_arp_dropped_total{").is_ok_and(|n| n >= 2));
+    assert!(dropped.is_some(), "n{owner} did not count the forged ARP frames: {}", lab.metrics(owner).unwrap());
+    assert_eq!(lab.metric(owner, "ringlb_arp_answered_total{").unwrap(), answered, "a forged request was answered");
+    assert!(lab.curl(&[&format!("http://{VIP}/")]).is_ok(), "the owner survives forged ARP");
+
     // Watch the client's segment for gratuitous ARP, with unix timestamps.
     let capture = lab.dir.join("arp.txt");
     let mut tcpdump = Command::new("ip")
