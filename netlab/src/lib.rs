@@ -111,7 +111,13 @@ pub struct Spec {
     pub control: bool,
     /// Every node's `node.stop_timeout` (`None`: ringlb's default, [`DEFAULT_STOP_TIMEOUT`]).
     pub stop_timeout: Option<Duration>,
+    /// Run `ringlb node` as uid [`UNPRIVILEGED_UID`] with no capabilities (`tun.owner`): `setup`
+    /// (root) makes the TUN, the daemon only attaches to it.
+    pub unprivileged: bool,
 }
+
+/// The uid an unprivileged lab daemon runs as (`nobody`).
+pub const UNPRIVILEGED_UID: u32 = 65534;
 
 impl Spec {
     pub fn new(prefix: impl Into<String>, bin: impl Into<PathBuf>) -> Self {
@@ -127,6 +133,7 @@ impl Spec {
             start_ringlb: true,
             control: true,
             stop_timeout: None,
+            unprivileged: false,
         }
     }
 }
@@ -545,6 +552,9 @@ impl Lab {
             s.carrier,
             self.node_dir(i).display()
         );
+        if s.unprivileged {
+            let _ = write!(t, "[tun]\nowner = \"{UNPRIVILEGED_UID}\"\n\n");
+        }
         match s.entry {
             Entry::Bgp => {
                 let _ = write!(t, "[entry]\nmode = \"bgp\"\ntable = {ENTRY_TABLE}\n\n");
@@ -637,17 +647,51 @@ impl Lab {
         let bin = self.spec.bin.to_string_lossy().into_owned();
         let cfg = cfg.to_string_lossy().into_owned();
         self.exec(&self.node(i), &[&bin, "--config", &cfg, "setup"])?;
-        self.spawn(&self.node(i), &self.node_dir(i).join("ringlb.log"), &[&bin, "--config", &cfg, "node"])?;
-        // Ready when the TUN route exists.
+        let log = self.node_dir(i).join("ringlb.log");
+        if self.spec.unprivileged {
+            self.spawn_unprivileged(i, &log, &[&bin, "--config", &cfg, "node"])?;
+        } else {
+            self.spawn(&self.node(i), &log, &[&bin, "--config", &cfg, "node"])?;
+        }
+        // Ready when the TUN route exists and is in use (a persistent TUN's route is "linkdown"
+        // until the daemon attaches).
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.exec(&self.node(i), &["ip", "route", "show", "table", "100"]).is_ok_and(|o| o.contains("ring0")) {
+            if self
+                .exec(&self.node(i), &["ip", "route", "show", "table", "100"])
+                .is_ok_and(|o| o.contains("ring0") && !o.contains("linkdown"))
+            {
                 return Ok(());
             }
             sleep(Duration::from_millis(50));
         }
         let log = fs::read_to_string(self.node_dir(i).join("ringlb.log")).unwrap_or_default();
         bail!("ringlb on n{i} did not come up; its log:\n{log}")
+    }
+
+    /// Starts `args` in node `i`'s namespace as uid [`UNPRIVILEGED_UID`] with every capability
+    /// dropped (`setpriv`). It reads its certificate key, and opens `/dev/net/tun` through a
+    /// device node of its own bind-mounted over it in a private mount namespace, so the host's
+    /// `/dev/net/tun` keeps its permissions.
+    fn spawn_unprivileged(&self, i: usize, log: &Path, args: &[&str]) -> Result<()> {
+        let uid = UNPRIVILEGED_UID.to_string();
+        let dir = self.node_dir(i);
+        let tun = dir.join("net-tun");
+        if !tun.exists() {
+            run(Command::new("mknod").arg(&tun).args(["c", "10", "200"]))?;
+        }
+        run(Command::new("chown").arg(&uid).arg(&tun))?;
+        if self.spec.control {
+            run(Command::new("chown").arg(&uid).arg(self.dir.join("pki").join(format!("n{i}.key"))))?;
+        }
+        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        let script = format!(
+            "mount --bind '{}' /dev/net/tun && exec setpriv --reuid={uid} --regid={uid} --clear-groups \
+             --inh-caps=-all --ambient-caps=-all --bounding-set=-all --no-new-privs {}",
+            tun.display(),
+            quoted.join(" ")
+        );
+        self.spawn(&self.node(i), log, &["unshare", "--mount", "sh", "-c", &script])
     }
 
     /// Stops `ringlb node` on node `i` (SIGTERM, or SIGKILL with `hard`) and waits until it has

@@ -33,6 +33,9 @@ enum Cmd {
         carrier: String,
         #[arg(long, default_value = "target/release/ringlb")]
         bin: PathBuf,
+        /// Run every `ringlb node` as uid 65534 with no capabilities (`tun.owner`).
+        #[arg(long)]
+        unprivileged: bool,
     },
     /// Stop everything and delete the namespaces.
     Down,
@@ -164,12 +167,13 @@ fn node_index(node: &str) -> Option<usize> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Up { nodes, entry, carrier, bin } => {
+        Cmd::Up { nodes, entry, carrier, bin, unprivileged } => {
             let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
             let mut spec = Spec::new(&cli.prefix, bin);
             spec.nodes = nodes;
             spec.entry = entry;
             spec.carrier = carrier;
+            spec.unprivileged = unprivileged;
             let lab = Lab::up(spec)?;
             println!("lab {:?} is up: {nodes} nodes, entry {entry:?}, carrier {}", cli.prefix, lab.spec.carrier);
             println!("try:  just netlab-exec client curl -s http://{VIP}/");

@@ -13,6 +13,9 @@
 //! with the TUN, so when the daemon is gone rule 100 finds an empty table, lookup falls through
 //! to `local`, and the node serves VIP traffic itself: fail-open.
 //!
+//! With a [`PersistentTun`] (`tun.owner`), `setup` also creates the TUN device, owned by the
+//! user that will run the daemon, and its route (see [`crate::tun::create_persistent`]).
+//!
 //! `teardown` undoes exactly what the state file records and deletes it. Both are idempotent.
 
 use std::fs;
@@ -37,6 +40,17 @@ pub struct SteeringConfig {
     pub local_pref: u32,
     /// Directory for the state file.
     pub state_dir: PathBuf,
+    /// A TUN for an unprivileged daemon, made here rather than by the daemon.
+    pub persistent_tun: Option<PersistentTun>,
+}
+
+/// A TUN device that `setup` creates for a daemon that runs without privilege.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersistentTun {
+    pub name: String,
+    pub mtu: u16,
+    /// The uid that runs `ringlb node`.
+    pub owner: u32,
 }
 
 /// Errors of setup and teardown.
@@ -52,6 +66,8 @@ pub enum SteeringError {
     State { path: PathBuf, source: serde_json::Error },
     #[error("only IPv4 VIPs are supported so far, got {0}")]
     Ipv6(IpAddr),
+    #[error("no TUN device {0:?}: with tun.owner set, `ringlb setup` (as root) creates it")]
+    NoTun(String),
 }
 
 /// What setup changed, to be undone by teardown.
@@ -62,6 +78,9 @@ struct Undo {
     added_vip_on_lo: bool,
     added_rule: bool,
     moved_local_rule: bool,
+    /// A persistent TUN made for an unprivileged daemon.
+    #[serde(default)]
+    created_tun: Option<String>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SteeringError + '_ {
@@ -132,6 +151,15 @@ impl SteeringConfig {
             ip(&["rule", "del", "pref", "0", "lookup", "local"])?;
             undo.moved_local_rule = true;
         }
+        if let Some(t) = &self.persistent_tun {
+            if undo.created_tun.is_none() && !Path::new("/sys/class/net").join(&t.name).exists() {
+                undo.created_tun = Some(t.name.clone());
+            }
+            // Recorded first: a failure below still leaves teardown able to remove it.
+            write_undo(&path, &undo)?;
+            crate::tun::create_persistent(&t.name, t.mtu, self.vip, self.table, t.owner)?;
+            tracing::info!(tun = %t.name, owner = t.owner, mtu = t.mtu, "persistent TUN ready for an unprivileged daemon");
+        }
         write_undo(&path, &undo)?;
         tracing::info!(state = %path.display(), "steering set up");
         Ok(())
@@ -144,6 +172,11 @@ impl SteeringConfig {
             tracing::info!(state = %path.display(), "no steering state: nothing to tear down");
             return Ok(());
         };
+        if let Some(name) = &undo.created_tun {
+            if Path::new("/sys/class/net").join(name).exists() {
+                ip(&["link", "del", name])?;
+            }
+        }
         let rules = rules()?;
         if undo.moved_local_rule {
             if !rules.iter().any(|r| r.priority == 0 && r.table == "local") {

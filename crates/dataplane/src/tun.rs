@@ -1,4 +1,13 @@
-//! The daemon-owned TUN device that VIP traffic is routed into.
+//! The TUN device that VIP traffic is routed into.
+//!
+//! Two ways to get one:
+//! - [`open`]: the daemon creates it (non-persistent, needs CAP_NET_ADMIN) and routes into it;
+//!   it vanishes with the daemon, and with it the route.
+//! - [`create_persistent`] (`ringlb setup`, as root) then [`attach`] (`ringlb node`, as the
+//!   device's owner with no capability): the device, its address, MTU and route outlive the
+//!   daemon, and `ignore_routes_with_linkdown` keeps fail-open: a TUN with no reader has no
+//!   carrier, the kernel ignores the route into it, and VIP traffic falls through to local
+//!   delivery.
 
 use std::io;
 use std::net::IpAddr;
@@ -17,22 +26,83 @@ use crate::steering::{ip, write_sysctl, SteeringError};
 /// super-packets of up to 64 KiB behind a [`VIRTIO_NET_HDR_LEN`]-byte header, and every write
 /// must carry such a header too: one read and one write then move what took forty.
 pub fn open(name: &str, mtu: u16, vip: IpAddr, table: u32) -> Result<AsyncDevice, SteeringError> {
+    let dev = create(name, mtu, vip)?;
+    configure(name, table)?;
+    Ok(dev)
+}
+
+fn create(name: &str, mtu: u16, vip: IpAddr) -> Result<AsyncDevice, SteeringError> {
+    builder(name, mtu, vip)?
+        .build_async()
+        .map_err(|source| SteeringError::Io { path: format!("/dev/net/tun ({name})").into(), source })
+}
+
+fn builder(name: &str, mtu: u16, vip: IpAddr) -> Result<DeviceBuilder, SteeringError> {
     let IpAddr::V4(vip4) = vip else { return Err(SteeringError::Ipv6(vip)) };
-    let dev = DeviceBuilder::new()
+    Ok(DeviceBuilder::new()
         .name(name)
         .mtu(mtu)
         .ipv4(vip4, 32, None)
         .tx_queue_len(10_000)
         .offload(true)
         // Up only once IPv6 is off on it, or the kernel's first IPv6 packets reach the TUN.
-        .enable(false)
-        .build_async()
-        .map_err(|source| SteeringError::Io { path: format!("/dev/net/tun ({name})").into(), source })?;
+        .enable(false))
+}
+
+fn configure(name: &str, table: u32) -> Result<(), SteeringError> {
     write_sysctl(&format!("net/ipv4/conf/{name}/rp_filter"), "2")?;
     let _ = write_sysctl(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1");
     ip(&["link", "set", name, "up"])?;
     ip(&["route", "replace", "default", "dev", name, "table", &table.to_string()])?;
-    Ok(dev)
+    Ok(())
+}
+
+/// Creates (or reconfigures) a persistent TUN owned by `owner`, with its address, MTU and the
+/// route of `table` into it; the kernel ignores that route while no process reads the device.
+/// Needs CAP_NET_ADMIN; the owner then [`attach`]es with none.
+pub fn create_persistent(name: &str, mtu: u16, vip: IpAddr, table: u32, owner: u32) -> Result<(), SteeringError> {
+    let io = |source| SteeringError::Io { path: format!("/dev/net/tun ({name})").into(), source };
+    let owner_s = owner.to_string();
+    match persistent_owner(name)? {
+        Some(o) if o == owner_s => {}
+        Some(_) => {
+            // Made for another user: made again (nothing reads it while setup runs).
+            ip(&["link", "del", name])?;
+            ip(&["tuntap", "add", "dev", name, "mode", "tun", "vnet_hdr", "user", &owner_s])?;
+        }
+        None => drop(ip(&["tuntap", "add", "dev", name, "mode", "tun", "vnet_hdr", "user", &owner_s])?),
+    }
+    // Attached once, as root, to give it its address, MTU and queue length; it persists.
+    drop(builder(name, mtu, vip)?.build_sync().map_err(io)?);
+    write_sysctl(&format!("net/ipv4/conf/{name}/ignore_routes_with_linkdown"), "1")?;
+    configure(name, table)
+}
+
+/// The owner uid of the persistent TUN `name`, `Some("")` for a device that is not a TUN or has
+/// no owner, `None` when there is no such device.
+fn persistent_owner(name: &str) -> Result<Option<String>, SteeringError> {
+    if !std::path::Path::new("/sys/class/net").join(name).exists() {
+        return Ok(None);
+    }
+    let json = ip(&["-d", "-j", "link", "show", "dev", name])?;
+    let v: serde_json::Value = serde_json::from_str(&json)
+        .map_err(|source| SteeringError::State { path: format!("ip -d -j link show dev {name}").into(), source })?;
+    let user = &v[0]["linkinfo"]["info_data"]["user"];
+    Ok(Some(user.as_u64().map(|u| u.to_string()).or_else(|| user.as_str().map(str::to_owned)).unwrap_or_default()))
+}
+
+/// Attaches to the persistent TUN `name` made by [`create_persistent`]; needs no capability
+/// when this process runs as its owner (and may open `/dev/net/tun`).
+pub fn attach(name: &str) -> Result<AsyncDevice, SteeringError> {
+    if !std::path::Path::new("/sys/class/net").join(name).exists() {
+        return Err(SteeringError::NoTun(name.to_owned()));
+    }
+    DeviceBuilder::new()
+        .name(name)
+        .offload(true)
+        .inherit_enable_state()
+        .build_async()
+        .map_err(|source| SteeringError::Io { path: format!("/dev/net/tun ({name})").into(), source })
 }
 
 /// Largest packet the TUN hands over (a GSO super-packet), not counting the virtio-net header.

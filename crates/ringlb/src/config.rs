@@ -154,11 +154,15 @@ pub struct TunSection {
     pub name: String,
     /// Defaults to the underlay MTU minus the carrier's overhead.
     pub mtu: Option<u16>,
+    /// The user (name or uid) that runs `ringlb node`. When set, `ringlb setup` creates the TUN
+    /// device persistently, owned by this user, and the daemon only attaches to it: on the udp
+    /// carrier it needs no capability at all. Unset: the daemon creates its own TUN (root).
+    pub owner: Option<String>,
 }
 
 impl Default for TunSection {
     fn default() -> Self {
-        TunSection { name: "ring0".into(), mtu: None }
+        TunSection { name: "ring0".into(), mtu: None, owner: None }
     }
 }
 
@@ -469,6 +473,11 @@ impl Config {
             }
         }
         self.entry_problems(&mut p);
+        if let Some(owner) = &self.tun.owner {
+            if owner.is_empty() || owner.contains(':') || owner.contains('\n') {
+                p.push(format!("tun.owner = {owner:?}: expected a user name or a uid"));
+            }
+        }
         if let Some(w) = self.node.weight.filter(|w| !w.is_finite() || *w < 0.0 || *w > 1e6) {
             p.push(format!("node.weight = {w}: must be a number from 0 to 1000000"));
         }
@@ -562,7 +571,33 @@ impl Config {
             rule_pref: self.steering.rule_pref,
             local_pref: self.steering.local_pref,
             state_dir: self.steering.state_dir.clone(),
+            persistent_tun: None,
         }
+    }
+
+    /// What `ringlb setup` does: the steering, and with `tun.owner` the persistent TUN.
+    pub fn setup_steering(&self) -> Result<ringlb_dataplane::steering::SteeringConfig, String> {
+        let mut steering = self.steering();
+        if let Some(owner) = &self.tun.owner {
+            steering.persistent_tun = Some(ringlb_dataplane::steering::PersistentTun {
+                name: self.tun.name.clone(),
+                mtu: self.tun_mtu()?,
+                owner: resolve_user(owner, Path::new("/etc/passwd"))?,
+            });
+        }
+        Ok(steering)
+    }
+
+    /// The TUN's MTU: `tun.mtu`, or the underlay's minus the carrier's overhead (at most 9000:
+    /// the data plane's segment buffers are sized for jumbo frames, no more).
+    pub fn tun_mtu(&self) -> Result<u16, String> {
+        if let Some(m) = self.tun.mtu {
+            return Ok(m);
+        }
+        let path = format!("/sys/class/net/{}/mtu", self.node.underlay_interface);
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
+        let mtu: u16 = text.trim().parse().map_err(|_| format!("{path} holds {text:?}"))?;
+        Ok(mtu.saturating_sub(self.carrier.kind.overhead()).min(9000))
     }
 
     pub fn flow_config(&self) -> ringlb_core::FlowConfig {
@@ -663,5 +698,42 @@ mod tests {
             &[("RINGLB_FLOWS__UDP_IDLE", "0s"), ("RINGLB_CARRIER__PORT", "0")],
             Err(&["flows.udp_idle", "carrier.port"]),
         );
+    }
+}
+
+/// A user name or uid as a uid, from `passwd` (no NSS: a uid always works).
+fn resolve_user(user: &str, passwd: &Path) -> Result<u32, String> {
+    if let Ok(uid) = user.parse::<u32>() {
+        return Ok(uid);
+    }
+    let text = std::fs::read_to_string(passwd)
+        .map_err(|e| format!("tun.owner = {user:?}: reading {}: {e}", passwd.display()))?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let name = f.next()?;
+            let uid = f.nth(1)?.parse::<u32>().ok()?;
+            (name == user).then_some(uid)
+        })
+        .next()
+        .ok_or_else(|| format!("tun.owner = {user:?}: no such user in {} (give a uid instead)", passwd.display()))
+}
+
+#[cfg(test)]
+mod user_tests {
+    use super::resolve_user;
+
+    #[test]
+    fn users_resolve_by_name_or_uid() {
+        let dir = std::env::temp_dir().join(format!("ringlb-passwd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let passwd = dir.join("passwd");
+        std::fs::write(&passwd, "root:x:0:0:root:/root:/bin/bash\nringlb:x:998:998::/nonexistent:/usr/sbin/nologin\n")
+            .unwrap();
+        assert_eq!(resolve_user("ringlb", &passwd), Ok(998));
+        assert_eq!(resolve_user("65534", &passwd), Ok(65534));
+        let err = resolve_user("nobody2", &passwd).unwrap_err();
+        assert!(err.contains("tun.owner = \"nobody2\": no such user"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

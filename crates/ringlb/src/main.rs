@@ -156,7 +156,7 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Check => println!("{config:#?}"),
         Command::Setup => {
             config.check_host().map_err(anyhow::Error::msg)?;
-            config.steering().setup()?;
+            config.setup_steering().map_err(anyhow::Error::msg)?.setup()?;
         }
         Command::Teardown => config.steering().teardown()?,
         Command::Status => print!("{}", admin_call("/status")?),
@@ -191,14 +191,25 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
         .extend(config.members.iter().filter(|m| m.name != local.name).map(|m| Member::new(&m.name, m.addr, m.weight)));
     let members = Members::new(members)?;
     let local_id = members.by_name(&local.name).context("node.name is not among members")?;
-    let tun_mtu = match config.tun.mtu {
-        Some(m) => m,
-        // At most 9000: the data plane's segment buffers are sized for jumbo frames, no more.
-        None => underlay_mtu(&config.node.underlay_interface)?.saturating_sub(config.carrier.kind.overhead()).min(9000),
-    };
     let steering = config.steering();
-    let tun = ringlb_dataplane::tun::open(&config.tun.name, tun_mtu, config.node.vip, steering.table)
-        .context("creating the TUN device (are you root, and did `ringlb setup` run?)")?;
+    let (tun, tun_mtu) = match &config.tun.owner {
+        None => {
+            let tun_mtu = config.tun_mtu().map_err(anyhow::Error::msg)?;
+            let tun = ringlb_dataplane::tun::open(&config.tun.name, tun_mtu, config.node.vip, steering.table)
+                .context("creating the TUN device (are you root, and did `ringlb setup` run?)")?;
+            (tun, tun_mtu)
+        }
+        Some(owner) => {
+            let tun = ringlb_dataplane::tun::attach(&config.tun.name).with_context(|| {
+                format!(
+                    "attaching to the TUN device {} that `ringlb setup` made for tun.owner = {owner:?} (does this \
+                     process run as that user, and may it open /dev/net/tun?)",
+                    config.tun.name
+                )
+            })?;
+            (tun, underlay_mtu(&config.tun.name)?)
+        }
+    };
     let carrier = Carrier::open(config.carrier.kind, local.addr, config.carrier.port, config.carrier.source_ports)
         .with_context(|| format!("opening the {:?} carrier on {}", config.carrier.kind, local.addr))?;
     let node = Node::new(

@@ -248,6 +248,58 @@ fn teardown_restores_rules_routes_and_sysctls() {
     assert_eq!(before, after, "teardown did not restore the kernel state");
 }
 
+/// `Uid` and `CapEff` of node `i`'s daemon, from `/proc/PID/status`.
+fn daemon_credentials(lab: &Lab, i: usize) -> (String, String) {
+    let pids = lab.ringlb_pids(i).unwrap();
+    assert_eq!(pids.len(), 1, "one daemon on n{i}: {pids:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).unwrap();
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+    };
+    (field("Uid:").unwrap_or_default(), field("CapEff:").unwrap_or_default())
+}
+
+#[test]
+fn an_unprivileged_daemon_serves_forwards_and_fails_open() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab("unpriv", |s| s.unprivileged = true);
+    for i in 1..=3 {
+        let (uid, caps) = daemon_credentials(&lab, i);
+        assert_eq!(uid, "65534 65534 65534 65534", "n{i} runs as nobody");
+        assert_eq!(caps, "0000000000000000", "n{i} has no effective capability");
+    }
+    // Through the unprivileged entry n1, every node serves.
+    let t = tally(&lab, 30);
+    assert_eq!(t.len(), 3, "not every node served: {t:?}");
+    assert!(lab.metric(1, "ringlb_forwarded_packets_total{").unwrap() > 0, "n1 forwarded nothing");
+
+    // kill -9: the persistent TUN stays, but with no reader its route is ignored, and the node
+    // answers the VIP itself.
+    lab.stop_ringlb(1, true).unwrap();
+    let killed = std::time::Instant::now();
+    let mut answered = None;
+    while killed.elapsed() < Duration::from_secs(3) {
+        if lab.curl(&["--max-time", "0.3", &format!("http://{VIP}/")]).is_ok_and(|who| who.trim() == "n1") {
+            answered = Some(killed.elapsed());
+            break;
+        }
+    }
+    println!("kill -9 of the unprivileged n1: it answered the VIP itself after {answered:?}");
+    assert!(answered.is_some_and(|t| t < Duration::from_secs(1)), "n1 did not fail open: {answered:?}");
+    let tuntap = lab.exec(&lab.node(1), &["ip", "tuntap", "show"]).unwrap();
+    assert!(tuntap.contains("ring0: tun vnet_hdr persist user 65534"), "{tuntap}");
+
+    // Restarted, it attaches again and forwards; teardown removes the device.
+    lab.start_ringlb(1).unwrap();
+    lab.wait_converged(&[1, 2, 3], 3, Duration::from_secs(10)).unwrap();
+    let t = tally(&lab, 30);
+    assert_eq!(t.len(), 3, "after the restart, not every node served: {t:?}");
+    lab.stop_ringlb(1, true).unwrap();
+    lab.ringlb(1, "teardown").unwrap();
+    let links = lab.exec(&lab.node(1), &["ip", "link", "show"]).unwrap();
+    assert!(!links.contains("ring0"), "teardown left the TUN behind:\n{links}");
+}
+
 fn ringlb_with(config: &str, args: &[&str]) -> (i32, String) {
     let dir = std::env::temp_dir().join(unique_prefix("cfg"));
     std::fs::create_dir_all(&dir).unwrap();
