@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Opens new HTTP connections to a URL in a loop and reports each one, for failure tests.
 
-Usage: connloop.py URL SECONDS TIMEOUT [COUNT]. Prints one JSON object per connection:
+Usage: connloop.py URL SECONDS TIMEOUT [COUNT [PAUSE]]. COUNT 0 means no limit; PAUSE is
+seconds to wait after each connection. Prints one JSON object per connection:
 {"t": start time (unix seconds), "s": seconds it took, "ok": bool, "node": answer or
 error}. Stops after SECONDS
 or after COUNT connections.
@@ -14,7 +15,8 @@ import urllib.parse
 
 url = urllib.parse.urlsplit(sys.argv[1])
 seconds, timeout = float(sys.argv[2]), float(sys.argv[3])
-count = int(sys.argv[4]) if len(sys.argv) > 4 else None
+count = int(sys.argv[4]) if len(sys.argv) > 4 and int(sys.argv[4]) > 0 else None
+pause = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 end = time.time() + seconds
 n = 0
 while time.time() < end and (count is None or n < count):
@@ -29,3 +31,5 @@ while time.time() < end and (count is None or n < count):
     except Exception as e:  # a refused, reset or timed-out connection is a data point
         print(json.dumps({"t": t, "s": time.time() - t, "ok": False, "node": type(e).__name__}), flush=True)
         time.sleep(0.01)
+    if pause:
+        time.sleep(pause)

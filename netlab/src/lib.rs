@@ -750,20 +750,41 @@ impl Lab {
         // `GET /` answers with the node's name, from a file: nginx's `return` would answer
         // before `limit_req` could hold the request.
         fs::write(d.join("name"), format!("n{i}\n"))?;
-        let conf_path = d.join("nginx.conf");
-        fs::write(&conf_path, conf)?;
+        fs::write(d.join("nginx.conf"), conf)?;
+        self.start_nginx(i)?;
         let n = self.node(i);
-        self.spawn(
-            &n,
-            &d.join("nginx.log"),
-            &["nginx", "-c", &conf_path.to_string_lossy(), "-p", &d.to_string_lossy()],
-        )?;
         let sink = Path::new(env!("CARGO_MANIFEST_DIR")).join("upload_sink.py");
         self.spawn(&n, &d.join("sink.log"), &["python3", &sink.to_string_lossy(), "9000", &format!("n{i}")])?;
         Ok(())
     }
 
-    fn wait_ready(&self, i: usize) -> Result<()> {
+    /// Starts node `i`'s nginx (its config written by the lab); does not wait for it.
+    pub fn start_nginx(&self, i: usize) -> Result<()> {
+        let d = self.node_dir(i);
+        let conf_path = d.join("nginx.conf");
+        self.spawn(
+            &self.node(i),
+            &d.join("nginx.log"),
+            &["nginx", "-c", &conf_path.to_string_lossy(), "-p", &d.to_string_lossy()],
+        )
+    }
+
+    /// Stops node `i`'s nginx (the app on the VIP) and waits until port 80 is closed.
+    pub fn stop_nginx(&self, i: usize) -> Result<()> {
+        let pid = fs::read_to_string(self.node_dir(i).join("nginx.pid")).context("nginx.pid")?;
+        run(Command::new("kill").arg(pid.trim()))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.exec(&self.node(i), &["ss", "-Htln", "sport = :80"]).is_ok_and(|o| !o.trim().is_empty()) {
+            if Instant::now() > deadline {
+                bail!("nginx on n{i} did not stop");
+            }
+            sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Waits until node `i`'s services (nginx on 80, the upload sink on 9000) listen.
+    pub fn wait_ready(&self, i: usize) -> Result<()> {
         let n = self.node(i);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -856,6 +877,17 @@ impl Lab {
     /// `seconds` (or `count` of them), each given `timeout`; its stdout is piped for
     /// [`parse_attempts`].
     pub fn start_connloop(&self, seconds: f64, timeout: f64, count: Option<usize>) -> Result<std::process::Child> {
+        self.start_paced_connloop(seconds, timeout, count, 0.0)
+    }
+
+    /// [`Lab::start_connloop`], pausing `pause` seconds after each connection.
+    pub fn start_paced_connloop(
+        &self,
+        seconds: f64,
+        timeout: f64,
+        count: Option<usize>,
+        pause: f64,
+    ) -> Result<std::process::Child> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("connloop.py");
         let mut args = vec![
             "netns".to_owned(),
@@ -867,7 +899,8 @@ impl Lab {
             seconds.to_string(),
             timeout.to_string(),
         ];
-        args.extend(count.map(|c| c.to_string()));
+        args.push(count.map_or_else(|| "0".to_owned(), |c| c.to_string()));
+        args.push(pause.to_string());
         Command::new("ip").args(&args).stdout(Stdio::piped()).spawn().context("starting connloop.py")
     }
 }

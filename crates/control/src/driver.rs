@@ -68,7 +68,8 @@ pub struct ControlConfig {
 pub enum ControlEvent {
     /// A change the cluster state machine made.
     Cluster(Update),
-    /// This node's own drain was switched.
+    /// Whether this node takes new flows changed: drained by the operator, or its app failing
+    /// its health checks (true: it takes none).
     Drain(bool),
 }
 
@@ -109,6 +110,7 @@ pub struct ControlHandle {
 enum Command {
     Drain(bool),
     EntryClaim(bool),
+    AppHealthy(bool),
 }
 
 impl ControlHandle {
@@ -148,6 +150,13 @@ impl ControlHandle {
     /// vector sent for the purpose, and in every one after.
     pub async fn set_entry_claim(&self, on: bool) -> bool {
         self.commands.send(Command::EntryClaim(on)).await.is_ok()
+    }
+
+    /// Whether this node's app passes its health checks: while it does not, the node takes no
+    /// new flows (peers hear it at once, in a load vector sent for the purpose), and keeps the
+    /// ones it has.
+    pub async fn set_app_healthy(&self, healthy: bool) -> bool {
+        self.commands.send(Command::AppHealthy(healthy)).await.is_ok()
     }
 }
 
@@ -417,8 +426,16 @@ impl Control {
                     Command::Drain(on) => {
                         self.draining = on;
                         self.cluster.set_draining(on);
-                        let _ = self.to_dataplane.send(ControlEvent::Drain(on)).await;
+                        let unhealthy = self.cluster.app_unhealthy();
+                        let _ = self.to_dataplane.send(ControlEvent::Drain(on || unhealthy)).await;
                         tracing::info!(draining = on, "drain state changed");
+                    }
+                    Command::AppHealthy(healthy) => {
+                        if self.cluster.app_unhealthy() == healthy {
+                            self.cluster.set_app_unhealthy(!healthy);
+                            self.send_load(&mut local_load);
+                            let _ = self.to_dataplane.send(ControlEvent::Drain(self.draining || !healthy)).await;
+                        }
                     }
                     Command::EntryClaim(on) => {
                         if self.cluster.entry_claim() != on {

@@ -348,6 +348,8 @@ pub struct Cluster {
     stats: Stats,
     /// Carried in this node's load vectors: it claims the VIP at layer 2.
     entry_claim: bool,
+    /// Carried in this node's load vectors: its app fails its health checks.
+    app_unhealthy: bool,
 }
 
 impl Cluster {
@@ -393,6 +395,7 @@ impl Cluster {
             updates: VecDeque::new(),
             stats: Stats::default(),
             entry_claim: false,
+            app_unhealthy: false,
         }
     }
 
@@ -698,6 +701,16 @@ impl Cluster {
         self.entry_claim
     }
 
+    /// Says (in the next load vector) that this node's app fails its health checks, so that
+    /// peers send it no new flows; its record, and so its incarnation, stay as they are.
+    pub fn set_app_unhealthy(&mut self, on: bool) {
+        self.app_unhealthy = on;
+    }
+
+    pub fn app_unhealthy(&self) -> bool {
+        self.app_unhealthy
+    }
+
     /// Announces a graceful departure to every peer; the caller sends the transmits and stops.
     pub fn leave(&mut self) {
         self.me.state = MemberState::Left;
@@ -715,6 +728,7 @@ impl Cluster {
             weight: self.me.weight,
             draining: self.me.state == MemberState::Draining,
             entry_claim: self.entry_claim,
+            app_unhealthy: self.app_unhealthy,
         };
         let Ok(bytes) = encode(&Message::Load(load)) else { return };
         for (name, addr) in self.live_targets() {

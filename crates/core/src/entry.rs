@@ -15,7 +15,7 @@
 //!   it (a healed partition, views that crossed), the one with the lower name keeps it.
 //!
 //! Both mechanisms announce only while this node is [`Readiness::check`]-ready: its data plane
-//! runs, and it neither drains nor stops.
+//! runs, its app passes its health checks (when it has any), and it neither drains nor stops.
 
 use std::time::Duration;
 
@@ -48,6 +48,8 @@ pub struct Readiness {
     pub stopping: bool,
     /// The packet loop did not answer in time.
     pub dataplane_stalled: bool,
+    /// The app fails its health checks (`[health]`).
+    pub app_unhealthy: bool,
 }
 
 /// Why this node does not announce the VIP.
@@ -56,6 +58,7 @@ pub enum Withheld {
     Draining,
     Stopping,
     DataplaneStalled,
+    AppUnhealthy,
     /// L2: another member owns the VIP.
     NotElected,
     /// L2: this node started moments ago and first listens for an owner.
@@ -68,6 +71,7 @@ impl Withheld {
             Withheld::Draining => "draining",
             Withheld::Stopping => "stopping",
             Withheld::DataplaneStalled => "data plane stalled",
+            Withheld::AppUnhealthy => "the app fails its health checks",
             Withheld::NotElected => "another member owns the VIP",
             Withheld::Starting => "starting: listening for an owner",
         }
@@ -83,6 +87,8 @@ impl Readiness {
             Err(Withheld::Draining)
         } else if self.dataplane_stalled {
             Err(Withheld::DataplaneStalled)
+        } else if self.app_unhealthy {
+            Err(Withheld::AppUnhealthy)
         } else {
             Ok(())
         }
@@ -213,13 +219,15 @@ mod tests {
         Contender { name, eligible, claims }
     }
 
-    const READY: Readiness = Readiness { draining: false, stopping: false, dataplane_stalled: false };
+    const READY: Readiness =
+        Readiness { draining: false, stopping: false, dataplane_stalled: false, app_unhealthy: false };
 
     #[test]
     fn readiness_names_the_first_reason() {
         assert_eq!(READY.check(), Ok(()));
-        let r = Readiness { draining: true, stopping: true, dataplane_stalled: true };
+        let r = Readiness { draining: true, stopping: true, dataplane_stalled: true, app_unhealthy: true };
         assert_eq!(r.check(), Err(Withheld::Stopping));
+        assert_eq!(Readiness { app_unhealthy: true, ..READY }.check(), Err(Withheld::AppUnhealthy));
         assert_eq!(Readiness { draining: true, ..READY }.check(), Err(Withheld::Draining));
         assert_eq!(Readiness { dataplane_stalled: true, ..READY }.check(), Err(Withheld::DataplaneStalled));
     }

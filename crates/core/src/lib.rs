@@ -14,6 +14,7 @@ pub mod cluster;
 mod counters;
 pub mod entry;
 mod flow_table;
+pub mod health;
 mod members;
 mod node;
 mod placement;

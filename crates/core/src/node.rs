@@ -290,7 +290,8 @@ impl Node {
                         cpu: load.cpu,
                         received: now,
                     };
-                    self.set_load(id, report, f64::from(load.weight), load.draining);
+                    // A member whose app fails its health checks takes no new flows, as if drained.
+                    self.set_load(id, report, f64::from(load.weight), load.draining || load.app_unhealthy);
                 }
             }
         }

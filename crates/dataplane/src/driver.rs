@@ -383,7 +383,9 @@ impl Driver {
                         tracing::warn!(?update, error = %e, "member update refused by the data plane");
                     }
                 }
-                Event::Update(NodeUpdate::Drain(on)) => self.node.set_draining(on),
+                // A stopping node stays drained whatever the control plane says.
+                Event::Update(NodeUpdate::Drain(on)) if !self.stopping => self.node.set_draining(on),
+                Event::Update(NodeUpdate::Drain(_)) => {}
                 Event::Snapshot(reply) => {
                     let _ = reply.send(Snapshot { stopping: *self.remaining.borrow(), ..snapshot(&self.node) });
                 }

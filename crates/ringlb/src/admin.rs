@@ -13,12 +13,21 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::edge::{EdgeStatus, EdgeView};
+use crate::health::{HealthStatus, HealthView};
+
+/// What the side thread's tasks (edge, health checks) last published.
+#[derive(Debug, Clone, Copy)]
+struct Side<'a> {
+    edge: Option<&'a EdgeView>,
+    health: Option<&'a HealthView>,
+}
 
 pub async fn serve(
     listener: TcpListener,
     snapshots: SnapshotRequests,
     control: Option<ControlHandle>,
     edge: EdgeStatus,
+    health: HealthStatus,
     node: String,
 ) {
     loop {
@@ -27,8 +36,10 @@ pub async fn serve(
         let node = node.clone();
         let control = control.clone();
         let edge = edge.get();
+        let health = health.get();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &snapshots, control.as_ref(), edge.as_ref(), &node).await {
+            let side = Side { edge: edge.as_ref(), health: health.as_ref() };
+            if let Err(e) = answer(stream, &snapshots, control.as_ref(), side, &node).await {
                 tracing::debug!(%peer, error = %e, "admin request failed");
             }
         });
@@ -39,7 +50,7 @@ async fn answer(
     mut stream: TcpStream,
     snapshots: &SnapshotRequests,
     control: Option<&ControlHandle>,
-    edge: Option<&EdgeView>,
+    side: Side<'_>,
     node: &str,
 ) -> std::io::Result<()> {
     let mut buf = [0u8; 1024];
@@ -65,8 +76,13 @@ async fn answer(
     } else {
         let Some(snapshot) = snapshots.get().await else { return Ok(()) };
         match path {
-            "/metrics" => ("200 OK", metrics(&snapshot, control, node) + &edge_metrics(edge, node)),
-            "/status" => ("200 OK", status(&snapshot, control, node) + &edge_status(edge)),
+            "/metrics" => (
+                "200 OK",
+                metrics(&snapshot, control, node) + &health_metrics(side.health, node) + &edge_metrics(side.edge, node),
+            ),
+            "/status" => {
+                ("200 OK", status(&snapshot, control, node) + &health_status(side.health) + &edge_status(side.edge))
+            }
             _ => ("404 Not Found", "try /metrics, /status, /drain or /undrain\n".to_owned()),
         }
     };
@@ -257,19 +273,12 @@ pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Stri
         let serves = load.map_or("-".to_owned(), |l| l.served_flows.to_string());
         let cpu = load.map_or("-".to_owned(), |l| format!("{:.0}%", l.cpu * 100.0));
         let age = v.and_then(|v| v.load_age).map_or("-".to_owned(), |a| format!("{}ms", a.as_millis()));
+        // A peer whose app fails its checks takes no new flows, like a drained one: say which.
+        let state = if load.is_some_and(|l| l.app_unhealthy) { "app-down" } else { m.state.name() };
         let _ = writeln!(
             out,
             "{:<10} {:<15} {:<9} {:>6} {:>8} {:>7} {:>5} {:>8} {:>6} {:>10}",
-            name,
-            m.addr,
-            m.state.name(),
-            m.weight,
-            rtt,
-            serves,
-            cpu,
-            age,
-            m.flows,
-            fwd
+            name, m.addr, state, m.weight, rtt, serves, cpu, age, m.flows, fwd
         );
     }
     let _ = writeln!(
@@ -381,6 +390,50 @@ fn edge_status(edge: Option<&EdgeView>) -> String {
     }
     if e.errors > 0 {
         let _ = write!(line, "; {} route change(s) refused (see the log)", e.errors);
+    }
+    line.push('\n');
+    line
+}
+
+/// The health checks' metrics.
+fn health_metrics(health: Option<&HealthView>, node: &str) -> String {
+    let Some(h) = health else { return String::new() };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_app_healthy Whether the app passes its health checks ([health]); 0: no new flows.\n\
+         # TYPE ringlb_app_healthy gauge\nringlb_app_healthy{{node=\"{node}\"}} {}",
+        u8::from(h.state.takes_flows())
+    );
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_health_checks_total Health checks of the app, by result.\n# TYPE ringlb_health_checks_total counter\n\
+         ringlb_health_checks_total{{node=\"{node}\",result=\"ok\"}} {}\n\
+         ringlb_health_checks_total{{node=\"{node}\",result=\"failed\"}} {}",
+        h.checks_ok, h.checks_failed
+    );
+    out
+}
+
+/// The health checks' line of `ringlb status`.
+fn health_status(health: Option<&HealthView>) -> String {
+    let Some(h) = health else { return "health: no checks ([health] check = \"none\")\n".to_owned() };
+    let what = match h.kind {
+        crate::config::HealthKind::Http => format!("http GET {} on {}", h.path, h.target),
+        _ => format!("tcp connect to {}", h.target),
+    };
+    let mut line = format!(
+        "health: {what}: {} for {:.1} s ({} ok, {} failed)",
+        h.state.name(),
+        h.since.elapsed().as_secs_f64(),
+        h.checks_ok,
+        h.checks_failed
+    );
+    if !h.state.takes_flows() {
+        line.push_str("; NO NEW FLOWS");
+        if let Some(e) = &h.last_error {
+            let _ = write!(line, "; last error: {e}");
+        }
     }
     line.push('\n');
     line

@@ -34,6 +34,9 @@ pub struct Config {
     /// How the network learns that this node takes VIP traffic.
     #[serde(default)]
     pub entry: EntrySection,
+    /// Checks of the app on the VIP; while they fail, the node takes no new flows.
+    #[serde(default)]
+    pub health: HealthSection,
     /// Members known in advance, this node included. With a control plane, the rest are
     /// learned from the seeds and this may list only this node, or nothing when
     /// `node.address` is set.
@@ -266,6 +269,49 @@ impl Default for AdminSection {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+pub enum HealthKind {
+    /// No checks: the app is taken to be healthy.
+    None,
+    /// A TCP connection to the VIP's `port` must open.
+    Tcp,
+    /// `GET path` on the VIP's `port` must answer 2xx or 3xx.
+    Http,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSection {
+    pub check: HealthKind,
+    pub port: u16,
+    /// http: the path asked for.
+    pub path: String,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// A check not answered within this long failed.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Successes in a row that make an unhealthy app healthy.
+    pub rise: u32,
+    /// Failures in a row that make a healthy app unhealthy.
+    pub fall: u32,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        HealthSection {
+            check: HealthKind::None,
+            port: 80,
+            path: "/".into(),
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(300),
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum EntryMode {
     /// Traffic arrives by a static route, DNS or ECMP that ringlb does not manage.
     None,
@@ -387,6 +433,35 @@ impl Config {
         }
     }
 
+    fn health_problems(&self, p: &mut Vec<String>) {
+        let h = &self.health;
+        if h.check == HealthKind::None {
+            return;
+        }
+        if h.interval < Duration::from_millis(50) || h.interval > Duration::from_secs(3600) {
+            p.push(format!("health.interval = {:?}: must be 50ms to 1h", h.interval));
+        }
+        if h.timeout.is_zero() || h.timeout > h.interval {
+            p.push(format!(
+                "health.timeout = {:?}: must be above 0 and at most health.interval ({:?})",
+                h.timeout, h.interval
+            ));
+        }
+        for (key, v) in [("health.rise", h.rise), ("health.fall", h.fall)] {
+            if !(1..=100).contains(&v) {
+                p.push(format!("{key} = {v}: must be 1 to 100"));
+            }
+        }
+        if h.port == 0 {
+            p.push("health.port = 0: must be the app's port on the VIP".into());
+        }
+        if h.check == HealthKind::Http
+            && (!h.path.starts_with('/') || h.path.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            p.push(format!("health.path = {:?}: must start with '/' and hold no spaces", h.path));
+        }
+    }
+
     fn entry_problems(&self, p: &mut Vec<String>) {
         let e = &self.entry;
         if e.mode == EntryMode::Bgp {
@@ -473,6 +548,7 @@ impl Config {
             }
         }
         self.entry_problems(&mut p);
+        self.health_problems(&mut p);
         if let Some(owner) = &self.tun.owner {
             if owner.is_empty() || owner.contains(':') || owner.contains('\n') {
                 p.push(format!("tun.owner = {owner:?}: expected a user name or a uid"));

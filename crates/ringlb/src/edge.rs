@@ -17,6 +17,8 @@ use ringlb_dataplane::announce::{ArpCounters, ArpSpeaker, RouteAnnouncer};
 use ringlb_dataplane::SnapshotRequests;
 use tokio::time::Instant;
 
+use crate::health::HealthStatus;
+
 /// How often the edge decides.
 const TICK: Duration = Duration::from_millis(100);
 /// A packet loop that does not answer within this long is stalled (the control plane uses
@@ -84,6 +86,7 @@ pub fn spawn(
     config: EdgeConfig,
     snapshots: SnapshotRequests,
     control: Option<ControlHandle>,
+    health: HealthStatus,
     status: EdgeStatus,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let arp = match config.mechanism {
@@ -97,13 +100,14 @@ pub fn spawn(
         // Nothing is announced until the first decision.
         route.withdraw().context("entry.mode = \"bgp\": clearing entry.table (needs CAP_NET_ADMIN)")?;
     }
-    Ok(tokio::spawn(run(config, snapshots, control, status, arp, route)))
+    Ok(tokio::spawn(run(config, snapshots, control, health, status, arp, route)))
 }
 
 async fn run(
     config: EdgeConfig,
     snapshots: SnapshotRequests,
     control: Option<ControlHandle>,
+    health: HealthStatus,
     status: EdgeStatus,
     mut arp: Option<ArpSpeaker>,
     route: RouteAnnouncer,
@@ -131,11 +135,14 @@ async fn run(
                 continue;
             }
         }
+        let app_unhealthy = !health.takes_flows();
         let readiness = match tokio::time::timeout(DATAPLANE_STALL, snapshots.get()).await {
             Ok(Some(s)) => Readiness {
-                draining: s.members.iter().any(|m| m.is_local && m.state == MemberState::Draining),
+                // An unhealthy app drains the data plane too; say which it is.
+                draining: !app_unhealthy && s.members.iter().any(|m| m.is_local && m.state == MemberState::Draining),
                 stopping: s.stopping.is_some(),
                 dataplane_stalled: false,
+                app_unhealthy,
             },
             // The packet loop has ended: the daemon is exiting, and its TUN (with the route)
             // goes with it.

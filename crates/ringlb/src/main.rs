@@ -6,6 +6,7 @@
 mod admin;
 mod config;
 mod edge;
+mod health;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -250,6 +251,17 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
         tokio::net::TcpListener::from_std(std)?
     };
     let control_handle = control.as_ref().map(|(h, _)| h.clone());
+    let health_status = health::HealthStatus::default();
+    if config.health.check != config::HealthKind::None {
+        let _on_side = side.runtime.enter();
+        health::spawn(
+            config.health.clone(),
+            config.node.vip,
+            control_handle.clone(),
+            handle.updates.clone(),
+            health_status.clone(),
+        );
+    }
     let edge_status = edge::EdgeStatus::default();
     if let Some(mechanism) = config.entry_mechanism() {
         let IpAddr::V4(vip) = config.node.vip else { anyhow::bail!("node.vip: only IPv4 VIPs are supported so far") };
@@ -266,6 +278,7 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
             },
             handle.snapshots.clone(),
             control_handle.clone(),
+            health_status.clone(),
             edge_status.clone(),
         )?;
     }
@@ -274,6 +287,7 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
         handle.snapshots.clone(),
         control_handle,
         edge_status,
+        health_status,
         local.name.clone(),
     ));
     tracing::info!(

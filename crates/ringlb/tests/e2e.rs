@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ringlb_netlab::{node_addr, parse_attempts, unique_prefix, unix_now, Lab, Spec, VIP};
+use ringlb_netlab::{node_addr, parse_attempts, unique_prefix, unix_now, Attempt, Lab, Spec, VIP};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -246,6 +246,47 @@ fn teardown_restores_rules_routes_and_sysctls() {
     lab.ringlb(1, "teardown").unwrap(); // idempotent
     let after = kernel_state(&lab);
     assert_eq!(before, after, "teardown did not restore the kernel state");
+}
+
+#[test]
+fn a_node_whose_app_fails_its_health_checks_takes_no_new_flows_until_it_recovers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab("health", |s| s.extra_config = "[health]\ncheck = \"http\"\n".into());
+    // 500 new connections over about 8 s through the entry n1.
+    let conns = lab.start_paced_connloop(30.0, 0.5, Some(500), 0.014).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let stopped = unix_now();
+    lab.stop_nginx(2).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let status = lab.ringlb(1, "status").unwrap();
+    let own = lab.ringlb(2, "status").unwrap();
+    let started = unix_now();
+    lab.start_nginx(2).unwrap();
+    let attempts = parse_attempts(&conns.wait_with_output().unwrap().stdout);
+    assert!(
+        status.lines().any(|l| l.starts_with("n2 ") && l.contains("app-down")),
+        "n1 does not see n2's app down:\n{status}"
+    );
+    assert!(own.contains("health: http GET / on 10.200.0.10:80: unhealthy") && own.contains("NO NEW FLOWS"), "{own}");
+
+    assert_eq!(attempts.len(), 500, "the loop ran short");
+    for a in attempts.iter().filter(|a| !a.ok) {
+        println!("failed at {:+.3} s from nginx's stop: {}", a.t - stopped, a.node);
+    }
+    let late: Vec<&Attempt> = attempts.iter().filter(|a| !a.ok && a.t >= stopped + 2.0).collect();
+    println!(
+        "nginx stopped on n2: {} failed connections of {}, {} of them 2 s or more after the stop",
+        attempts.iter().filter(|a| !a.ok).count(),
+        attempts.len(),
+        late.len()
+    );
+    assert!(late.is_empty(), "connections failed 2 s or more after n2's app stopped: {late:?}");
+    let down_on_n2 = attempts.iter().filter(|a| a.t >= stopped + 2.0 && a.t < started && a.node == "n2").count();
+    assert_eq!(down_on_n2, 0);
+    let back =
+        attempts.iter().filter(|a| a.t > started && a.node == "n2").map(|a| a.t - started).fold(f64::MAX, f64::min);
+    println!("n2 took new flows again {back:.3} s after its nginx started");
+    assert!(back < 2.0, "n2 took no new flow within 2 s of its app's return ({back:.3} s)");
 }
 
 /// `Uid` and `CapEff` of node `i`'s daemon, from `/proc/PID/status`.
