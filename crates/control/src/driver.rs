@@ -111,6 +111,17 @@ enum Command {
     Drain(bool),
     EntryClaim(bool),
     AppHealthy(bool),
+    Reload(Reload, tokio::sync::oneshot::Sender<Result<(), String>>),
+}
+
+/// What a configuration reload changes in the control plane.
+#[derive(Debug, Clone, Default)]
+pub struct Reload {
+    /// This node's new capacity weight.
+    pub weight: Option<f32>,
+    /// Certificate files to load again (renewed certificate, new CA bundle): new connections
+    /// use them; established ones, and membership, stay.
+    pub tls: Option<TlsFiles>,
 }
 
 impl ControlHandle {
@@ -152,6 +163,16 @@ impl ControlHandle {
         self.commands.send(Command::EntryClaim(on)).await.is_ok()
     }
 
+    /// Applies a reload; the error says what was refused (nothing is applied then).
+    pub async fn reload(&self, reload: Reload) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::Reload(reload, tx))
+            .await
+            .map_err(|_| "the control plane has stopped".to_owned())?;
+        rx.await.map_err(|_| "the control plane has stopped".to_owned())?
+    }
+
     /// Whether this node's app passes its health checks: while it does not, the node takes no
     /// new flows (peers hear it at once, in a load vector sent for the purpose), and keeps the
     /// ones it has.
@@ -184,9 +205,9 @@ pub fn spawn(
 ) -> Result<(ControlHandle, tokio::task::JoinHandle<()>), ControlError> {
     let server = tls::server_config(&config.tls)?;
     let client = tls::client_config(&config.tls)?;
-    let mut endpoint = quinn::Endpoint::server(server, config.listen)
+    let endpoint = quinn::Endpoint::server(server, config.listen)
         .map_err(|source| ControlError::Bind { addr: config.listen, source })?;
-    endpoint.set_default_client_config(client);
+    let client = Arc::new(Mutex::new(client));
     let status = Arc::new(Mutex::new(Status::default()));
     let (cmd_tx, cmd_rx) = mpsc::channel(8);
     let handle = ControlHandle { status: status.clone(), commands: cmd_tx };
@@ -194,7 +215,7 @@ pub fn spawn(
     let origin = Instant::now();
     tokio::spawn(accept_loop(endpoint.clone(), in_tx.clone(), config.limits.clone(), origin));
     let task = tokio::spawn(async move {
-        let mut c = Control::new(config, endpoint, status, in_tx, to_dataplane, origin);
+        let mut c = Control::new(config, endpoint, client, status, in_tx, to_dataplane, origin);
         c.run(in_rx, cmd_rx, local_load, shutdown).await;
     });
     Ok((handle, task))
@@ -284,6 +305,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, limit
 /// reports the peer unreachable when connecting or sending fails or the connection drops.
 async fn peer_sender(
     endpoint: quinn::Endpoint,
+    client: Arc<Mutex<quinn::ClientConfig>>,
     name: String,
     mut rx: mpsc::Receiver<(SocketAddr, Bytes)>,
     tx: mpsc::Sender<Inbound>,
@@ -295,7 +317,9 @@ async fn peer_sender(
             conn = None;
         }
         if conn.is_none() {
-            let connecting = match endpoint.connect(addr, &name) {
+            // The client configuration of now: a reload may have brought a new certificate.
+            let config = client.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let connecting = match endpoint.connect_with(config, addr, &name) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(peer = %name, error = %e, "cannot connect");
@@ -334,6 +358,8 @@ async fn peer_sender(
 struct Control {
     config: ControlConfig,
     endpoint: quinn::Endpoint,
+    /// What new outgoing connections present and check; replaced by a reload.
+    client: Arc<Mutex<quinn::ClientConfig>>,
     cluster: Cluster,
     origin: Instant,
     status: Arc<Mutex<Status>>,
@@ -364,6 +390,7 @@ impl Control {
     fn new(
         config: ControlConfig,
         endpoint: quinn::Endpoint,
+        client: Arc<Mutex<quinn::ClientConfig>>,
         status: Arc<Mutex<Status>>,
         inbound: mpsc::Sender<Inbound>,
         to_dataplane: mpsc::Sender<ControlEvent>,
@@ -380,6 +407,7 @@ impl Control {
         Control {
             config,
             endpoint,
+            client,
             cluster,
             origin,
             status,
@@ -429,6 +457,9 @@ impl Control {
                         let unhealthy = self.cluster.app_unhealthy();
                         let _ = self.to_dataplane.send(ControlEvent::Drain(on || unhealthy)).await;
                         tracing::info!(draining = on, "drain state changed");
+                    }
+                    Command::Reload(reload, done) => {
+                        let _ = done.send(self.reload(reload));
                     }
                     Command::AppHealthy(healthy) => {
                         if self.cluster.app_unhealthy() == healthy {
@@ -517,6 +548,36 @@ impl Control {
         }
     }
 
+    fn reload(&mut self, reload: Reload) -> Result<(), String> {
+        let tls = match &reload.tls {
+            Some(files) => {
+                let name = tls::own_name(files).map_err(|e| format!("control.cert: {e}"))?;
+                let me = self.cluster.name().to_owned();
+                if name.as_deref() != Some(me.as_str()) {
+                    return Err(format!(
+                        "control.cert = {:?}: names {:?}, but this node is {me:?}",
+                        files.cert.display().to_string(),
+                        name.unwrap_or_default()
+                    ));
+                }
+                let server = tls::server_config(files).map_err(|e| format!("control.cert: {e}"))?;
+                let client = tls::client_config(files).map_err(|e| format!("control.cert: {e}"))?;
+                Some((server, client))
+            }
+            None => None,
+        };
+        if let Some((server, client)) = tls {
+            self.endpoint.set_server_config(Some(server));
+            *self.client.lock().unwrap_or_else(|e| e.into_inner()) = client;
+            tracing::info!("certificates reloaded: new connections use them");
+        }
+        if let Some(w) = reload.weight {
+            self.cluster.set_weight(w);
+            tracing::info!(weight = w, "weight changed");
+        }
+        Ok(())
+    }
+
     fn send_load(&mut self, local_load: &mut watch::Receiver<LocalLoad>) {
         // The data plane publishes its load every tick; if it stopped, it may be hung while
         // this thread still runs: stop advertising this node rather than attract flows.
@@ -550,7 +611,13 @@ impl Control {
     fn send_bytes(&mut self, name: &str, addr: SocketAddr, bytes: Bytes) {
         let tx = self.senders.entry(name.to_owned()).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(256);
-            tokio::spawn(peer_sender(self.endpoint.clone(), name.to_owned(), rx, self.inbound.clone()));
+            tokio::spawn(peer_sender(
+                self.endpoint.clone(),
+                self.client.clone(),
+                name.to_owned(),
+                rx,
+                self.inbound.clone(),
+            ));
             tx
         });
         // A full queue means the peer is not keeping up; the probe will notice.

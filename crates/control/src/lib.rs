@@ -16,4 +16,4 @@ pub mod certs;
 pub mod driver;
 pub mod tls;
 
-pub use driver::{ControlConfig, ControlEvent, ControlHandle, Limits, PeerStatus};
+pub use driver::{ControlConfig, ControlEvent, ControlHandle, Limits, PeerStatus, Reload};

@@ -107,6 +107,16 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, TlsError> 
     Ok(cfg)
 }
 
+/// The node name this node's own certificate carries (its first DNS SAN): a reloaded
+/// certificate must carry the same.
+pub fn own_name(files: &TlsFiles) -> Result<Option<String>, TlsError> {
+    let l = load(files)?;
+    let Some(first) = l.chain.first() else { return Ok(None) };
+    let ee = webpki::EndEntityCert::try_from(first).map_err(|e| TlsError::Config(format!("{e:?}")))?;
+    let name = ee.valid_dns_names().next().map(str::to_owned);
+    Ok(name)
+}
+
 /// The IP addresses an authenticated peer's certificate names (its IP SANs): the only
 /// addresses it may claim as its own.
 pub fn peer_addrs(conn: &quinn::Connection) -> Vec<std::net::IpAddr> {

@@ -711,6 +711,19 @@ impl Cluster {
         self.app_unhealthy
     }
 
+    /// Changes this node's capacity weight (a reload), clamped like any member's; announced to
+    /// every peer with a new incarnation.
+    pub fn set_weight(&mut self, weight: f32) {
+        let weight =
+            if weight.is_finite() { weight.clamp(self.config.min_weight, self.config.max_weight) } else { 0.0 };
+        if self.me.weight == weight || self.me.state == MemberState::Left {
+            return;
+        }
+        self.me.weight = weight;
+        self.me.incarnation = self.me.incarnation.saturating_add(1);
+        self.announce(Vec::new());
+    }
+
     /// Announces a graceful departure to every peer; the caller sends the transmits and stops.
     pub fn leave(&mut self) {
         self.me.state = MemberState::Left;

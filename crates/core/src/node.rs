@@ -311,6 +311,14 @@ impl Node {
         }
     }
 
+    /// This node's own capacity weight changed (a reload); 0 takes no new flows.
+    pub fn set_local_weight(&mut self, weight: f64) {
+        let local = self.config.local;
+        if let Some(m) = self.members.get_mut(local) {
+            m.weight = weight;
+        }
+    }
+
     /// Stops (or resumes) taking new flows on this node; pinned flows finish here.
     pub fn set_draining(&mut self, draining: bool) {
         let local = self.config.local;

@@ -176,8 +176,10 @@ pub struct Driver {
 pub enum NodeUpdate {
     /// A member, its load, or its removal.
     Cluster(ringlb_core::Update),
-    /// This node's own drain.
+    /// Whether this node takes new flows (false: drained, or its app unhealthy).
     Drain(bool),
+    /// This node's own capacity weight (a reload).
+    Weight(f64),
 }
 
 /// How the rest of the process talks to a running [`Driver`].
@@ -386,6 +388,7 @@ impl Driver {
                 // A stopping node stays drained whatever the control plane says.
                 Event::Update(NodeUpdate::Drain(on)) if !self.stopping => self.node.set_draining(on),
                 Event::Update(NodeUpdate::Drain(_)) => {}
+                Event::Update(NodeUpdate::Weight(w)) => self.node.set_local_weight(w),
                 Event::Snapshot(reply) => {
                     let _ = reply.send(Snapshot { stopping: *self.remaining.borrow(), ..snapshot(&self.node) });
                 }

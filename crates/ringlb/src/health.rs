@@ -45,6 +45,11 @@ impl HealthStatus {
         self.get().is_none_or(|v| v.state.takes_flows())
     }
 
+    /// No checks (any more).
+    pub fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     fn set(&self, view: HealthView) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(view);
     }

@@ -7,6 +7,7 @@ mod admin;
 mod config;
 mod edge;
 mod health;
+mod reload;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -124,7 +125,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(cli.command, config) {
+    let source = (cli.config.clone(), cli.overrides());
+    match run(cli.command, config, source) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -147,7 +149,10 @@ fn cert(cmd: &CertCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(command: Command, config: Config) -> anyhow::Result<()> {
+/// Where the configuration came from (file and flags), to read it again on SIGHUP.
+type ConfigSource = (Option<PathBuf>, Overrides);
+
+fn run(command: Command, config: Config, source: ConfigSource) -> anyhow::Result<()> {
     let admin_call = |path: &str| -> anyhow::Result<String> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(admin::fetch(config.admin.listen, path))
@@ -168,7 +173,7 @@ fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Node => {
             config.check_host().map_err(anyhow::Error::msg)?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(run_node(config))?;
+            rt.block_on(run_node(config, source))?;
         }
     }
     Ok(())
@@ -185,7 +190,7 @@ fn random_seed() -> u64 {
     RandomState::new().hash_one(std::process::id())
 }
 
-async fn run_node(config: Config) -> anyhow::Result<()> {
+async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     let local = config.local_member().context("node.name is not among members")?;
     let mut members = vec![Member::new(&local.name, local.addr, local.weight)];
     members
@@ -252,7 +257,7 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
     };
     let control_handle = control.as_ref().map(|(h, _)| h.clone());
     let health_status = health::HealthStatus::default();
-    if config.health.check != config::HealthKind::None {
+    let health_task = (config.health.check != config::HealthKind::None).then(|| {
         let _on_side = side.runtime.enter();
         health::spawn(
             config.health.clone(),
@@ -260,8 +265,8 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
             control_handle.clone(),
             handle.updates.clone(),
             health_status.clone(),
-        );
-    }
+        )
+    });
     let edge_status = edge::EdgeStatus::default();
     if let Some(mechanism) = config.entry_mechanism() {
         let IpAddr::V4(vip) = config.node.vip else { anyhow::bail!("node.vip: only IPv4 VIPs are supported so far") };
@@ -282,6 +287,19 @@ async fn run_node(config: Config) -> anyhow::Result<()> {
             edge_status.clone(),
         )?;
     }
+    side.runtime.spawn(
+        reload::Reloader {
+            path: source.0,
+            overrides: source.1,
+            current: config.clone(),
+            control: control_handle.clone(),
+            updates: handle.updates.clone(),
+            health: health_status.clone(),
+            health_task,
+            vip: config.node.vip,
+        }
+        .run(),
+    );
     side.runtime.spawn(admin::serve(
         listener,
         handle.snapshots.clone(),

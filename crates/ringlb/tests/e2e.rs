@@ -289,6 +289,88 @@ fn a_node_whose_app_fails_its_health_checks_takes_no_new_flows_until_it_recovers
     assert!(back < 2.0, "n2 took no new flow within 2 s of its app's return ({back:.3} s)");
 }
 
+/// Rewrites node `i`'s config with `edit` and sends its daemon SIGHUP.
+fn reload_with(lab: &Lab, i: usize, edit: impl FnOnce(String) -> String) {
+    let path = lab.config_path(i);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let edited = edit(text.clone());
+    assert_ne!(edited, text, "the edit changed nothing");
+    std::fs::write(&path, edited).unwrap();
+    hup(lab, i);
+}
+
+fn hup(lab: &Lab, i: usize) {
+    for pid in lab.ringlb_pids(i).unwrap() {
+        assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    }
+}
+
+/// Waits until node `i`'s log holds `needle` `times` times.
+fn wait_log(lab: &Lab, i: usize, needle: &str, times: usize) -> String {
+    let path = lab.node_dir(i).join("ringlb.log");
+    for _ in 0..100 {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        if log.matches(needle).count() >= times {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    panic!("n{i}'s log lacks {times}x {needle:?}:\n{}", std::fs::read_to_string(&path).unwrap_or_default());
+}
+
+#[test]
+fn sighup_reloads_weight_and_certificates_live_and_refuses_a_new_vip() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab("reload", |_| {});
+    let conns = lab.start_paced_connloop(30.0, 1.0, Some(400), 0.012).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // n3's weight to 0: it takes no new flows, and no connection breaks.
+    reload_with(&lab, 3, |t| t.replace("weight = 1.0", "weight = 0.0"));
+    let reloaded = unix_now();
+    wait_log(&lab, 3, "weight 1 -> 0", 1);
+
+    // A renewed certificate (new key, same name and address), read again on SIGHUP.
+    std::thread::sleep(Duration::from_millis(1000));
+    let pki = lab.dir.join("pki");
+    let out = Command::new(bin())
+        .args(["cert", "issue", "--dir", &pki.to_string_lossy(), "--node", "n3", "--ip", &node_addr(3).to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    hup(&lab, 3);
+    wait_log(&lab, 3, "certificates reloaded", 2);
+
+    let attempts = parse_attempts(&conns.wait_with_output().unwrap().stdout);
+    assert_eq!(attempts.len(), 400);
+    let failed: Vec<&Attempt> = attempts.iter().filter(|a| !a.ok).collect();
+    assert!(failed.is_empty(), "connections failed across the reloads: {failed:?}");
+    let late_on_n3 = attempts.iter().filter(|a| a.t > reloaded + 1.0 && a.node == "n3").count();
+    let early_on_n3 = attempts.iter().filter(|a| a.t < reloaded && a.node == "n3").count();
+    println!("n3 served {early_on_n3} connections before its weight went to 0, {late_on_n3} after");
+    assert!(early_on_n3 > 0, "n3 served nothing before: the test proves nothing");
+    assert_eq!(late_on_n3, 0, "n3 took new flows with weight 0");
+    let status = lab.ringlb(1, "status").unwrap();
+    assert!(status.lines().any(|l| l.starts_with("n3 ") && l.contains(" alive ") && l.contains(" 0 ")), "{status}");
+
+    // Membership kept: nobody saw n3 die; and a restarted n1 joins n3, which presents its
+    // renewed certificate.
+    for i in 1..=2 {
+        let dead = lab.metric(i, "state=\"dead\"").unwrap();
+        assert_eq!(dead, 0, "n{i} saw a death across the reloads");
+    }
+    lab.stop_ringlb(1, false).unwrap();
+    lab.start_ringlb(1).unwrap();
+    lab.wait_converged(&[1, 2, 3], 3, Duration::from_secs(10)).unwrap();
+
+    // A new VIP needs a restart: refused, named, and the daemon goes on.
+    reload_with(&lab, 3, |t| t.replace(&format!("vip = \"{VIP}\""), "vip = \"10.200.0.11\""));
+    let log = wait_log(&lab, 3, "reload refused", 1);
+    assert!(log.contains("node.vip: \"10.200.0.10\" -> \"10.200.0.11\""), "{log}");
+    assert_eq!(lab.ringlb_pids(3).unwrap().len(), 1, "n3's daemon exited");
+    lab.wait_converged(&[1, 2, 3], 3, Duration::from_secs(5)).unwrap();
+}
+
 /// `Uid` and `CapEff` of node `i`'s daemon, from `/proc/PID/status`.
 fn daemon_credentials(lab: &Lab, i: usize) -> (String, String) {
     let pids = lab.ringlb_pids(i).unwrap();
