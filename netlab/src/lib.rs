@@ -293,6 +293,11 @@ impl Lab {
         self.dir.join(format!("n{i}"))
     }
 
+    /// Node `i`'s admin socket (in a directory of its own that an unprivileged daemon may write).
+    pub fn admin_socket(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("run").join("admin.sock")
+    }
+
     pub fn config_path(&self, i: usize) -> PathBuf {
         self.node_dir(i).join("ringlb.toml")
     }
@@ -545,12 +550,13 @@ impl Lab {
         let mut t = format!(
             "[node]\nname = \"n{i}\"\nvip = \"{VIP}\"\nunderlay_interface = \"eth0\"\naddress = \"{}\"\nweight = {:?}\n{}\n\
              [carrier]\nkind = \"{}\"\nport = {CARRIER_PORT}\n\n\
-             [steering]\nstate_dir = \"{}\"\n\n",
+             [steering]\nstate_dir = \"{}\"\n\n[admin]\nsocket = \"{}\"\n\n",
             node_addr(i),
             weight(i),
             stop_timeout.unwrap_or_default(),
             s.carrier,
-            self.node_dir(i).display()
+            self.node_dir(i).display(),
+            self.admin_socket(i).display()
         );
         if s.unprivileged {
             let _ = write!(t, "[tun]\nowner = \"{UNPRIVILEGED_UID}\"\n\n");
@@ -681,6 +687,9 @@ impl Lab {
             run(Command::new("mknod").arg(&tun).args(["c", "10", "200"]))?;
         }
         run(Command::new("chown").arg(&uid).arg(&tun))?;
+        let run_dir = self.admin_socket(i).parent().expect("a directory").to_owned();
+        fs::create_dir_all(&run_dir)?;
+        run(Command::new("chown").arg(&uid).arg(&run_dir))?;
         if self.spec.control {
             run(Command::new("chown").arg(&uid).arg(self.dir.join("pki").join(format!("n{i}.key"))))?;
         }

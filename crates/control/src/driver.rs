@@ -457,6 +457,7 @@ impl Control {
                         let unhealthy = self.cluster.app_unhealthy();
                         let _ = self.to_dataplane.send(ControlEvent::Drain(on || unhealthy)).await;
                         tracing::info!(draining = on, "drain state changed");
+                        self.publish_status();
                     }
                     Command::Reload(reload, done) => {
                         let _ = done.send(self.reload(reload));

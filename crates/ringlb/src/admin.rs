@@ -1,19 +1,27 @@
-//! The local admin endpoint: `/metrics` (Prometheus text) and `/status` (a table for people).
+//! The operator surface, on two listeners:
 //!
-//! A deliberately tiny HTTP/1.0 responder: one GET per connection, no keep-alive. It reads the
-//! snapshot the packet loop hands out on request, never the live core.
+//! - `admin.listen` (TCP, default 127.0.0.1:9090): read-only HTTP/1.0, `GET /metrics`
+//!   (Prometheus text) and `GET /status` (a table for people). Nothing here changes anything.
+//! - `admin.socket` (a Unix socket, mode 0660, default `/run/ringlb/admin.sock`): one command
+//!   per connection, `status`, `status-json`, `metrics`, `drain`, `undrain`, `reload`; the
+//!   answer's first line is `ok` or `error`. Only who may open the socket may act: no network
+//!   path reaches it. The CLI's `ringlb status|metrics|drain|undrain|reload` speak this.
+//!
+//! Both read the snapshot the packet loop hands out on request, never the live core.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 
 use ringlb_control::ControlHandle;
 use ringlb_core::{DropReason, MemberState, Refusal};
 use ringlb_dataplane::{Snapshot, SnapshotRequests};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::edge::{EdgeStatus, EdgeView};
 use crate::health::{HealthStatus, HealthView};
+use crate::reload::Reloader;
 
 /// What the side thread's tasks (edge, health checks) last published.
 #[derive(Debug, Clone, Copy)]
@@ -22,69 +30,43 @@ struct Side<'a> {
     health: Option<&'a HealthView>,
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    snapshots: SnapshotRequests,
-    control: Option<ControlHandle>,
-    edge: EdgeStatus,
-    health: HealthStatus,
-    node: String,
-) {
+/// Everything the admin listeners read from or act on; cheap to clone.
+#[derive(Clone)]
+pub struct Admin {
+    pub snapshots: SnapshotRequests,
+    pub control: Option<ControlHandle>,
+    pub edge: EdgeStatus,
+    pub health: HealthStatus,
+    pub reloader: Arc<tokio::sync::Mutex<Reloader>>,
+    pub node: String,
+}
+
+/// The read-only HTTP listener.
+pub async fn serve_http(listener: TcpListener, admin: Admin) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else { continue };
-        let snapshots = snapshots.clone();
-        let node = node.clone();
-        let control = control.clone();
-        let edge = edge.get();
-        let health = health.get();
+        let admin = admin.clone();
         tokio::spawn(async move {
-            let side = Side { edge: edge.as_ref(), health: health.as_ref() };
-            if let Err(e) = answer(stream, &snapshots, control.as_ref(), side, &node).await {
+            if let Err(e) = answer_http(stream, &admin).await {
                 tracing::debug!(%peer, error = %e, "admin request failed");
             }
         });
     }
 }
 
-async fn answer(
-    mut stream: TcpStream,
-    snapshots: &SnapshotRequests,
-    control: Option<&ControlHandle>,
-    side: Side<'_>,
-    node: &str,
-) -> std::io::Result<()> {
+async fn answer_http(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
     let mut buf = [0u8; 1024];
     let n = stream.read(&mut buf).await?;
     let request = String::from_utf8_lossy(&buf[..n]);
-    let path = request.split_whitespace().nth(1).unwrap_or("/");
-    let drain = match path {
-        "/drain" => Some(true),
-        "/undrain" => Some(false),
-        _ => None,
-    };
-    let (status, body) = if let Some(on) = drain {
-        // A stopping node drains until it exits: taking new flows again would only make it wait
-        // for them, and leave them to be reset at its deadline.
-        let stopping = !on && snapshots.get().await.is_some_and(|s| s.stopping.is_some());
-        match control {
-            _ if stopping => ("409 Conflict", format!("{node}: stopping; it drains until it exits\n")),
-            Some(c) if c.drain(on).await => {
-                ("200 OK", format!("{node}: {}\n", if on { "draining: no new flows" } else { "taking new flows" }))
-            }
-            _ => ("409 Conflict", "drain needs the control plane ([control] in the config)\n".to_owned()),
-        }
-    } else {
-        let Some(snapshot) = snapshots.get().await else { return Ok(()) };
-        match path {
-            "/metrics" => (
-                "200 OK",
-                metrics(&snapshot, control, node) + &health_metrics(side.health, node) + &edge_metrics(side.edge, node),
-            ),
-            "/status" => {
-                ("200 OK", status(&snapshot, control, node) + &health_status(side.health) + &edge_status(side.edge))
-            }
-            _ => ("404 Not Found", "try /metrics, /status, /drain or /undrain\n".to_owned()),
-        }
+    let mut words = request.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or("/"));
+    let (status, body) = match (method, path) {
+        ("GET", "/metrics" | "/status") => match admin.text(&path[1..]).await {
+            Some(body) => ("200 OK", body),
+            None => ("503 Service Unavailable", "the packet loop has stopped\n".to_owned()),
+        },
+        ("GET", _) => ("404 Not Found", "try /metrics or /status; actions are on admin.socket\n".to_owned()),
+        _ => ("405 Method Not Allowed", "read-only: GET /metrics or /status\n".to_owned()),
     };
     let head = format!(
         "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n",
@@ -93,6 +75,177 @@ async fn answer(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// Binds the action socket at `path` (replacing a stale one), mode 0660.
+pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// The action socket.
+pub async fn serve_socket(listener: UnixListener, admin: Admin) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer_socket(stream, &admin).await {
+                tracing::debug!(error = %e, "admin socket request failed");
+            }
+        });
+    }
+}
+
+async fn answer_socket(mut stream: UnixStream, admin: &Admin) -> std::io::Result<()> {
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await.unwrap_or(Ok(0))?;
+    let command = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
+    let result = admin.command(&command).await;
+    let reply = match result {
+        Ok(body) => format!("ok\n{body}"),
+        Err(body) => format!("error\n{body}"),
+    };
+    stream.write_all(reply.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+impl Admin {
+    async fn text(&self, what: &str) -> Option<String> {
+        let snapshot = self.snapshots.get().await?;
+        let (edge, health) = (self.edge.get(), self.health.get());
+        let side = Side { edge: edge.as_ref(), health: health.as_ref() };
+        let control = self.control.as_ref();
+        Some(match what {
+            "metrics" => {
+                metrics(&snapshot, control, &self.node)
+                    + &health_metrics(side.health, &self.node)
+                    + &edge_metrics(side.edge, &self.node)
+            }
+            "status-json" => {
+                serde_json::to_string_pretty(&status_json(&snapshot, control, side, &self.node)).unwrap_or_default()
+                    + "\n"
+            }
+            _ => status(&snapshot, control, &self.node) + &health_status(side.health) + &edge_status(side.edge),
+        })
+    }
+
+    /// One command from the action socket: its answer, or an error the CLI exits non-zero on.
+    async fn command(&self, command: &str) -> Result<String, String> {
+        let node = &self.node;
+        match command {
+            "status" | "status-json" | "metrics" => {
+                self.text(command).await.ok_or_else(|| "the packet loop has stopped".to_owned())
+            }
+            "drain" | "undrain" => {
+                let on = command == "drain";
+                // A stopping node drains until it exits: taking new flows again would only make
+                // it wait for them, and leave them to be reset at its deadline.
+                let stopping = !on && self.snapshots.get().await.is_some_and(|s| s.stopping.is_some());
+                match &self.control {
+                    _ if stopping => Err(format!("{node}: stopping; it drains until it exits\n")),
+                    Some(c) if c.drain(on).await => {
+                        Ok(format!("{node}: {}\n", if on { "draining: no new flows" } else { "taking new flows" }))
+                    }
+                    _ => Err("drain needs the control plane ([control] in the config)\n".to_owned()),
+                }
+            }
+            "reload" => match self.reloader.lock().await.reload().await {
+                Ok(changes) if changes.is_empty() => Ok(format!("{node}: reloaded, nothing changed\n")),
+                Ok(changes) => Ok(format!("{node}: reloaded: {}\n", changes.join("; "))),
+                Err(e) => Err(format!("{node}: reload refused, nothing changed: {e}\n")),
+            },
+            other => Err(format!("unknown command {other:?}: status, status-json, metrics, drain, undrain, reload\n")),
+        }
+    }
+}
+
+/// Sends `command` to the action socket at `path`; Ok(answer) or Err(the daemon's error).
+pub async fn call(path: &Path, command: &str) -> anyhow::Result<Result<String, String>> {
+    use anyhow::Context as _;
+    let mut stream = UnixStream::connect(path)
+        .await
+        .with_context(|| format!("no node answering on admin.socket = {:?}", path.display().to_string()))?;
+    stream.write_all(command.as_bytes()).await?;
+    stream.shutdown().await?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await?;
+    match reply.split_once('\n') {
+        Some(("ok", body)) => Ok(Ok(body.to_owned())),
+        Some(("error", body)) => Ok(Err(body.to_owned())),
+        _ => anyhow::bail!("admin.socket answered {reply:?}"),
+    }
+}
+
+/// `ringlb status --json`.
+fn status_json(s: &Snapshot, control: Option<&ControlHandle>, side: Side<'_>, node: &str) -> serde_json::Value {
+    use serde_json::json;
+    let views = control.map(ControlHandle::members).unwrap_or_default();
+    let members: Vec<serde_json::Value> = s
+        .members
+        .iter()
+        .map(|m| {
+            let v = views.iter().find(|v| v.name == m.name);
+            let load = v.and_then(|v| v.load);
+            json!({
+                "name": m.name,
+                "address": m.addr.to_string(),
+                "local": m.is_local,
+                "state": m.state.name(),
+                "app_healthy": !load.is_some_and(|l| l.app_unhealthy),
+                "weight": m.weight,
+                "rtt_ms": v.and_then(|v| v.rtt).map(|r| r.as_secs_f64() * 1e3),
+                "serves": load.map(|l| l.served_flows),
+                "cpu": load.map(|l| l.cpu),
+                "load_age_ms": v.and_then(|v| v.load_age).map(|a| a.as_millis()),
+                "flows_pinned": m.flows,
+                "forwarded_packets": m.forwarded_packets,
+            })
+        })
+        .collect();
+    let c = &s.counters;
+    let drops: serde_json::Map<String, serde_json::Value> =
+        DropReason::ALL.iter().map(|r| (r.name().to_owned(), json!(c.drops(*r)))).collect();
+    json!({
+        "node": node,
+        "flows": s.flows,
+        "flows_unconfirmed": s.flows_unconfirmed,
+        "draining": control.is_some_and(ControlHandle::draining),
+        "stopping": s.stopping.map(|r| json!({"forwarded": r.forwarded, "served": r.served})),
+        "dataplane_stalled": control.is_some_and(ControlHandle::dataplane_stalled),
+        "members": members,
+        "packets": {
+            "delivered_local": c.delivered_local,
+            "forwarded": c.forwarded,
+            "decapsulated": c.decapsulated,
+        },
+        "drops": drops,
+        "health": side.health.map(|h| json!({
+            "state": h.state.name(),
+            "target": h.target.to_string(),
+            "for_seconds": h.since.elapsed().as_secs_f64(),
+            "checks_ok": h.checks_ok,
+            "checks_failed": h.checks_failed,
+            "last_error": h.last_error,
+        })),
+        "entry": side.edge.map(|e| json!({
+            "mechanism": e.mechanism.name(),
+            "announced": e.announced,
+            "for_seconds": e.since.elapsed().as_secs_f64(),
+            "withheld": e.withheld.map(|w| w.name()),
+            "changes": e.changes,
+            "owners": e.owners,
+        })),
+    })
 }
 
 /// Prometheus text exposition.
@@ -310,15 +463,6 @@ pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Stri
         }
     }
     out
-}
-
-/// Fetches `path` from a node's admin endpoint (the `ringlb status` client).
-pub async fn fetch(addr: SocketAddr, path: &str) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).await?;
-    let mut resp = String::new();
-    stream.read_to_string(&mut resp).await?;
-    Ok(resp.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or(resp))
 }
 
 /// The edge's metrics: whether this node announces the VIP, how, and since when.

@@ -257,13 +257,16 @@ impl Default for PlacementSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
-    /// Where `/metrics` and `/status` are served.
+    /// Where `/metrics` and `/status` are served, read-only (HTTP).
     pub listen: SocketAddr,
+    /// The Unix socket for status and actions (drain, undrain, reload): whoever may open it
+    /// may act. The CLI talks to it.
+    pub socket: PathBuf,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
-        AdminSection { listen: SocketAddr::from(([127, 0, 0, 1], 9090)) }
+        AdminSection { listen: SocketAddr::from(([127, 0, 0, 1], 9090)), socket: "/run/ringlb/admin.sock".into() }
     }
 }
 

@@ -42,9 +42,24 @@ struct Cli {
     /// Overrides carrier.kind (udp or ipip).
     #[arg(long, global = true)]
     carrier: Option<String>,
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
+    #[arg(long, global = true, env = "RINGLB_LOG", default_value = "info")]
+    log_level: String,
+    /// Log format: text (coloured only on a terminal) or json (one object per line).
+    #[arg(long, global = true, env = "RINGLB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the configuration is when neither --config nor RINGLB_CONFIG says.
+const DEFAULT_CONFIG: &str = "/etc/ringlb/ringlb.toml";
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -56,14 +71,21 @@ enum Command {
     Teardown,
     /// Validate the configuration and print it as resolved.
     Check,
-    /// Print the running node's member table and counters.
-    Status,
-    /// Print the running node's Prometheus metrics.
+    /// Print the running node's member table and counters (admin.socket).
+    Status {
+        /// As JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the running node's Prometheus metrics (admin.socket).
     Metrics,
-    /// Stop taking new flows on this node; flows it serves finish.
+    /// Stop taking new flows on this node; flows it serves finish (admin.socket).
     Drain,
-    /// Take new flows again.
+    /// Take new flows again (admin.socket).
     Undrain,
+    /// Read the configuration again: weight, health checks, certificates (admin.socket; SIGHUP
+    /// does the same).
+    Reload,
     /// Cluster certificates.
     #[command(subcommand)]
     Cert(CertCommand),
@@ -104,11 +126,25 @@ impl Cli {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("--log-level / RINGLB_LOG = {:?}: {e} (try error, warn, info, debug or trace)", cli.log_level);
+            return ExitCode::from(2);
+        }
+    };
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal as _;
+            logs.with_ansi(std::io::stderr().is_terminal()).init();
+        }
+    }
+    if cli.config.is_none() && std::path::Path::new(DEFAULT_CONFIG).exists() {
+        cli.config = Some(DEFAULT_CONFIG.into());
+    }
     if let Command::Cert(cmd) = &cli.command {
         return match cert(cmd) {
             Ok(()) => ExitCode::SUCCESS,
@@ -153,10 +189,12 @@ fn cert(cmd: &CertCommand) -> anyhow::Result<()> {
 type ConfigSource = (Option<PathBuf>, Overrides);
 
 fn run(command: Command, config: Config, source: ConfigSource) -> anyhow::Result<()> {
-    let admin_call = |path: &str| -> anyhow::Result<String> {
+    let admin_call = |command: &str| -> anyhow::Result<String> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        rt.block_on(admin::fetch(config.admin.listen, path))
-            .with_context(|| format!("no node answering on admin.listen = {}", config.admin.listen))
+        match rt.block_on(admin::call(&config.admin.socket, command))? {
+            Ok(answer) => Ok(answer),
+            Err(error) => anyhow::bail!("{}", error.trim_end()),
+        }
     };
     match command {
         Command::Check => println!("{config:#?}"),
@@ -165,10 +203,11 @@ fn run(command: Command, config: Config, source: ConfigSource) -> anyhow::Result
             config.setup_steering().map_err(anyhow::Error::msg)?.setup()?;
         }
         Command::Teardown => config.steering().teardown()?,
-        Command::Status => print!("{}", admin_call("/status")?),
-        Command::Metrics => print!("{}", admin_call("/metrics")?),
-        Command::Drain => print!("{}", admin_call("/drain")?),
-        Command::Undrain => print!("{}", admin_call("/undrain")?),
+        Command::Status { json } => print!("{}", admin_call(if json { "status-json" } else { "status" })?),
+        Command::Metrics => print!("{}", admin_call("metrics")?),
+        Command::Drain => print!("{}", admin_call("drain")?),
+        Command::Undrain => print!("{}", admin_call("undrain")?),
+        Command::Reload => print!("{}", admin_call("reload")?),
         Command::Cert(_) => unreachable!("handled before the config is loaded"),
         Command::Node => {
             config.check_host().map_err(anyhow::Error::msg)?;
@@ -287,27 +326,32 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             edge_status.clone(),
         )?;
     }
-    side.runtime.spawn(
-        reload::Reloader {
-            path: source.0,
-            overrides: source.1,
-            current: config.clone(),
-            control: control_handle.clone(),
-            updates: handle.updates.clone(),
-            health: health_status.clone(),
-            health_task,
-            vip: config.node.vip,
-        }
-        .run(),
-    );
-    side.runtime.spawn(admin::serve(
-        listener,
-        handle.snapshots.clone(),
-        control_handle,
-        edge_status,
-        health_status,
-        local.name.clone(),
-    ));
+    let reloader = std::sync::Arc::new(tokio::sync::Mutex::new(reload::Reloader {
+        path: source.0,
+        overrides: source.1,
+        current: config.clone(),
+        control: control_handle.clone(),
+        updates: handle.updates.clone(),
+        health: health_status.clone(),
+        health_task,
+        vip: config.node.vip,
+    }));
+    side.runtime.spawn(reload::on_sighup(reloader.clone()));
+    let admin = admin::Admin {
+        snapshots: handle.snapshots.clone(),
+        control: control_handle,
+        edge: edge_status,
+        health: health_status,
+        reloader,
+        node: local.name.clone(),
+    };
+    let socket = {
+        let _on_side = side.runtime.enter();
+        admin::bind_socket(&config.admin.socket)
+            .with_context(|| format!("binding admin.socket = {:?}", config.admin.socket.display().to_string()))?
+    };
+    side.runtime.spawn(admin::serve_socket(socket, admin.clone()));
+    side.runtime.spawn(admin::serve_http(listener, admin));
     tracing::info!(
         node = %local.name, vip = %config.node.vip, carrier = ?config.carrier.kind, tun_mtu,
         control = config.control.is_some(), admin = %config.admin.listen,

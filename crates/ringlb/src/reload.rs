@@ -28,25 +28,32 @@ pub struct Reloader {
     pub vip: IpAddr,
 }
 
+/// Runs until the process ends: one reload per SIGHUP (`ringlb reload` takes the same lock).
+pub async fn on_sighup(reloader: std::sync::Arc<tokio::sync::Mutex<Reloader>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("no SIGHUP handler: reload with `ringlb reload`");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let _ = reloader.lock().await.reload().await;
+    }
+}
+
 impl Reloader {
-    /// Runs until the process ends: one reload per SIGHUP.
-    pub async fn run(mut self) {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("no SIGHUP handler: reload needs a restart");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match self.reload().await {
-                Ok(changes) if changes.is_empty() => tracing::info!("configuration reloaded: nothing changed"),
-                Ok(changes) => tracing::info!(changes = %changes.join("; "), "configuration reloaded"),
-                Err(e) => tracing::error!("reload refused, nothing changed: {e}"),
-            }
+    /// Reads the configuration and applies it; the changes made, or why nothing was (logged
+    /// either way).
+    pub async fn reload(&mut self) -> Result<Vec<String>, String> {
+        let result = self.apply().await;
+        match &result {
+            Ok(changes) if changes.is_empty() => tracing::info!("configuration reloaded: nothing changed"),
+            Ok(changes) => tracing::info!(changes = %changes.join("; "), "configuration reloaded"),
+            Err(e) => tracing::error!("reload refused, nothing changed: {e}"),
         }
+        result
     }
 
-    /// Reads the configuration and applies it; the changes made, or why nothing was.
-    pub async fn reload(&mut self) -> Result<Vec<String>, String> {
+    async fn apply(&mut self) -> Result<Vec<String>, String> {
         let new = config::load(self.path.as_deref(), &self.overrides).map_err(|e| e.replace('\n', "; "))?;
         let restart = needs_restart(&self.current, &new);
         if !restart.is_empty() {

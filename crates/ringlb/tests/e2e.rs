@@ -371,6 +371,61 @@ fn sighup_reloads_weight_and_certificates_live_and_refuses_a_new_vip() {
     lab.wait_converged(&[1, 2, 3], 3, Duration::from_secs(5)).unwrap();
 }
 
+/// A raw HTTP/1.0 request to node `i`'s read-only admin listener; the status line.
+fn http_status_line(lab: &Lab, i: usize, request: &str) -> String {
+    let script = format!(
+        "import socket; s = socket.create_connection(('127.0.0.1', 9090)); s.sendall(b'{request}\\r\\n\\r\\n'); \
+         print(s.recv(200).decode().splitlines()[0])"
+    );
+    lab.exec(&lab.node(i), &["python3", "-c", &script]).unwrap().trim().to_owned()
+}
+
+#[test]
+fn the_operator_surface_reads_over_http_and_acts_only_over_the_socket() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab("ops", |s| s.nodes = 2);
+    // HTTP is read-only: metrics and status, nothing that acts.
+    assert_eq!(http_status_line(&lab, 1, "GET /metrics HTTP/1.0"), "HTTP/1.0 200 OK");
+    assert_eq!(http_status_line(&lab, 1, "GET /status HTTP/1.0"), "HTTP/1.0 200 OK");
+    assert_eq!(http_status_line(&lab, 1, "GET /drain HTTP/1.0"), "HTTP/1.0 404 Not Found");
+    assert_eq!(http_status_line(&lab, 1, "POST /metrics HTTP/1.0"), "HTTP/1.0 405 Method Not Allowed");
+    let status = lab.ringlb(1, "status").unwrap();
+    assert!(!status.contains("DRAINING"), "a GET drained the node:\n{status}");
+
+    // The socket: owner and group only; drain acts; status --json parses.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(lab.admin_socket(1)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "admin.socket mode {mode:o}");
+    assert!(lab.ringlb(1, "drain").unwrap().contains("draining"));
+    let bin = env!("CARGO_BIN_EXE_ringlb");
+    let cfg = lab.config_path(1).to_string_lossy().into_owned();
+    let json = lab.exec(&lab.node(1), &[bin, "--config", &cfg, "status", "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(v["node"], "n1");
+    assert_eq!(v["draining"], true);
+    assert_eq!(v["members"].as_array().map(Vec::len), Some(2), "{json}");
+    assert!(lab.ringlb(1, "undrain").unwrap().contains("taking new flows"));
+
+    // The CLI exits non-zero when the daemon answers with an error, and says why.
+    let text = std::fs::read_to_string(lab.config_path(2)).unwrap();
+    std::fs::write(lab.config_path(2), text.replace("[carrier]\nkind = \"udp\"", "[carrier]\nkind = \"ipip\""))
+        .unwrap();
+    let out =
+        lab.exec_output(&lab.node(2), &[bin, "--config", &lab.config_path(2).to_string_lossy(), "reload"]).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a refused reload exited 0");
+    assert!(stderr.contains("carrier.kind: \"udp\" -> \"ipip\""), "{stderr}");
+    std::fs::write(lab.config_path(2), text).unwrap();
+    let ok = lab.ringlb(2, "reload").unwrap();
+    assert!(ok.contains("n2: reloaded"), "{ok}");
+    // Without a daemon, the CLI says where it looked.
+    lab.stop_ringlb(2, true).unwrap();
+    let out =
+        lab.exec_output(&lab.node(2), &[bin, "--config", &lab.config_path(2).to_string_lossy(), "status"]).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no node answering on admin.socket"));
+}
+
 /// `Uid` and `CapEff` of node `i`'s daemon, from `/proc/PID/status`.
 fn daemon_credentials(lab: &Lab, i: usize) -> (String, String) {
     let pids = lab.ringlb_pids(i).unwrap();
