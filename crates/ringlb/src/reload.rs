@@ -148,18 +148,21 @@ fn diff(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
 mod tests {
     use super::*;
 
+    #[allow(clippy::result_large_err)] // figment::Jail's signature, not ours
+    /// Loads a config inside a figment Jail: other tests of this binary set RINGLB_ variables,
+    /// and the Jail keeps them (and their races) out.
     fn config(extra: &str) -> Config {
         let text = format!(
             "[node]\nname = \"n1\"\nvip = \"10.200.0.10\"\nunderlay_interface = \"lo\"\n\
              address = \"10.77.0.1\"\n{extra}\n[[members]]\nname = \"n2\"\naddr = \"10.77.0.2\"\n"
         );
-        let dir = std::env::temp_dir().join(format!("ringlb-reload-{}-{}", std::process::id(), extra.len()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
-        std::fs::write(&path, text).unwrap();
-        let c = config::load(Some(&path), &Overrides::default()).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        c
+        let mut out = None;
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", &text)?;
+            out = Some(config::load(Some(std::path::Path::new("c.toml")), &Overrides::default()));
+            Ok(())
+        });
+        out.expect("the jail ran").expect("the config loads")
     }
 
     #[test]
