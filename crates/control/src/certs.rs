@@ -2,8 +2,9 @@
 //!
 //! Files, in one directory: `ca.pem`, `ca.key` (keep it off the nodes), and `<node>.pem`,
 //! `<node>.key` per node. A node certificate names the node as a DNS SAN (its identity on the
-//! control channel) plus its IP address, and is valid for a short time (30 days by default):
-//! rotation is re-issuing and restarting.
+//! control channel) plus its IP address, and is valid for a short time (30 days by default, never
+//! beyond the CA): rotation is re-issuing and `ringlb reload` (or SIGHUP). Expiry shows in
+//! `ringlb status` and the metrics.
 
 use std::fs;
 use std::io::Write;
@@ -27,6 +28,55 @@ pub enum CertError {
     Rcgen(#[from] rcgen::Error),
     #[error("node name {0:?} must be 1 to 63 characters of a-z, 0-9, '-'")]
     BadName(String),
+    #[error("--days {0}: {1}")]
+    Lifetime(u64, String),
+    #[error("{path}: not a PEM certificate: {why}")]
+    Parse { path: PathBuf, why: String },
+}
+
+/// What a certificate says, for `ringlb cert show`, `check`, status and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub subject: String,
+    pub issuer: String,
+    /// DNS SANs: the first is the node's name.
+    pub names: Vec<String>,
+    pub addrs: Vec<IpAddr>,
+    /// Unix seconds.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// Reads the first certificate of a PEM file.
+pub fn read_info(path: &Path) -> Result<CertInfo, CertError> {
+    use x509_parser::extensions::GeneralName;
+    let text = fs::read(path).map_err(io(path))?;
+    let bad = |why: String| CertError::Parse { path: path.to_owned(), why };
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&text).map_err(|e| bad(e.to_string()))?;
+    let cert = pem.parse_x509().map_err(|e| bad(e.to_string()))?;
+    let mut names = Vec::new();
+    let mut addrs = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(d) => names.push((*d).to_owned()),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => addrs.extend(<[u8; 4]>::try_from(*b).ok().map(IpAddr::from)),
+                    16 => addrs.extend(<[u8; 16]>::try_from(*b).ok().map(IpAddr::from)),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(CertInfo {
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        names,
+        addrs,
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
@@ -86,6 +136,20 @@ pub fn valid_name(name: &str) -> bool {
 pub fn issue(dir: &Path, name: &str, ip: IpAddr, validity: Duration) -> Result<PathBuf, CertError> {
     if !valid_name(name) {
         return Err(CertError::BadName(name.to_owned()));
+    }
+    let days = validity.as_secs() / 86_400;
+    if validity < Duration::from_secs(86_400) {
+        return Err(CertError::Lifetime(days, "a certificate must live at least one day".into()));
+    }
+    let ca = read_info(&dir.join("ca.pem"))?;
+    let end = time::OffsetDateTime::now_utc()
+        .unix_timestamp()
+        .saturating_add(i64::try_from(validity.as_secs()).unwrap_or(i64::MAX));
+    if end > ca.not_after {
+        return Err(CertError::Lifetime(
+            days,
+            format!("it would outlive the cluster CA, which expires at unix time {}", ca.not_after),
+        ));
     }
     let ca_key_path = dir.join("ca.key");
     let ca_key = KeyPair::from_pem(&fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?)?;

@@ -33,6 +33,8 @@ struct Side<'a> {
 /// Everything the admin listeners read from or act on; cheap to clone.
 #[derive(Clone)]
 pub struct Admin {
+    /// This node's certificate (`control.cert`), read on each request for its expiry.
+    pub cert: Option<std::path::PathBuf>,
     pub snapshots: SnapshotRequests,
     pub control: Option<ControlHandle>,
     pub edge: EdgeStatus,
@@ -130,12 +132,18 @@ impl Admin {
                 metrics(&snapshot, control, &self.node)
                     + &health_metrics(side.health, &self.node)
                     + &edge_metrics(side.edge, &self.node)
+                    + &cert_metrics(self.cert.as_deref(), &self.node)
             }
             "status-json" => {
                 serde_json::to_string_pretty(&status_json(&snapshot, control, side, &self.node)).unwrap_or_default()
                     + "\n"
             }
-            _ => status(&snapshot, control, &self.node) + &health_status(side.health) + &edge_status(side.edge),
+            _ => {
+                status(&snapshot, control, &self.node)
+                    + &health_status(side.health)
+                    + &edge_status(side.edge)
+                    + &cert_status(self.cert.as_deref())
+            }
         })
     }
 
@@ -581,4 +589,38 @@ fn health_status(health: Option<&HealthView>) -> String {
     }
     line.push('\n');
     line
+}
+
+/// Seconds until `path`'s certificate expires (negative once it has), or why it cannot be read.
+fn cert_expiry(path: &Path) -> Result<(ringlb_control::certs::CertInfo, i64), String> {
+    let info = ringlb_control::certs::read_info(path).map_err(|e| e.to_string())?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let left = info.not_after - now;
+    Ok((info, left))
+}
+
+fn cert_metrics(cert: Option<&Path>, node: &str) -> String {
+    let Some(path) = cert else { return String::new() };
+    let Ok((_, left)) = cert_expiry(path) else { return String::new() };
+    format!(
+        "# HELP ringlb_certificate_expiry_seconds Seconds until this node's certificate (control.cert) expires.\n\
+         # TYPE ringlb_certificate_expiry_seconds gauge\nringlb_certificate_expiry_seconds{{node=\"{node}\"}} {left}\n"
+    )
+}
+
+fn cert_status(cert: Option<&Path>) -> String {
+    let Some(path) = cert else { return String::new() };
+    match cert_expiry(path) {
+        Ok((info, left)) if left > 0 => format!(
+            "certificate: {} for {}, expires in {:.1} days{}\n",
+            path.display(),
+            info.names.first().map_or("-", String::as_str),
+            left as f64 / 86_400.0,
+            if left < 7 * 86_400 { " (RENEW SOON: ringlb cert issue, then ringlb reload)" } else { "" }
+        ),
+        Ok(_) => format!("certificate: {} has EXPIRED: peers refuse new connections\n", path.display()),
+        Err(e) => format!("certificate: {e}\n"),
+    }
 }

@@ -630,6 +630,45 @@ impl Config {
         }
     }
 
+    /// What `ringlb check` verifies on this host beyond the values: the interface, the
+    /// certificate files, and that the certificate names this node and its addresses.
+    pub fn host_problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if let Err(e) = self.check_host() {
+            p.push(e);
+        }
+        let Some(c) = &self.control else { return p };
+        for (key, path) in [("control.ca", &c.ca), ("control.cert", &c.cert), ("control.key", &c.key)] {
+            if let Err(e) = std::fs::File::open(path) {
+                p.push(format!("{key} = {:?}: {e}", path.display().to_string()));
+            }
+        }
+        match ringlb_control::certs::read_info(&c.cert) {
+            Ok(info) => {
+                if info.names.first() != Some(&self.node.name) {
+                    p.push(format!(
+                        "control.cert = {:?}: names {:?}, but node.name is {:?}",
+                        c.cert.display().to_string(),
+                        info.names,
+                        self.node.name
+                    ));
+                }
+                let underlay = self.local_member().map(|m| m.addr);
+                for (key, addr) in [("node.address", underlay), ("control.listen", Some(c.listen.ip()))] {
+                    if let Some(a) = addr.filter(|a| !info.addrs.contains(a)) {
+                        p.push(format!(
+                            "{key} = {:?}: not among control.cert's addresses {:?}",
+                            a.to_string(),
+                            info.addrs.iter().map(ToString::to_string).collect::<Vec<_>>()
+                        ));
+                    }
+                }
+            }
+            Err(e) => p.push(format!("control.cert: {e}")),
+        }
+        p
+    }
+
     /// This node as a member: from `members`, or from `node.address` and `node.weight`.
     pub fn local_member(&self) -> Option<MemberEntry> {
         if let Some(m) = self.members.iter().find(|m| m.name == self.node.name) {

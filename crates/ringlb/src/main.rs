@@ -93,10 +93,17 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum CertCommand {
-    /// Create the cluster CA (ca.pem, ca.key) in DIR.
+    /// Create the cluster CA (ca.pem, ca.key) in DIR. Keep ca.key off the nodes: there is no
+    /// default, so that it does not land where they read their certificates.
     Init {
-        #[arg(long, default_value = "/etc/ringlb/pki")]
+        #[arg(long)]
         dir: PathBuf,
+    },
+    /// Print what certificates say: names, addresses, issuer, validity.
+    Show {
+        /// PEM files (a node's certificate, or the CA's).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
     /// Issue NODE.pem and NODE.key in DIR, signed by the CA there.
     Issue {
@@ -106,7 +113,7 @@ enum CertCommand {
         node: String,
         #[arg(long)]
         ip: std::net::IpAddr,
-        /// Validity in days.
+        /// Validity in days: at least 1, and not beyond the CA's.
         #[arg(long, default_value_t = 30)]
         days: u64,
     },
@@ -177,6 +184,31 @@ fn cert(cmd: &CertCommand) -> anyhow::Result<()> {
             let path = ringlb_control::certs::init_ca(dir)?;
             println!("created cluster CA {}", path.display());
         }
+        CertCommand::Show { files } => {
+            for f in files {
+                let i = ringlb_control::certs::read_info(f)?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                let left = i.not_after - now;
+                let addrs: Vec<String> = i.addrs.iter().map(ToString::to_string).collect();
+                println!(
+                    "{}:\n  subject: {}\n  issuer: {}\n  names: {}\n  addresses: {}\n  valid: unix {} to {} ({})",
+                    f.display(),
+                    i.subject,
+                    i.issuer,
+                    if i.names.is_empty() { "-".to_owned() } else { i.names.join(", ") },
+                    if addrs.is_empty() { "-".to_owned() } else { addrs.join(", ") },
+                    i.not_before,
+                    i.not_after,
+                    if left > 0 {
+                        format!("expires in {:.1} days", left as f64 / 86_400.0)
+                    } else {
+                        "EXPIRED".to_owned()
+                    }
+                );
+            }
+        }
         CertCommand::Issue { dir, node, ip, days } => {
             let path = ringlb_control::certs::issue(dir, node, *ip, Duration::from_secs(days * 86_400))?;
             println!("issued {} for node {node} ({ip}), valid {days} days", path.display());
@@ -197,7 +229,13 @@ fn run(command: Command, config: Config, source: ConfigSource) -> anyhow::Result
         }
     };
     match command {
-        Command::Check => println!("{config:#?}"),
+        Command::Check => {
+            let problems = config.host_problems();
+            println!("{config:#?}");
+            if !problems.is_empty() {
+                anyhow::bail!("{}", problems.join("\n"));
+            }
+        }
         Command::Setup => {
             config.check_host().map_err(anyhow::Error::msg)?;
             config.setup_steering().map_err(anyhow::Error::msg)?.setup()?;
@@ -338,6 +376,7 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     }));
     side.runtime.spawn(reload::on_sighup(reloader.clone()));
     let admin = admin::Admin {
+        cert: config.control.as_ref().map(|c| c.cert.clone()),
         snapshots: handle.snapshots.clone(),
         control: control_handle,
         edge: edge_status,

@@ -418,6 +418,21 @@ fn the_operator_surface_reads_over_http_and_acts_only_over_the_socket() {
     std::fs::write(lab.config_path(2), text).unwrap();
     let ok = lab.ringlb(2, "reload").unwrap();
     assert!(ok.contains("n2: reloaded"), "{ok}");
+    // The certificate's expiry shows; `check` verifies that the certificate names this node.
+    let status = lab.ringlb(1, "status").unwrap();
+    assert!(
+        status.contains("n1.pem for n1, expires in 30.0 days")
+            || status.contains("n1.pem for n1, expires in 29.9 days"),
+        "{status}"
+    );
+    assert!(lab.metric(1, "ringlb_certificate_expiry_seconds{").unwrap() > 29 * 86_400);
+    assert!(lab.ringlb(1, "check").is_ok());
+    let wrong = lab.dir.join("wrong-cert.toml");
+    std::fs::write(&wrong, std::fs::read_to_string(lab.config_path(1)).unwrap().replace("n1.pem", "n2.pem")).unwrap();
+    let out = lab.exec_output(&lab.node(1), &[bin, "--config", &wrong.to_string_lossy(), "check"]).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("names [\"n2\"], but node.name is \"n1\""), "{stderr}");
+
     // Without a daemon, the CLI says where it looked.
     lab.stop_ringlb(2, true).unwrap();
     let out =
