@@ -392,8 +392,14 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, String
         fig = fig.merge(Toml::file(file));
     }
     fig = fig.merge(Env::prefixed("RINGLB_").split("__").ignore(&["config"])).merge(Serialized::defaults(overrides));
-    let config: Config =
-        fig.extract().map_err(|e| e.into_iter().map(|e| describe(&fig, &e)).collect::<Vec<_>>().join("\n"))?;
+    let config: Config = fig.extract().map_err(|e| {
+        // serde stops at the first bad value; each section read on its own finds the rest.
+        let mut all: Vec<String> = e.into_iter().map(|e| describe(&fig, &e)).collect();
+        all.extend(section_errors(&fig));
+        all.sort();
+        all.dedup();
+        all.join("\n")
+    })?;
     let problems = config.problems();
     if problems.is_empty() {
         Ok(config)
@@ -410,20 +416,82 @@ pub fn parse_seed(seed: &str) -> Option<(String, SocketAddr)> {
 
 /// One figment error as `config error: KEY = VALUE: PROBLEM (in SOURCE)`.
 fn describe(fig: &Figment, e: &figment::Error) -> String {
+    describe_in(fig, e, None)
+}
+
+/// [`describe`] for an error of `section` read on its own (whose path figment gives in its own
+/// order).
+fn describe_in(fig: &Figment, e: &figment::Error, section: Option<&str>) -> String {
     use figment::error::Kind;
-    let mut key = e.path.join(".");
+    let mut key = match section {
+        None => e.path.join("."),
+        Some(sec) => std::iter::once(sec)
+            .chain(e.path.iter().map(String::as_str).filter(|p| *p != sec))
+            .collect::<Vec<_>>()
+            .join("."),
+    };
     if let Kind::UnknownField(field, _) = &e.kind {
         key = if key.is_empty() { field.clone() } else { format!("{key}.{field}") };
     }
     let value = fig.find_value(&key).ok().map(|v| match v {
         figment::value::Value::String(_, s) => format!(" = {s:?}"),
-        other => match other.to_num_lossy() {
-            Some(n) => format!(" = {n:?}"),
-            None => String::new(),
+        other => match (other.to_i128(), other.to_f64()) {
+            (Some(i), _) => format!(" = {i}"),
+            (None, Some(f)) => format!(" = {f}"),
+            (None, None) => String::new(),
         },
     });
-    let source = e.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
-    format!("config error: {key}{}: {}{source}", value.unwrap_or_default(), e.kind)
+    let source = e
+        .metadata
+        .as_ref()
+        .map(|m| match &m.source {
+            Some(figment::Source::File(path)) => format!(" (in {})", path.display()),
+            _ => format!(" (from {})", m.name),
+        })
+        .unwrap_or_default();
+    format!("config error: {key}{}: {}{source}", value.unwrap_or_default(), plain_types(&e.kind.to_string()))
+}
+
+/// Every section read on its own, for the errors the whole read did not reach.
+fn section_errors(fig: &Figment) -> Vec<String> {
+    fn each<T: serde::de::DeserializeOwned>(fig: &Figment, key: &str, out: &mut Vec<String>) {
+        if fig.find_value(key).is_ok() {
+            if let Err(e) = fig.extract_inner::<T>(key) {
+                out.extend(e.into_iter().map(|e| describe_in(fig, &e, Some(key))));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    each::<NodeSection>(fig, "node", &mut out);
+    each::<TunSection>(fig, "tun", &mut out);
+    each::<CarrierSection>(fig, "carrier", &mut out);
+    each::<SteeringSection>(fig, "steering", &mut out);
+    each::<FlowsSection>(fig, "flows", &mut out);
+    each::<PlacementSection>(fig, "placement", &mut out);
+    each::<AdminSection>(fig, "admin", &mut out);
+    each::<FailureSection>(fig, "failure", &mut out);
+    each::<ControlSection>(fig, "control", &mut out);
+    each::<EntrySection>(fig, "entry", &mut out);
+    each::<HealthSection>(fig, "health", &mut out);
+    each::<Vec<MemberEntry>>(fig, "members", &mut out);
+    out
+}
+
+/// serde's messages name Rust types ("expected u16"); operators want what is allowed.
+fn plain_types(message: &str) -> String {
+    [
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        ("expected u32", "expected a whole number from 0 to 4294967295"),
+        ("expected u64", "expected a whole number from 0 up"),
+        ("expected usize", "expected a whole number from 0 up"),
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+        ("expected a string", "expected a quoted string"),
+    ]
+    .iter()
+    .fold(message.to_owned(), |m, (from, to)| m.replace(from, to))
 }
 
 impl Config {

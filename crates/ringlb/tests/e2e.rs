@@ -517,6 +517,12 @@ fn bad_config_is_refused_naming_key_and_value() {
         (format!("{good}\n[entry]\nmode = \"bgp\"\ntable = 254\n"), vec!["check"], vec!["entry.table = 254"]),
         (format!("{good}\n[entry]\nmode = \"l2\"\n"), vec!["check"], vec!["entry.mode = \"l2\": needs [control]"]),
         (format!("{good}\n[entry]\nmode = \"ospf\"\n"), vec!["check"], vec!["entry.mode", "ospf"]),
+        // Every bad section at once, in plain words, with the file named.
+        (
+            format!("{good}\n[carrier]\nkind = \"gre\"\n\n[flows]\nmax = -5\n"),
+            vec!["check"],
+            vec!["carrier.kind = \"gre\"", "flows.max = -5", "expected a whole number from 0 up", "ringlb.toml)"],
+        ),
     ];
     for (config, args, needles) in cases {
         let (code, stderr) = ringlb_with(&config, &args);
