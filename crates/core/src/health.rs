@@ -123,7 +123,7 @@ mod tests {
         assert_eq!(h.record(at(8), false), None, "a failure resets the successes");
         assert_eq!(h.record(at(9), true), None);
         assert_eq!(h.record(at(10), true), Some(AppHealth::Healthy));
-        assert_eq!((h.checks_ok, h.checks_failed), (6, 6));
+        assert_eq!((h.checks_ok, h.checks_failed), (5, 6));
     }
 
     #[test]
