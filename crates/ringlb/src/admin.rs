@@ -79,11 +79,18 @@ async fn answer_http(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()
     stream.shutdown().await
 }
 
-/// Binds the action socket at `path` (replacing a stale one), mode 0660.
+/// Binds the action socket at `path`, mode 0660. A stale socket (nobody listening: a daemon
+/// that died) is replaced; a live one is another daemon's, and is left alone.
 pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another running daemon answers on it (give each node its own admin.socket)",
+                ));
+            }
             std::fs::remove_file(path)?;
         }
     }

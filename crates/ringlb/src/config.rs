@@ -782,7 +782,8 @@ impl Config {
         }
         let path = format!("/sys/class/net/{}/mtu", self.node.underlay_interface);
         let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
-        let mtu: u16 = text.trim().parse().map_err(|_| format!("{path} holds {text:?}"))?;
+        let mtu: u32 = text.trim().parse().map_err(|_| format!("{path} holds {text:?}"))?;
+        let mtu = u16::try_from(mtu.min(65_535)).unwrap_or(u16::MAX);
         Ok(mtu.saturating_sub(self.carrier.kind.overhead()).min(9000))
     }
 
