@@ -50,7 +50,12 @@ fn builder(name: &str, mtu: u16, vip: IpAddr) -> Result<DeviceBuilder, SteeringE
 }
 
 fn configure(name: &str, table: u32) -> Result<(), SteeringError> {
-    write_sysctl(&format!("net/ipv4/conf/{name}/rp_filter"), "2")?;
+    // Written only when it differs: in a container /proc/sys is read-only, and setup may have
+    // set it already.
+    let rp_filter = format!("net/ipv4/conf/{name}/rp_filter");
+    if crate::steering::read_sysctl(&rp_filter).ok().as_deref() != Some("2") {
+        write_sysctl(&rp_filter, "2")?;
+    }
     let _ = write_sysctl(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1");
     ip(&["link", "set", name, "up"])?;
     ip(&["route", "replace", "default", "dev", name, "table", &table.to_string()])?;
@@ -61,34 +66,33 @@ fn configure(name: &str, table: u32) -> Result<(), SteeringError> {
 /// route of `table` into it; the kernel ignores that route while no process reads the device.
 /// Needs CAP_NET_ADMIN; the owner then [`attach`]es with none.
 pub fn create_persistent(name: &str, mtu: u16, vip: IpAddr, table: u32, owner: u32) -> Result<(), SteeringError> {
-    let io = |source| SteeringError::Io { path: format!("/dev/net/tun ({name})").into(), source };
+    let IpAddr::V4(vip4) = vip else { return Err(SteeringError::Ipv6(vip)) };
     let owner_s = owner.to_string();
     match persistent_owner(name)? {
         Some(o) if o == owner_s => {}
         Some(_) => {
-            // Made for another user: made again (nothing reads it while setup runs).
+            // Made for another user: made again (a daemon of that user would lose it anyway).
             ip(&["link", "del", name])?;
             ip(&["tuntap", "add", "dev", name, "mode", "tun", "vnet_hdr", "user", &owner_s])?;
         }
         None => drop(ip(&["tuntap", "add", "dev", name, "mode", "tun", "vnet_hdr", "user", &owner_s])?),
     }
-    // Attached once, as root, to give it its address, MTU and queue length; it persists.
-    drop(builder(name, mtu, vip)?.build_sync().map_err(io)?);
+    // Configured through netlink only, never opened: a daemon may be attached to it right now
+    // (setup is idempotent and may run again), and a second open would disturb it.
+    ip(&["link", "set", "dev", name, "mtu", &mtu.to_string(), "txqueuelen", "10000"])?;
+    ip(&["addr", "replace", &format!("{vip4}/32"), "dev", name])?;
     write_sysctl(&format!("net/ipv4/conf/{name}/ignore_routes_with_linkdown"), "1")?;
     configure(name, table)
 }
 
-/// The owner uid of the persistent TUN `name`, `Some("")` for a device that is not a TUN or has
-/// no owner, `None` when there is no such device.
+/// The owner uid of the TUN `name` as sysfs gives it (`-1`: none; empty: not a TUN), `None` when
+/// there is no such device. (Not `ip -d`: it shows the owner's name, not its uid.)
 fn persistent_owner(name: &str) -> Result<Option<String>, SteeringError> {
-    if !std::path::Path::new("/sys/class/net").join(name).exists() {
+    let dir = std::path::Path::new("/sys/class/net").join(name);
+    if !dir.exists() {
         return Ok(None);
     }
-    let json = ip(&["-d", "-j", "link", "show", "dev", name])?;
-    let v: serde_json::Value = serde_json::from_str(&json)
-        .map_err(|source| SteeringError::State { path: format!("ip -d -j link show dev {name}").into(), source })?;
-    let user = &v[0]["linkinfo"]["info_data"]["user"];
-    Ok(Some(user.as_u64().map(|u| u.to_string()).or_else(|| user.as_str().map(str::to_owned)).unwrap_or_default()))
+    Ok(Some(std::fs::read_to_string(dir.join("owner")).map(|s| s.trim().to_owned()).unwrap_or_default()))
 }
 
 /// Attaches to the persistent TUN `name` made by [`create_persistent`]; needs no capability

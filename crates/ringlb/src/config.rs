@@ -535,6 +535,13 @@ impl Config {
 
     fn entry_problems(&self, p: &mut Vec<String>) {
         let e = &self.entry;
+        if e.mode == EntryMode::Bgp && self.tun.owner.is_some() {
+            p.push(
+                "entry.mode = \"bgp\" with tun.owner: the announced route goes through the TUN, and a persistent \
+                 TUN outlives the daemon, so a dead daemon would stay announced; run the bgp entry without tun.owner"
+                    .into(),
+            );
+        }
         if e.mode == EntryMode::Bgp {
             // 0 is unspecified, 253 to 255 are default, main and local.
             if e.table == 0 || e.table >= 253 || e.table == self.steering.table {

@@ -461,6 +461,12 @@ fn an_unprivileged_daemon_serves_forwards_and_fails_open() {
         assert_eq!(uid, "65534 65534 65534 65534", "n{i} runs as nobody");
         assert_eq!(caps, "0000000000000000", "n{i} has no effective capability");
     }
+    // setup is idempotent: run again beside a live daemon, it leaves the daemon alone.
+    let before = lab.ringlb_pids(1).unwrap();
+    lab.ringlb(1, "setup").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(lab.ringlb_pids(1).unwrap(), before, "a second setup disturbed the daemon");
+
     // Through the unprivileged entry n1, every node serves.
     let t = tally(&lab, 30);
     assert_eq!(t.len(), 3, "not every node served: {t:?}");
@@ -516,6 +522,11 @@ fn bad_config_is_refused_naming_key_and_value() {
         (format!("{good}\n[entry]\nmode = \"bgp\"\ntable = 100\n"), vec!["check"], vec!["entry.table = 100"]),
         (format!("{good}\n[entry]\nmode = \"bgp\"\ntable = 254\n"), vec!["check"], vec!["entry.table = 254"]),
         (format!("{good}\n[entry]\nmode = \"l2\"\n"), vec!["check"], vec!["entry.mode = \"l2\": needs [control]"]),
+        (
+            format!("{good}\n[entry]\nmode = \"bgp\"\n\n[tun]\nowner = \"65534\"\n"),
+            vec!["check"],
+            vec!["entry.mode = \"bgp\" with tun.owner"],
+        ),
         (format!("{good}\n[entry]\nmode = \"ospf\"\n"), vec!["check"], vec!["entry.mode", "ospf"]),
         // Every bad section at once, in plain words, with the file named.
         (
