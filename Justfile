@@ -142,3 +142,8 @@ bench-core:
 # Resident memory of 1,000,000 tracked flows.
 bench-memory:
     cargo bench -p ringlb-core --bench flow_memory
+
+# The container image and a three-node compose cluster (podman, offline): builds the images,
+# checks balancing, kill -9s daemons, removes everything it made. Root; well under 10 minutes.
+container-test:
+    deploy/container/test.sh
