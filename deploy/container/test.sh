@@ -130,14 +130,15 @@ if ! podman run --rm --network none "$base_image" true >/dev/null 2>"$run/probe.
     nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)
     [ "$nofile" = unlimited ] && nofile=1048576
     [ "$nproc" = unlimited ] && nproc=4096
-    # (runc was refused a hard nproc above the soft one here, though below the host's hard one.)
-    soft_nofile=$(( nofile < 10000 ? nofile : 10000 )); soft_nproc=$(( nproc < 1024 ? nproc : 1024 ))
+    # Soft = hard: runc was refused a hard nproc above the soft one here, though below the
+    # host's hard one, and `podman kube play` failed with a soft nofile below the hard one.
+    nproc=$(( nproc < 1024 ? nproc : 1024 ))
     log "podman cannot run a container as configured ($(tail -n 1 "$run/probe.log" | cut -c1-120)); writing $dropin"
     mkdir -p "$(dirname "$dropin")"
     {
         echo "# Written by deploy/container/test.sh: what podman needs on this host (deploy/README.md)."
         echo "[containers]"
-        echo "default_ulimits = [\"nofile=$soft_nofile:$nofile\", \"nproc=$soft_nproc:$soft_nproc\"]"
+        echo "default_ulimits = [\"nofile=$nofile:$nofile\", \"nproc=$nproc:$nproc\"]"
         if podman info --format '{{.Host.OCIRuntime.Name}}' 2>/dev/null | grep -qv runc && command -v runc >/dev/null; then
             printf '[engine]\nruntime = "runc"\n'
         fi
