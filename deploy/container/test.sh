@@ -13,7 +13,9 @@
 #  5. kill -9s n3's ringlb container (it stays down) and, 2 s later, sends 100 requests of which
 #     none may fail; starts it again; then kill -9s the entry n1's daemon process (a crash:
 #     fail-open, and podman's restart policy starts it again) and checks the same;
-#  6. removes every container, network, volume, image and directory it made, also on failure.
+#  6. runs the Kubernetes DaemonSet's pod template with podman kube play
+#     (deploy/kubernetes/kube-play-test.sh; RINGLB_CT_KUBE=0 skips it);
+#  7. removes every container, network, volume, image and directory it made, also on failure.
 #
 # Environment: RINGLB_CT_PREFIX (default rlct<random>), RINGLB_CT_CACHE (default
 # /var/cache/ringlb-container), RINGLB_BIN (a prebuilt ringlb; default: cargo build --release),
@@ -252,5 +254,12 @@ log "n1's daemon restarted by podman (restarts: $(podman inspect -f '{{.RestartC
 # Placement weighs the flows each node served lately (closing flows linger 10 s), so right
 # after the restarts the split is uneven; what matters is that nothing fails.
 check_requests "100 requests after both restarts" ""
+
+# ---- 6. the Kubernetes pod template, with podman kube play ------------------------------------
+if [ "${RINGLB_CT_KUBE:-1}" = 1 ]; then
+    PYTHON=$cache/venv/bin/python RINGLB_IMAGE=$image "$repo/deploy/kubernetes/kube-play-test.sh" \
+        >"$run/kube-play.log" 2>&1 || { grep -v healthcheck "$run/kube-play.log" | tail -n 25; die "kube play of the DaemonSet's pod template"; }
+    log "the DaemonSet's pod template under podman kube play: $(grep -E '^== (main|5 s)' "$run/kube-play.log" | sed 's/^== //' | tr '\n' ';' | sed 's/;$//')"
+fi
 
 log "passed in $(elapsed) s: image $(awk -v b="$size" 'BEGIN { printf "%.1f MB", b / 1e6 }'), built in $build_secs s"

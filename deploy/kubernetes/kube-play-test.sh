@@ -10,9 +10,9 @@
 # host's would change this host's routing); the Secret projection with subPathExpr becomes a
 # hostPath directory of this node's files; the downward-API fields (spec.nodeName,
 # status.hostIP) and $(VAR) references become literal values (podman 4.3 expands neither);
-# probes are not run by podman 4.3's kube play.
-# Needs: root, podman (with the drop-in of deploy/container/test.sh), kubectl (kustomize only),
-# the images localhost/ringlb:$VERSION (deploy/container/test.sh builds one; RINGLB_IMAGE).
+# restartPolicy OnFailure (see below); probes are not run by podman 4.3's kube play.
+# Needs: root, podman (with the drop-in of deploy/container/test.sh), python3 with PyYAML,
+# the image localhost/ringlb:$VERSION (deploy/container/test.sh builds one; RINGLB_IMAGE).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 image=${RINGLB_IMAGE:?set RINGLB_IMAGE to a ringlb image}
@@ -29,16 +29,26 @@ cleanup() {
 }
 trap cleanup EXIT
 
-podman network create --internal --subnet 10.89.99.0/24 "$net" >/dev/null
-ip=10.89.99.11
+# A /24 that no route and no podman network uses (the lock is deploy/container/test.sh's).
+mkdir -p /var/cache/ringlb-container
+exec 9>/var/cache/ringlb-container/subnet.lock
+flock 9
+used=$( (ip -4 route; podman network ls -q | xargs -r podman network inspect -f '{{range .Subnets}}{{.Subnet}} {{end}}') 2>/dev/null)
+sub=
+for x in $(shuf -i 30-99); do grep -q "10\.89\.$x\." <<<"$used" || { sub=10.89.$x; break; }; done
+[ -n "$sub" ] || { echo "no free 10.89.X.0/24"; exit 1; }
+podman network create --internal --subnet "$sub.0/24" "$net" >/dev/null
+flock -u 9
+ip=$sub.11
 podman run --rm --network none --user 0 -v "$dir/pki:/pki" --entrypoint /usr/local/bin/ringlb "$image" cert init --dir /pki >/dev/null
 podman run --rm --network none --user 0 -v "$dir/pki:/pki" --entrypoint /usr/local/bin/ringlb "$image" cert issue --dir /pki --node node1 --ip "$ip" >/dev/null
 cp "$dir/pki/ca.pem" "$dir/pki/node1/ca.crt"; mv "$dir/pki/node1.pem" "$dir/pki/node1/tls.crt"; mv "$dir/pki/node1.key" "$dir/pki/node1/tls.key"
 chown -R 0:65534 "$dir/pki/node1"; chmod 0440 "$dir/pki/node1/"*; chmod 0750 "$dir/pki/node1"
 mknod -m 0600 "$dir/tun/tun" c 10 200 && chown 65534:65534 "$dir/tun/tun"
 
-kubectl kustomize "$here/base" >"$dir/all.yaml"
-python3 - "$dir" "$image" "$ip" "$prefix" <<'PY'
+# The base's resources as `kubectl kustomize` would list them (it only lists them).
+for f in namespace configmap daemonset; do cat "$here/base/$f.yaml"; echo "---"; done >"$dir/all.yaml"
+"${PYTHON:-python3}" - "$dir" "$image" "$ip" "$prefix" <<'PY'
 import sys, copy, yaml
 d, image, ip, name = sys.argv[1:]
 docs = [x for x in yaml.safe_load_all(open(f"{d}/all.yaml")) if x]
@@ -61,6 +71,11 @@ def fix(c):
         if m["name"] == "pki": m.pop("subPathExpr")
         if m["name"] == "config": m.pop("subPath"); m["mountPath"] = "/etc/ringlb/ringlb.toml"
     c.pop("readinessProbe", None); c.pop("livenessProbe", None)
+# Podman runs an init container of type "always" as a member of the pod, restarted by the pod's
+# policy: with Always it re-ran `ringlb setup` in a loop, which broke the running daemon's TUN
+# (EBADFD). OnFailure here; a DaemonSet's pods are Always, and Kubernetes runs init containers
+# once per pod start.
+spec["restartPolicy"] = "OnFailure"
 for c in spec["initContainers"] + spec["containers"]:
     fix(c)
 vols = {v["name"]: v for v in spec["volumes"]}
@@ -92,6 +107,10 @@ cat "$dir/status"
 pid=$(podman inspect -f '{{.State.Pid}}' "$main")
 echo "== main container: $(awk '/^Uid/ {print "uid " $2} /^CapEff/ {print "CapEff " $2}' /proc/$pid/status | tr '\n' ' ')"
 echo "== metrics (admin endpoint): $(podman exec "$main" ringlb metrics | grep -c '^ringlb_') ringlb_ samples"
+sleep 5
+restarts=$(podman inspect -f '{{.RestartCount}}' "$main")
+echo "== 5 s later: main container $(podman inspect -f '{{.State.Status}}' "$main"), $restarts restarts; init container $(podman inspect -f '{{.State.Status}} (exit {{.State.ExitCode}}), {{.RestartCount}} restarts' "${prefix}-setup")"
+[ "$(podman inspect -f '{{.State.Status}}' "$main")" = running ] && [ "$restarts" -le 1 ] &&
 grep -q "node node1" "$dir/status" && awk '/^Uid/ {exit !($2 == 65534)}' /proc/$pid/status \
     && awk '/^CapEff/ {exit !($2 == "0000000000000000")}' /proc/$pid/status \
     && echo "kube play: passed" || { echo "kube play: FAILED"; podman logs "$main" 2>&1 | tail; exit 1; }
