@@ -147,3 +147,7 @@ bench-memory:
 # checks balancing, kill -9s daemons, removes everything it made. Root; well under 10 minutes.
 container-test:
     deploy/container/test.sh
+
+# container-test plus the BGP variant (BIRD beside each node, a BIRD router with ECMP and BFD).
+container-test-bgp:
+    RINGLB_CT_BGP=1 deploy/container/test.sh

@@ -15,7 +15,10 @@
 #     fail-open, and podman's restart policy starts it again) and checks the same;
 #  6. runs the Kubernetes DaemonSet's pod template with podman kube play
 #     (deploy/kubernetes/kube-play-test.sh; RINGLB_CT_KUBE=0 skips it);
-#  7. removes every container, network, volume, image and directory it made, also on failure.
+#  7. with RINGLB_CT_BGP=1, the BGP variant (compose.bgp.yaml): the router learns three next hops,
+#     100 requests through it reach all three nodes, kill -9 of n2's daemon removes its next hop
+#     and 2 s later no request fails;
+#  8. removes every container, network, volume, image and directory it made, also on failure.
 #
 # Environment: RINGLB_CT_PREFIX (default rlct<random>), RINGLB_CT_CACHE (default
 # /var/cache/ringlb-container), RINGLB_BIN (a prebuilt ringlb; default: cargo build --release),
@@ -61,7 +64,8 @@ if ! [ -x "$pc" ] || ! "$pc" --version 2>/dev/null | grep -q "podman-compose ver
     "$cache/venv/bin/pip" install -q "podman-compose==$compose_version"
 fi
 # Everything this run made goes, whatever happens.
-compose() { "$pc" -p "$prefix" -f "$compose_file" "$@"; }
+compose_files=(-f "$compose_file")
+compose() { "$pc" -p "$prefix" "${compose_files[@]}" "$@"; }
 leftovers() {
     podman ps -a --format '{{.Names}}' | grep "^${prefix}_" || true
     podman volume ls --format '{{.Name}}' | grep "^${prefix}_" || true
@@ -260,6 +264,33 @@ if [ "${RINGLB_CT_KUBE:-1}" = 1 ]; then
     PYTHON=$cache/venv/bin/python RINGLB_IMAGE=$image "$repo/deploy/kubernetes/kube-play-test.sh" \
         >"$run/kube-play.log" 2>&1 || { grep -v healthcheck "$run/kube-play.log" | tail -n 25; die "kube play of the DaemonSet's pod template"; }
     log "the DaemonSet's pod template under podman kube play: $(grep -E '^== (main|5 s)' "$run/kube-play.log" | sed 's/^== //' | tr '\n' ';' | sed 's/;$//')"
+fi
+
+# ---- 7. optional: the BGP variant (RINGLB_CT_BGP=1) -----------------------------------------
+if [ "${RINGLB_CT_BGP:-0}" = 1 ]; then
+    compose down -t 2 -v >"$run/down-none.log" 2>&1
+    compose_files=(-f "$compose_file" -f "$here/compose.bgp.yaml")
+    log "compose up with compose.bgp.yaml: BIRD per node, a BIRD router with ECMP and BFD"
+    compose up -d >"$run/up-bgp.log" 2>&1 || { grep -v healthcheck "$run/up-bgp.log" | tail -n 20; die "compose up (bgp)"; }
+    wait_converged "the BGP cluster did not converge"
+    router_pid() { podman inspect -f '{{.State.Pid}}' "$(ctr router)"; }
+    hops() { nsenter -t "$(router_pid)" -n ip route show "$vip" | grep -c nexthop || true; }
+    deadline=$(( $(date +%s) + 30 ))
+    until [ "$(hops)" = 3 ]; do
+        [ "$(date +%s)" -lt "$deadline" ] || die "the router did not learn 3 next hops for the VIP within 30 s"
+        sleep 0.2
+    done
+    log "the router holds the VIP with 3 next hops (BGP, ECMP)"
+    check_requests "100 requests through the router" "n1 n2 n3"
+    podman kill -s KILL "$(ctr n2-ringlb)" >/dev/null
+    t=$(date +%s%N)
+    until ! nsenter -t "$(router_pid)" -n ip route show "$vip" | grep -q "$net\.12 "; do
+        [ $(( ($(date +%s%N) - t) / 1000000 )) -lt 5000 ] || die "n2's next hop still at the router 5 s after its daemon died"
+        sleep 0.005
+    done
+    log "kill -9 of n2's daemon: its next hop left the router $(( ($(date +%s%N) - t) / 1000000 )) ms later; waiting 2 s"
+    sleep 2
+    check_requests "100 requests through the router 2 s after n2's daemon died" "n1 n3"
 fi
 
 log "passed in $(elapsed) s: image $(awk -v b="$size" 'BEGIN { printf "%.1f MB", b / 1e6 }'), built in $build_secs s"
