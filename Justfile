@@ -142,3 +142,12 @@ bench-core:
 # Resident memory of 1,000,000 tracked flows.
 bench-memory:
     cargo bench -p ringlb-core --bench flow_memory
+
+# The container image and a three-node compose cluster (podman, offline): builds the images,
+# checks balancing, kill -9s daemons, removes everything it made. Root; well under 10 minutes.
+container-test:
+    deploy/container/test.sh
+
+# container-test plus the BGP variant (BIRD beside each node, a BIRD router with ECMP and BFD).
+container-test-bgp:
+    RINGLB_CT_BGP=1 deploy/container/test.sh
