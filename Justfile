@@ -11,11 +11,12 @@ default:
 build:
     cargo build --release --bins
 
-# Lints, unit and property tests, the end-to-end tests in network namespaces (root), and the
-# smoke bench.
+# Lints, unit and property tests, the end-to-end tests in network namespaces (root), the
+# smoke bench, and the container image with its compose cluster (plain and BGP) under podman.
 test: lint
     cargo test --release --workspace
     just bench-smoke
+    just container-test-bgp
 
 # cargo fmt and clippy, warnings as errors; the fuzz targets still compile.
 lint:
