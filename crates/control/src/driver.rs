@@ -111,7 +111,7 @@ enum Command {
     Drain(bool),
     EntryClaim(bool),
     AppHealthy(bool),
-    Reload(Reload, tokio::sync::oneshot::Sender<Result<(), String>>),
+    Reload(Box<Reload>, tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
 /// What a configuration reload changes in the control plane.
@@ -122,6 +122,10 @@ pub struct Reload {
     /// Certificate files to load again (renewed certificate, new CA bundle): new connections
     /// use them; established ones, and membership, stay.
     pub tls: Option<TlsFiles>,
+    /// New seeds.
+    pub seeds: Option<Vec<(String, SocketAddr)>>,
+    /// New failure-detection timers and bounds.
+    pub cluster: Option<ringlb_core::ClusterConfig>,
 }
 
 impl ControlHandle {
@@ -460,7 +464,7 @@ impl Control {
                         self.publish_status();
                     }
                     Command::Reload(reload, done) => {
-                        let _ = done.send(self.reload(reload));
+                        let _ = done.send(self.reload(*reload));
                     }
                     Command::AppHealthy(healthy) => {
                         if self.cluster.app_unhealthy() == healthy {
@@ -575,6 +579,12 @@ impl Control {
         if let Some(w) = reload.weight {
             self.cluster.set_weight(w);
             tracing::info!(weight = w, "weight changed");
+        }
+        if let Some(seeds) = reload.seeds {
+            self.cluster.set_seeds(seeds);
+        }
+        if let Some(c) = reload.cluster {
+            self.cluster.set_config(c);
         }
         Ok(())
     }

@@ -711,6 +711,22 @@ impl Cluster {
         self.app_unhealthy
     }
 
+    /// Replaces the seeds (a reload): asked when this node knows no live peer.
+    pub fn set_seeds(&mut self, seeds: Vec<(String, SocketAddr)>) {
+        let me = self.me.name.clone();
+        self.seeds = seeds.into_iter().filter(|(n, _)| *n != me).collect();
+    }
+
+    /// Replaces the timers and bounds (a reload); they apply from the next probe round on.
+    /// Members beyond a lowered `max_members` stay until they go; new ones are refused.
+    pub fn set_config(&mut self, config: ClusterConfig) {
+        self.config = config;
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
     /// Changes this node's capacity weight (a reload), clamped like any member's; announced to
     /// every peer with a new incarnation.
     pub fn set_weight(&mut self, weight: f32) {

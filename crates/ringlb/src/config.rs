@@ -37,6 +37,8 @@ pub struct Config {
     /// Checks of the app on the VIP; while they fail, the node takes no new flows.
     #[serde(default)]
     pub health: HealthSection,
+    #[serde(default)]
+    pub log: LogSection,
     /// Members known in advance, this node included. With a control plane, the rest are
     /// learned from the seeds and this may list only this node, or nothing when
     /// `node.address` is set.
@@ -74,6 +76,21 @@ pub struct ControlSection {
     /// Most QUIC handshakes in progress at once (beyond a quarter, clients must answer a Retry).
     #[serde(default = "default_max_handshakes")]
     pub max_handshakes: usize,
+}
+
+impl ControlSection {
+    /// The cluster state machine's timers and bounds.
+    pub fn cluster_config(&self) -> ringlb_core::ClusterConfig {
+        ringlb_core::ClusterConfig {
+            probe_interval: self.probe_interval,
+            suspicion_timeout: self.suspicion_timeout,
+            dead_expiry: self.dead_expiry,
+            max_members: self.max_members,
+            #[allow(clippy::cast_possible_truncation)] // validated to at most 1e6
+            max_weight: self.max_weight as f32,
+            ..ringlb_core::ClusterConfig::default()
+        }
+    }
 }
 
 fn default_probe_interval() -> Duration {
@@ -267,6 +284,20 @@ pub struct AdminSection {
 impl Default for AdminSection {
     fn default() -> Self {
         AdminSection { listen: SocketAddr::from(([127, 0, 0, 1], 9090)), socket: "/run/ringlb/admin.sock".into() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// A level (error, warn, info, debug, trace) or tracing directives; `--log-level` and
+    /// RINGLB_LOG override it. Reloadable.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { level: "info".into() }
     }
 }
 
@@ -627,6 +658,9 @@ impl Config {
         }
         self.entry_problems(&mut p);
         self.health_problems(&mut p);
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            p.push(format!("log.level = {:?}: {e} (try error, warn, info, debug or trace)", self.log.level));
+        }
         if let Some(owner) = &self.tun.owner {
             if owner.is_empty() || owner.contains(':') || owner.contains('\n') {
                 p.push(format!("tun.owner = {owner:?}: expected a user name or a uid"));

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ringlb_control::{ControlConfig, ControlEvent, ControlHandle};
-use ringlb_core::{ClusterConfig, Identity, Member, Members, Node, NodeConfig};
+use ringlb_core::{Identity, Member, Members, Node, NodeConfig};
 use ringlb_dataplane::{Carrier, Driver, NodeUpdate};
 use tokio::sync::{mpsc, watch};
 
@@ -42,9 +42,10 @@ struct Cli {
     /// Overrides carrier.kind (udp or ipip).
     #[arg(long, global = true)]
     carrier: Option<String>,
-    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
-    #[arg(long, global = true, env = "RINGLB_LOG", default_value = "info")]
-    log_level: String,
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives; overrides
+    /// log.level in the config.
+    #[arg(long, global = true, env = "RINGLB_LOG")]
+    log_level: Option<String>,
     /// Log format: text (coloured only on a terminal) or json (one object per line).
     #[arg(long, global = true, env = "RINGLB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -134,21 +135,14 @@ impl Cli {
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log_level) {
+    let filter = match tracing_subscriber::EnvFilter::try_new(cli.log_level.as_deref().unwrap_or("info")) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("--log-level / RINGLB_LOG = {:?}: {e} (try error, warn, info, debug or trace)", cli.log_level);
             return ExitCode::from(2);
         }
     };
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Text => {
-            use std::io::IsTerminal as _;
-            logs.with_ansi(std::io::stderr().is_terminal()).init();
-        }
-    }
+    let set_log_level = init_logging(filter, cli.log_format);
     if cli.config.is_none() && std::path::Path::new(DEFAULT_CONFIG).exists() {
         cli.config = Some(DEFAULT_CONFIG.into());
     }
@@ -168,7 +162,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let source = (cli.config.clone(), cli.overrides());
+    // The config's log.level, unless a flag or RINGLB_LOG fixed the filter; a reload may change it.
+    let set_log_level = cli.log_level.is_none().then_some(set_log_level);
+    if let Some(set) = &set_log_level {
+        if let Err(e) = set(&config.log.level) {
+            eprintln!("config error: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let source = ConfigSource { file: cli.config.clone(), overrides: cli.overrides(), set_log_level };
     match run(cli.command, config, source) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -217,8 +219,32 @@ fn cert(cmd: &CertCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where the configuration came from (file and flags), to read it again on SIGHUP.
-type ConfigSource = (Option<PathBuf>, Overrides);
+/// Where the configuration came from (file and flags), to read it again on a reload.
+struct ConfigSource {
+    file: Option<PathBuf>,
+    overrides: Overrides,
+    set_log_level: Option<reload::LogLevelSetter>,
+}
+
+/// Logs to stderr, as text (coloured only on a terminal) or JSON; returns what changes the filter.
+fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) -> reload::LogLevelSetter {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).init(),
+        LogFormat::Text => {
+            use std::io::IsTerminal as _;
+            let ansi = std::io::stderr().is_terminal();
+            registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)).init();
+        }
+    }
+    std::sync::Arc::new(move |level: &str| {
+        let f = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("log.level = {level:?}: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    })
+}
 
 fn run(command: Command, config: Config, source: ConfigSource) -> anyhow::Result<()> {
     let admin_call = |command: &str| -> anyhow::Result<String> {
@@ -365,8 +391,9 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         )?;
     }
     let reloader = std::sync::Arc::new(tokio::sync::Mutex::new(reload::Reloader {
-        path: source.0,
-        overrides: source.1,
+        path: source.file,
+        overrides: source.overrides,
+        set_log_level: source.set_log_level,
         current: config.clone(),
         control: control_handle.clone(),
         updates: handle.updates.clone(),
@@ -472,15 +499,7 @@ fn start_control(
     // Weights are small numbers that the load vector carries as f32.
     #[allow(clippy::cast_possible_truncation)]
     let weight = local.weight as f32;
-    let cluster = ClusterConfig {
-        probe_interval: c.probe_interval,
-        suspicion_timeout: c.suspicion_timeout,
-        dead_expiry: c.dead_expiry,
-        max_members: c.max_members,
-        #[allow(clippy::cast_possible_truncation)] // validated to at most 1e6
-        max_weight: c.max_weight as f32,
-        ..ClusterConfig::default()
-    };
+    let cluster = c.cluster_config();
     let limits = ringlb_control::Limits {
         max_handshakes: c.max_handshakes,
         retry_above: (c.max_handshakes / 4).max(1),

@@ -26,7 +26,12 @@ pub struct Reloader {
     pub health: HealthStatus,
     pub health_task: Option<tokio::task::JoinHandle<()>>,
     pub vip: IpAddr,
+    /// Sets the log filter (`log.level`), unless a flag or RINGLB_LOG fixed it.
+    pub set_log_level: Option<LogLevelSetter>,
 }
+
+/// Replaces the process's log filter; the error names the bad value.
+pub type LogLevelSetter = std::sync::Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// Runs until the process ends: one reload per SIGHUP (`ringlb reload` takes the same lock).
 pub async fn on_sighup(reloader: std::sync::Arc<tokio::sync::Mutex<Reloader>>) {
@@ -67,11 +72,26 @@ impl Reloader {
             cert: c.cert.clone(),
             key: c.key.clone(),
         });
-        if let Some(control) = &self.control {
+        if let (Some(control), Some(old_c), Some(new_c)) = (&self.control, &self.current.control, &new.control) {
             #[allow(clippy::cast_possible_truncation)] // validated to at most 1e6
             let weight = (new_weight != old_weight).then_some(new_weight as f32);
-            control.reload(ringlb_control::Reload { weight, tls }).await?;
+            let seeds = (new_c.seeds != old_c.seeds)
+                .then(|| new_c.seeds.iter().filter_map(|s| config::parse_seed(s)).collect::<Vec<_>>());
+            let cluster = (new_c.cluster_config() != old_c.cluster_config()).then(|| new_c.cluster_config());
+            if seeds.is_some() {
+                changes.push(format!("seeds {:?}", new_c.seeds));
+            }
+            if cluster.is_some() {
+                changes.push("control timers and bounds".to_owned());
+            }
+            control.reload(ringlb_control::Reload { weight, tls, seeds, cluster }).await?;
             changes.push("certificates read again".to_owned());
+        }
+        if new.log.level != self.current.log.level {
+            if let Some(set) = &self.set_log_level {
+                set(&new.log.level)?;
+                changes.push(format!("log level {:?}", new.log.level));
+            }
         }
         if new_weight != old_weight {
             let _ = self.updates.send(NodeUpdate::Weight(new_weight)).await;
@@ -111,7 +131,18 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         // What a reload applies.
         v["node"]["weight"] = Value::Null;
         v["health"] = Value::Null;
-        for key in ["ca", "cert", "key"] {
+        v["log"] = Value::Null;
+        for key in [
+            "ca",
+            "cert",
+            "key",
+            "seeds",
+            "probe_interval",
+            "suspicion_timeout",
+            "dead_expiry",
+            "max_members",
+            "max_weight",
+        ] {
             if v["control"].is_object() {
                 v["control"][key] = Value::Null;
             }
@@ -168,7 +199,8 @@ mod tests {
     #[test]
     fn weight_and_health_reload_live_and_the_vip_needs_a_restart() {
         let old = config("weight = 1.0");
-        assert!(needs_restart(&old, &config("weight = 0.0\n\n[health]\ncheck = \"tcp\"")).is_empty());
+        assert!(needs_restart(&old, &config("weight = 0.0\n\n[health]\ncheck = \"tcp\"\n\n[log]\nlevel = \"debug\""))
+            .is_empty());
         let mut moved = old.clone();
         moved.node.vip = "10.200.0.11".parse().unwrap();
         assert_eq!(needs_restart(&old, &moved), vec!["node.vip: \"10.200.0.10\" -> \"10.200.0.11\"".to_owned()]);
