@@ -171,7 +171,7 @@ impl ControlHandle {
     pub async fn reload(&self, reload: Reload) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.commands
-            .send(Command::Reload(reload, tx))
+            .send(Command::Reload(Box::new(reload), tx))
             .await
             .map_err(|_| "the control plane has stopped".to_owned())?;
         rx.await.map_err(|_| "the control plane has stopped".to_owned())?
