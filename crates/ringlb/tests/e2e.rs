@@ -363,6 +363,11 @@ fn sighup_reloads_weight_and_certificates_live_and_refuses_a_new_vip() {
     lab.start_ringlb(1).unwrap();
     lab.wait_converged(&[1, 2, 3], 3, Duration::from_secs(10)).unwrap();
 
+    // The log level and the failure detector's timers change live too.
+    reload_with(&lab, 3, |t| format!("{t}\n[log]\nlevel = \"debug\"\n"));
+    let log = wait_log(&lab, 3, "configuration reloaded", 3);
+    assert!(log.contains("log level \"debug\""), "{log}");
+
     // A new VIP needs a restart: refused, named, and the daemon goes on.
     reload_with(&lab, 3, |t| t.replace(&format!("vip = \"{VIP}\""), "vip = \"10.200.0.11\""));
     let log = wait_log(&lab, 3, "reload refused", 1);
