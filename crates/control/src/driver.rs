@@ -109,7 +109,7 @@ pub struct ControlHandle {
 #[derive(Debug)]
 enum Command {
     Drain(bool),
-    EntryClaim(bool),
+    EntryClaim { candidate: bool, claim: bool },
     AppHealthy(bool),
     Reload(Box<Reload>, tokio::sync::oneshot::Sender<Result<(), String>>),
 }
@@ -161,10 +161,11 @@ impl ControlHandle {
         self.commands.send(Command::Drain(on)).await.is_ok()
     }
 
-    /// Claims (or gives up) the VIP's layer-2 ownership; peers hear it at once, in a load
-    /// vector sent for the purpose, and in every one after.
-    pub async fn set_entry_claim(&self, on: bool) -> bool {
-        self.commands.send(Command::EntryClaim(on)).await.is_ok()
+    /// Says whether this node may be elected to own the VIP at layer 2 (`candidate`) and
+    /// whether it owns it (`claim`); peers hear it at once, in a load vector sent for the
+    /// purpose, and in every one after.
+    pub async fn set_entry_claim(&self, candidate: bool, claim: bool) -> bool {
+        self.commands.send(Command::EntryClaim { candidate, claim }).await.is_ok()
     }
 
     /// Applies a reload; the error says what was refused (nothing is applied then).
@@ -473,9 +474,10 @@ impl Control {
                             let _ = self.to_dataplane.send(ControlEvent::Drain(self.draining || !healthy)).await;
                         }
                     }
-                    Command::EntryClaim(on) => {
-                        if self.cluster.entry_claim() != on {
-                            self.cluster.set_entry_claim(on);
+                    Command::EntryClaim { candidate, claim } => {
+                        if self.cluster.entry_claim() != claim || self.cluster.entry_candidate() != candidate {
+                            self.cluster.set_entry_claim(claim);
+                            self.cluster.set_entry_candidate(candidate);
                             self.send_load(&mut local_load);
                         }
                     }
@@ -564,6 +566,28 @@ impl Control {
                         files.cert.display().to_string(),
                         name.unwrap_or_default()
                     ));
+                }
+                // What peers would refuse is refused here, before the working certificate goes.
+                let info = crate::certs::read_info(&files.cert).map_err(|e| format!("control.cert: {e}"))?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                if now < info.not_before || now > info.not_after {
+                    return Err(format!(
+                        "control.cert = {:?}: not valid now (valid from unix {} to {})",
+                        files.cert.display().to_string(),
+                        info.not_before,
+                        info.not_after
+                    ));
+                }
+                let id = &self.config.identity;
+                for (what, ip) in [("node.address", id.underlay), ("control.listen", id.control.ip())] {
+                    if !info.addrs.contains(&ip) {
+                        return Err(format!(
+                            "control.cert = {:?}: does not name {what} {ip}",
+                            files.cert.display().to_string()
+                        ));
+                    }
                 }
                 let server = tls::server_config(files).map_err(|e| format!("control.cert: {e}"))?;
                 let client = tls::client_config(files).map_err(|e| format!("control.cert: {e}"))?;

@@ -348,6 +348,8 @@ pub struct Cluster {
     stats: Stats,
     /// Carried in this node's load vectors: it claims the VIP at layer 2.
     entry_claim: bool,
+    /// Carried in this node's load vectors: it may be elected to own the VIP at layer 2.
+    entry_candidate: bool,
     /// Carried in this node's load vectors: its app fails its health checks.
     app_unhealthy: bool,
 }
@@ -395,6 +397,7 @@ impl Cluster {
             updates: VecDeque::new(),
             stats: Stats::default(),
             entry_claim: false,
+            entry_candidate: false,
             app_unhealthy: false,
         }
     }
@@ -701,6 +704,16 @@ impl Cluster {
         self.entry_claim
     }
 
+    /// Says (in the next load vector) whether this node may be elected to own the VIP at
+    /// layer 2: it runs the L2 entry and is ready.
+    pub fn set_entry_candidate(&mut self, on: bool) {
+        self.entry_candidate = on;
+    }
+
+    pub fn entry_candidate(&self) -> bool {
+        self.entry_candidate
+    }
+
     /// Says (in the next load vector) that this node's app fails its health checks, so that
     /// peers send it no new flows; its record, and so its incarnation, stay as they are.
     pub fn set_app_unhealthy(&mut self, on: bool) {
@@ -757,6 +770,7 @@ impl Cluster {
             weight: self.me.weight,
             draining: self.me.state == MemberState::Draining,
             entry_claim: self.entry_claim,
+            entry_candidate: self.entry_candidate,
             app_unhealthy: self.app_unhealthy,
         };
         let Ok(bytes) = encode(&Message::Load(load)) else { return };

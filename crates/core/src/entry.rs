@@ -105,12 +105,15 @@ pub struct Contender<'a> {
     pub claims: bool,
 }
 
-/// Whether a peer could own the VIP: alive (not suspect, draining, left or dead) and heard
-/// from lately. A peer whose load vectors stopped for `stale_after` is passed over; this is
-/// what makes a takeover fast when an owner's daemon dies, long before failure detection has
-/// ruled on it.
+/// Whether a peer could own the VIP: it says it is a candidate (it runs the L2 entry and is
+/// ready: not draining, stopping or unhealthy), it is not known to be gone, and it was heard
+/// from lately. Suspicion alone does not count against it (one missed probe on a busy host
+/// must not move the VIP); silence does: a peer whose load vectors stop for `stale_after` is
+/// passed over, which makes a takeover fast when an owner's daemon dies, long before failure
+/// detection has ruled on it.
 pub fn eligible(state: MemberState, load: Option<(bool, Duration)>, stale_after: Duration) -> bool {
-    state == MemberState::Alive && load.is_some_and(|(draining, age)| !draining && age < stale_after)
+    matches!(state, MemberState::Alive | MemberState::Suspect)
+        && load.is_some_and(|(candidate, age)| candidate && age < stale_after)
 }
 
 /// Whether this node (`me`, `claiming` now) should claim the VIP at layer 2, given its own
@@ -233,14 +236,15 @@ mod tests {
     }
 
     #[test]
-    fn eligibility_needs_alive_fresh_and_not_draining() {
+    fn eligibility_needs_a_fresh_candidate_that_is_not_gone() {
         let s = Duration::from_millis(600);
-        assert!(eligible(MemberState::Alive, Some((false, Duration::from_millis(100))), s));
-        assert!(!eligible(MemberState::Alive, Some((false, Duration::from_millis(700))), s), "stale");
-        assert!(!eligible(MemberState::Alive, Some((true, Duration::ZERO)), s), "draining");
+        assert!(eligible(MemberState::Alive, Some((true, Duration::from_millis(100))), s));
+        assert!(eligible(MemberState::Suspect, Some((true, Duration::from_millis(100))), s), "suspicion alone");
+        assert!(!eligible(MemberState::Alive, Some((true, Duration::from_millis(700))), s), "stale");
+        assert!(!eligible(MemberState::Alive, Some((false, Duration::ZERO)), s), "not a candidate");
         assert!(!eligible(MemberState::Alive, None, s), "never heard");
-        for st in [MemberState::Suspect, MemberState::Draining, MemberState::Left, MemberState::Dead] {
-            assert!(!eligible(st, Some((false, Duration::ZERO)), s), "{st:?}");
+        for st in [MemberState::Draining, MemberState::Left, MemberState::Dead] {
+            assert!(!eligible(st, Some((true, Duration::ZERO)), s), "{st:?}");
         }
     }
 

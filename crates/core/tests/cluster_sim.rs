@@ -362,6 +362,7 @@ fn a_certificate_holder_cannot_evict_invent_or_outweigh() {
                 weight: 3e38,
                 draining: false,
                 entry_claim: false,
+                entry_candidate: false,
                 app_unhealthy: false,
             };
             assert_eq!(sim.forge(to, &attacker, &Message::Load(load)), Outcome::Refused(Refusal::WeightClamped));

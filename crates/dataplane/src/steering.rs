@@ -68,6 +68,8 @@ pub enum SteeringError {
     Ipv6(IpAddr),
     #[error("no TUN device {0:?}: with tun.owner set, `ringlb setup` (as root) creates it")]
     NoTun(String),
+    #[error("tun.name = {0:?}: refusing to touch that interface: {1}")]
+    NotOurTun(String, &'static str),
 }
 
 /// What setup changed, to be undone by teardown.

@@ -70,6 +70,13 @@ pub fn create_persistent(name: &str, mtu: u16, vip: IpAddr, table: u32, owner: u
     let owner_s = owner.to_string();
     match persistent_owner(name)? {
         Some(o) if o == owner_s => {}
+        Some(o) if o.is_empty() => return Err(SteeringError::NotOurTun(name.to_owned(), "it is not a TUN device")),
+        Some(o) if o == "-1" => {
+            return Err(SteeringError::NotOurTun(
+                name.to_owned(),
+                "a daemon without tun.owner holds it; stop that daemon first",
+            ))
+        }
         Some(_) => {
             // Made for another user: made again (a daemon of that user would lose it anyway).
             ip(&["link", "del", name])?;
@@ -91,6 +98,9 @@ fn persistent_owner(name: &str) -> Result<Option<String>, SteeringError> {
     let dir = std::path::Path::new("/sys/class/net").join(name);
     if !dir.exists() {
         return Ok(None);
+    }
+    if !dir.join("tun_flags").exists() {
+        return Ok(Some(String::new()));
     }
     Ok(Some(std::fs::read_to_string(dir.join("owner")).map(|s| s.trim().to_owned()).unwrap_or_default()))
 }

@@ -43,22 +43,41 @@ pub struct Admin {
     pub node: String,
 }
 
+/// Requests answered at once per listener; more wait in the kernel's backlog. A flood of
+/// scrapes must not starve the edge's own snapshots or exhaust file descriptors.
+const MAX_REQUESTS: usize = 16;
+/// A request must arrive within this long.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The read-only HTTP listener.
 pub async fn serve_http(listener: TcpListener, admin: Admin) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS));
     loop {
-        let Ok((stream, peer)) = listener.accept().await else { continue };
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                tracing::debug!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let admin = admin.clone();
         tokio::spawn(async move {
             if let Err(e) = answer_http(stream, &admin).await {
                 tracing::debug!(%peer, error = %e, "admin request failed");
             }
+            drop(permit);
         });
     }
 }
 
 async fn answer_http(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
     let mut buf = [0u8; 1024];
-    let n = stream.read(&mut buf).await?;
+    let n = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
     let request = String::from_utf8_lossy(&buf[..n]);
     let mut words = request.split_whitespace();
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or("/"));
@@ -104,20 +123,30 @@ pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
 
 /// The action socket.
 pub async fn serve_socket(listener: UnixListener, admin: Admin) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::debug!(error = %e, "admin socket accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let admin = admin.clone();
         tokio::spawn(async move {
             if let Err(e) = answer_socket(stream, &admin).await {
                 tracing::debug!(error = %e, "admin socket request failed");
             }
+            drop(permit);
         });
     }
 }
 
 async fn answer_socket(mut stream: UnixStream, admin: &Admin) -> std::io::Result<()> {
     let mut buf = [0u8; 256];
-    let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await.unwrap_or(Ok(0))?;
+    let n = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut buf)).await.unwrap_or(Ok(0))?;
     let command = String::from_utf8_lossy(&buf[..n]).trim().to_owned();
     let result = admin.command(&command).await;
     let reply = match result {

@@ -118,6 +118,9 @@ async fn run(
     let mut since = origin;
     let mut errors = 0u64;
     let mut garps: Vec<Instant> = Vec::new();
+    // What the kernel's table holds (BGP) and what the peers were told (L2), as far as known.
+    let mut route_applied: Option<bool> = Some(false);
+    let mut claim_sent: Option<(bool, bool)> = None;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -157,28 +160,22 @@ async fn run(
                 name: &p.name,
                 eligible: eligible(
                     p.state,
-                    p.load.as_ref().zip(p.load_age).map(|(l, age)| (l.draining, age)),
+                    p.load.as_ref().zip(p.load_age).map(|(l, age)| (l.entry_candidate, age)),
                     config.takeover_after,
                 ),
                 claims: p.load.as_ref().is_some_and(|l| l.entry_claim),
             })
             .collect();
         let now = Instant::now();
+        let ready = readiness.check().is_ok();
         if edge.tick(stamp(now), &config.node, readiness, &contenders) {
             since = now;
             let a = edge.announcement();
-            match (config.mechanism, a.announced) {
-                (Mechanism::Bgp, true) => errors += u64::from(report(route.announce(), "announcing")),
-                (Mechanism::Bgp, false) => errors += u64::from(report(route.withdraw(), "withdrawing")),
-                (Mechanism::L2, on) => {
-                    if let Some(c) = &control {
-                        c.set_entry_claim(on).await;
-                    }
-                    garps.clear();
-                    if on {
-                        garps.push(now);
-                        garps.extend(GARP_AFTER.iter().map(|d| now + *d));
-                    }
+            if config.mechanism == Mechanism::L2 {
+                garps.clear();
+                if a.announced {
+                    garps.push(now);
+                    garps.extend(GARP_AFTER.iter().map(|d| now + *d));
                 }
             }
             match a.withheld {
@@ -187,6 +184,27 @@ async fn run(
                     mechanism = a.mechanism.name(), vip = %config.vip, why = why.name(), "not announcing the VIP"
                 ),
             }
+        }
+        // Carried out until it holds: a route change the kernel refused is tried again next tick.
+        let want = edge.announcement().announced;
+        match config.mechanism {
+            Mechanism::Bgp if route_applied != Some(want) => {
+                let r = if want { route.announce() } else { route.withdraw() };
+                if report(r, if want { "announcing" } else { "withdrawing" }) {
+                    errors += 1;
+                    route_applied = None;
+                } else {
+                    route_applied = Some(want);
+                }
+            }
+            Mechanism::L2 if claim_sent != Some((ready, want)) => {
+                if let Some(c) = &control {
+                    if c.set_entry_claim(ready, want).await {
+                        claim_sent = Some((ready, want));
+                    }
+                }
+            }
+            _ => {}
         }
         if let Some(arp) = arp.as_mut() {
             let due = garps.iter().filter(|t| **t <= now).count();

@@ -64,6 +64,18 @@ pub fn spawn(
     updates: mpsc::Sender<NodeUpdate>,
     status: HealthStatus,
 ) -> tokio::task::JoinHandle<()> {
+    // Unknown until the first check: the node takes no new flows and the edge does not offer it
+    // in the meantime, however soon they look.
+    status.set(HealthView {
+        kind: config.check,
+        target: SocketAddr::new(vip, config.port),
+        path: config.path.clone(),
+        state: AppHealth::Unknown,
+        since: Instant::now(),
+        checks_ok: 0,
+        checks_failed: 0,
+        last_error: None,
+    });
     tokio::spawn(async move {
         let origin = Instant::now();
         let stamp = |t: Instant| Timestamp::from_duration(t.duration_since(origin));

@@ -294,6 +294,14 @@ fn random_seed() -> u64 {
 }
 
 async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
+    // SIGHUP's default action ends the process: it is taken over before anything else, so a
+    // reload sent while the daemon starts is kept for later rather than fatal.
+    let side = SideThread::start()?;
+    let hup = {
+        let _on_side = side.runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?
+    };
     let local = config.local_member().context("node.name is not among members")?;
     let mut members = vec![Member::new(&local.name, local.addr, local.weight)];
     members
@@ -343,7 +351,6 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     // The control plane (QUIC, TLS, membership) and the admin endpoint run on a thread of their
     // own, so that a flood of packets cannot delay probes (and get a live peer declared dead),
     // and TLS work or a status request cannot delay packets. This thread keeps the data plane.
-    let side = SideThread::start()?;
     let control = {
         let _on_side = side.runtime.enter();
         match &config.control {
@@ -401,7 +408,7 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         health_task,
         vip: config.node.vip,
     }));
-    side.runtime.spawn(reload::on_sighup(reloader.clone()));
+    side.runtime.spawn(reload::on_sighup(hup, reloader.clone()));
     let admin = admin::Admin {
         cert: config.control.as_ref().map(|c| c.cert.clone()),
         snapshots: handle.snapshots.clone(),

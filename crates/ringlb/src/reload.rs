@@ -34,12 +34,7 @@ pub struct Reloader {
 pub type LogLevelSetter = std::sync::Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// Runs until the process ends: one reload per SIGHUP (`ringlb reload` takes the same lock).
-pub async fn on_sighup(reloader: std::sync::Arc<tokio::sync::Mutex<Reloader>>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("no SIGHUP handler: reload with `ringlb reload`");
-        return;
-    };
+pub async fn on_sighup(mut hup: tokio::signal::unix::Signal, reloader: std::sync::Arc<tokio::sync::Mutex<Reloader>>) {
     while hup.recv().await.is_some() {
         let _ = reloader.lock().await.reload().await;
     }

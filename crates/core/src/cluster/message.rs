@@ -79,6 +79,9 @@ pub struct LoadVector {
     /// Whether it claims the VIP's layer-2 ownership (`entry.mode = "l2"`). Optional on the
     /// wire: a member that does not send it claims nothing.
     pub entry_claim: bool,
+    /// It runs the layer-2 entry and could own the VIP now (ready: not draining, stopping or
+    /// unhealthy). Only candidates are elected; a member that does not send it is none.
+    pub entry_candidate: bool,
     /// Its app fails its health checks (`[health]`): it takes no new flows. Optional on the
     /// wire: a member that does not send it is healthy.
     pub app_unhealthy: bool,
@@ -195,6 +198,7 @@ mod id {
     pub const DRAINING: u8 = 6;
     pub const ENTRY_CLAIM: u8 = 7;
     pub const APP_UNHEALTHY: u8 = 8;
+    pub const ENTRY_CANDIDATE: u8 = 9;
     pub const LOAD_INCARNATION: u8 = 1;
 }
 
@@ -347,6 +351,9 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
                 w.field(id::DRAINING, &[u8::from(l.draining)])?;
                 if l.entry_claim {
                     w.field(id::ENTRY_CLAIM, &[1])?;
+                }
+                if l.entry_candidate {
+                    w.field(id::ENTRY_CANDIDATE, &[1])?;
                 }
                 if l.app_unhealthy {
                     w.field(id::APP_UNHEALTHY, &[1])?;
@@ -524,7 +531,7 @@ fn hint_of(v: &[u8]) -> Result<Hint, DecodeError> {
 
 fn load_of(v: &[u8]) -> Result<LoadVector, DecodeError> {
     let (mut inc, mut served, mut rate, mut cpu, mut weight, mut draining) = (None, None, None, None, None, None);
-    let (mut entry_claim, mut app_unhealthy) = (None, None);
+    let (mut entry_claim, mut app_unhealthy, mut entry_candidate) = (None, None, None);
     for f in Fields(v) {
         let (fid, v) = f?;
         match fid {
@@ -558,6 +565,14 @@ fn load_of(v: &[u8]) -> Result<LoadVector, DecodeError> {
                 };
                 once(&mut entry_claim, c, "entry claim")?;
             }
+            id::ENTRY_CANDIDATE => {
+                let c = match v {
+                    [0] => false,
+                    [1] => true,
+                    _ => return Err(DecodeError::BadField("entry candidate")),
+                };
+                once(&mut entry_candidate, c, "entry candidate")?;
+            }
             id::APP_UNHEALTHY => {
                 let c = match v {
                     [0] => false,
@@ -577,6 +592,7 @@ fn load_of(v: &[u8]) -> Result<LoadVector, DecodeError> {
         weight: need(weight, "load weight")?,
         draining: need(draining, "draining")?,
         entry_claim: entry_claim.unwrap_or(false),
+        entry_candidate: entry_candidate.unwrap_or(false),
         app_unhealthy: app_unhealthy.unwrap_or(false),
     })
 }
@@ -691,7 +707,7 @@ mod tests {
                 4 => Message::Join { sender },
                 5 => Message::Introduce { sender, hints },
                 6 => Message::Announce { sender, reports },
-                _ => Message::Load(LoadVector { incarnation: seq, served_flows: 7, new_flows_per_sec: 1.5, cpu: 0.25, weight: 2.0, draining: true, entry_claim: seq % 2 == 0, app_unhealthy: seq % 3 == 0 }),
+                _ => Message::Load(LoadVector { incarnation: seq, served_flows: 7, new_flows_per_sec: 1.5, cpu: 0.25, weight: 2.0, draining: true, entry_claim: seq % 2 == 0, entry_candidate: seq % 5 == 0, app_unhealthy: seq % 3 == 0 }),
             };
             let bytes = encode(&msg).expect("fits");
             prop_assert_eq!(decode(&bytes), Ok(msg));
@@ -731,6 +747,7 @@ mod tests {
             weight: 1.0,
             draining: false,
             entry_claim: false,
+            entry_candidate: false,
             app_unhealthy: false,
         };
         let plain = encode(&Message::Load(load)).unwrap();
@@ -762,6 +779,7 @@ mod tests {
                 weight: w,
                 draining: false,
                 entry_claim: false,
+                entry_candidate: false,
                 app_unhealthy: false,
             };
             assert!(encode(&Message::Load(load)).is_err(), "load weight {w}");
