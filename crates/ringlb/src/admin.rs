@@ -33,8 +33,8 @@ struct Side<'a> {
 /// Everything the admin listeners read from or act on; cheap to clone.
 #[derive(Clone)]
 pub struct Admin {
-    /// This node's certificate (`control.cert`), read on each request for its expiry.
-    pub cert: Option<std::path::PathBuf>,
+    /// The certificate this node presents (`control.cert` as loaded), for its expiry.
+    pub cert: LoadedCert,
     pub snapshots: SnapshotRequests,
     pub control: Option<ControlHandle>,
     pub edge: EdgeStatus,
@@ -168,7 +168,7 @@ impl Admin {
                 metrics(&snapshot, control, &self.node)
                     + &health_metrics(side.health, &self.node)
                     + &edge_metrics(side.edge, &self.node)
-                    + &cert_metrics(self.cert.as_deref(), &self.node)
+                    + &cert_metrics(&self.cert, &self.node)
             }
             "status-json" => {
                 serde_json::to_string_pretty(&status_json(&snapshot, control, side, &self.node)).unwrap_or_default()
@@ -178,7 +178,7 @@ impl Admin {
                 status(&snapshot, control, &self.node)
                     + &health_status(side.health)
                     + &edge_status(side.edge)
-                    + &cert_status(self.cert.as_deref())
+                    + &cert_status(&self.cert)
             }
         })
     }
@@ -627,36 +627,49 @@ fn health_status(health: Option<&HealthView>) -> String {
     line
 }
 
-/// Seconds until `path`'s certificate expires (negative once it has), or why it cannot be read.
-fn cert_expiry(path: &Path) -> Result<(ringlb_control::certs::CertInfo, i64), String> {
-    let info = ringlb_control::certs::read_info(path).map_err(|e| e.to_string())?;
-    let now = std::time::SystemTime::now()
+/// The certificate the daemon presents: read at start and by each reload that took, not from
+/// the file on disk, which may hold a newer one not loaded yet.
+pub type LoadedCert = Arc<std::sync::Mutex<Option<(std::path::PathBuf, ringlb_control::certs::CertInfo)>>>;
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-    let left = info.not_after - now;
-    Ok((info, left))
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-fn cert_metrics(cert: Option<&Path>, node: &str) -> String {
-    let Some(path) = cert else { return String::new() };
-    let Ok((_, left)) = cert_expiry(path) else { return String::new() };
+fn loaded(cert: &LoadedCert) -> Option<(std::path::PathBuf, ringlb_control::certs::CertInfo)> {
+    cert.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn cert_metrics(cert: &LoadedCert, node: &str) -> String {
+    let Some((_, info)) = loaded(cert) else { return String::new() };
     format!(
-        "# HELP ringlb_certificate_expiry_seconds Seconds until this node's certificate (control.cert) expires.\n\
-         # TYPE ringlb_certificate_expiry_seconds gauge\nringlb_certificate_expiry_seconds{{node=\"{node}\"}} {left}\n"
+        "# HELP ringlb_certificate_expiry_seconds Seconds until the certificate this node presents (control.cert, as loaded) expires.\n\
+         # TYPE ringlb_certificate_expiry_seconds gauge\nringlb_certificate_expiry_seconds{{node=\"{node}\"}} {}\n",
+        info.not_after - now_unix()
     )
 }
 
-fn cert_status(cert: Option<&Path>) -> String {
-    let Some(path) = cert else { return String::new() };
-    match cert_expiry(path) {
-        Ok((info, left)) if left > 0 => format!(
-            "certificate: {} for {}, expires in {:.1} days{}\n",
+fn cert_status(cert: &LoadedCert) -> String {
+    let Some((path, info)) = loaded(cert) else { return String::new() };
+    let left = info.not_after - now_unix();
+    // A renewed file that was not reloaded yet is worth saying.
+    let on_disk = ringlb_control::certs::read_info(&path).ok();
+    let pending = match on_disk {
+        Some(d) if d.not_after != info.not_after => {
+            "; the file holds another certificate, not loaded yet: ringlb reload"
+        }
+        _ => "",
+    };
+    if left > 0 {
+        format!(
+            "certificate: {} for {}, expires in {:.1} days{}{pending}\n",
             path.display(),
             info.names.first().map_or("-", String::as_str),
             left as f64 / 86_400.0,
             if left < 7 * 86_400 { " (RENEW SOON: ringlb cert issue, then ringlb reload)" } else { "" }
-        ),
-        Ok(_) => format!("certificate: {} has EXPIRED: peers refuse new connections\n", path.display()),
-        Err(e) => format!("certificate: {e}\n"),
+        )
+    } else {
+        format!("certificate: {} has EXPIRED: peers refuse new connections{pending}\n", path.display())
     }
 }

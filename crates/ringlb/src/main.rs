@@ -397,7 +397,14 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             edge_status.clone(),
         )?;
     }
+    let loaded_cert: admin::LoadedCert = std::sync::Arc::new(std::sync::Mutex::new(
+        config
+            .control
+            .as_ref()
+            .and_then(|c| ringlb_control::certs::read_info(&c.cert).ok().map(|i| (c.cert.clone(), i))),
+    ));
     let reloader = std::sync::Arc::new(tokio::sync::Mutex::new(reload::Reloader {
+        loaded_cert: loaded_cert.clone(),
         path: source.file,
         overrides: source.overrides,
         set_log_level: source.set_log_level,
@@ -410,7 +417,7 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     }));
     side.runtime.spawn(reload::on_sighup(hup, reloader.clone()));
     let admin = admin::Admin {
-        cert: config.control.as_ref().map(|c| c.cert.clone()),
+        cert: loaded_cert,
         snapshots: handle.snapshots.clone(),
         control: control_handle,
         edge: edge_status,

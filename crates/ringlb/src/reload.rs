@@ -26,6 +26,8 @@ pub struct Reloader {
     pub health: HealthStatus,
     pub health_task: Option<tokio::task::JoinHandle<()>>,
     pub vip: IpAddr,
+    /// The certificate presented now, for status and metrics.
+    pub loaded_cert: crate::admin::LoadedCert,
     /// Sets the log filter (`log.level`), unless a flag or RINGLB_LOG fixed it.
     pub set_log_level: Option<LogLevelSetter>,
 }
@@ -81,6 +83,8 @@ impl Reloader {
             }
             control.reload(ringlb_control::Reload { weight, tls, seeds, cluster }).await?;
             changes.push("certificates read again".to_owned());
+            let info = ringlb_control::certs::read_info(&new_c.cert).ok().map(|i| (new_c.cert.clone(), i));
+            *self.loaded_cert.lock().unwrap_or_else(|e| e.into_inner()) = info;
         }
         if new.log.level != self.current.log.level {
             if let Some(set) = &self.set_log_level {

@@ -338,8 +338,12 @@ fn sighup_reloads_weight_and_certificates_live_and_refuses_a_new_vip() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let before = lab.ringlb(3, "status").unwrap();
+    assert!(before.contains("another certificate, not loaded yet"), "{before}");
     hup(&lab, 3);
     wait_log(&lab, 3, "certificates reloaded", 2);
+    let after = lab.ringlb(3, "status").unwrap();
+    assert!(after.contains("certificate:") && !after.contains("not loaded yet"), "{after}");
 
     let attempts = parse_attempts(&conns.wait_with_output().unwrap().stdout);
     assert_eq!(attempts.len(), 400);
