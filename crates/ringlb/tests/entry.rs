@@ -169,6 +169,13 @@ fn l2_ownership_moves_within_a_second_of_the_owners_death_and_is_not_taken_back(
     let first = first.unwrap_or_else(|| panic!("no gratuitous ARP from n{successor} ({successor_mac}):\n{text}"));
     assert!(first - killed < 1.0, "the first gratuitous ARP came {:.3} s after the kill", first - killed);
     assert_eq!(failures_after(&attempts, killed, 1.0, &format!("kill -9 of the owner n{owner}")), 0);
+    // Those successes are not the dead owner's fail-open (its kernel would serve them all
+    // itself): once the successor announced, the client's connections enter through it, and the
+    // dead owner serves none of them.
+    let by_old = attempts.iter().filter(|a| a.t >= first + 0.5 && a.node == format!("n{owner}")).count();
+    let after = attempts.iter().filter(|a| a.t >= first + 0.5).count();
+    println!("{by_old} of {after} connections 0.5 s after the takeover were served by the dead owner n{owner}");
+    assert!(after >= 5 && by_old == 0, "traffic still entered through the dead owner: {by_old} of {after}");
     assert_eq!(client_arp(&lab), successor_mac, "the client's ARP entry follows the new owner");
 
     // The old owner comes back: the VIP stays where it is (no preemption), and one owner only.
