@@ -736,10 +736,6 @@ impl Cluster {
         self.config = config;
     }
 
-    pub fn config(&self) -> &ClusterConfig {
-        &self.config
-    }
-
     /// Changes this node's capacity weight (a reload), clamped like any member's; announced to
     /// every peer with a new incarnation.
     pub fn set_weight(&mut self, weight: f32) {

@@ -133,10 +133,6 @@ impl ArpSpeaker {
         Ok(ArpSpeaker { sock, mac, vip, counters: ArpCounters::default() })
     }
 
-    pub fn mac(&self) -> Mac {
-        self.mac
-    }
-
     pub fn counters(&self) -> ArpCounters {
         self.counters
     }

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use ringlb_netlab::{unique_prefix, Entry, Lab, Spec, VIP};
+use ringlb_netlab::{unique_prefix, unix_now, Entry, Lab, Spec, VIP};
 
 /// Transfers in all; each lasts a few seconds, and they start over the length of the restarts.
 const CONNECTIONS: usize = 200;
@@ -18,10 +18,6 @@ const BLOB_MIB: usize = 1;
 /// SIGTERMs are this far apart at least, so that each finds transfers in flight however fast
 /// the daemons go.
 const RESTART_EVERY: Duration = Duration::from_secs(6);
-
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
-}
 
 #[derive(Debug)]
 struct Transfer {

@@ -529,6 +529,15 @@ fn hint_of(v: &[u8]) -> Result<Hint, DecodeError> {
     Ok(Hint { name: need(name, "hint name")?, control: need(control, "hint control")? })
 }
 
+/// A one-byte flag: 0 or 1, nothing else.
+fn bool_of(v: &[u8], what: &'static str) -> Result<bool, DecodeError> {
+    match v {
+        [0] => Ok(false),
+        [1] => Ok(true),
+        _ => Err(DecodeError::BadField(what)),
+    }
+}
+
 fn load_of(v: &[u8]) -> Result<LoadVector, DecodeError> {
     let (mut inc, mut served, mut rate, mut cpu, mut weight, mut draining) = (None, None, None, None, None, None);
     let (mut entry_claim, mut app_unhealthy, mut entry_candidate) = (None, None, None);
@@ -549,38 +558,10 @@ fn load_of(v: &[u8]) -> Result<LoadVector, DecodeError> {
                 }
                 once(&mut weight, w, "load weight")?;
             }
-            id::DRAINING => {
-                let d = match v {
-                    [0] => false,
-                    [1] => true,
-                    _ => return Err(DecodeError::BadField("draining")),
-                };
-                once(&mut draining, d, "draining")?;
-            }
-            id::ENTRY_CLAIM => {
-                let c = match v {
-                    [0] => false,
-                    [1] => true,
-                    _ => return Err(DecodeError::BadField("entry claim")),
-                };
-                once(&mut entry_claim, c, "entry claim")?;
-            }
-            id::ENTRY_CANDIDATE => {
-                let c = match v {
-                    [0] => false,
-                    [1] => true,
-                    _ => return Err(DecodeError::BadField("entry candidate")),
-                };
-                once(&mut entry_candidate, c, "entry candidate")?;
-            }
-            id::APP_UNHEALTHY => {
-                let c = match v {
-                    [0] => false,
-                    [1] => true,
-                    _ => return Err(DecodeError::BadField("app unhealthy")),
-                };
-                once(&mut app_unhealthy, c, "app unhealthy")?;
-            }
+            id::DRAINING => once(&mut draining, bool_of(v, "draining")?, "draining")?,
+            id::ENTRY_CLAIM => once(&mut entry_claim, bool_of(v, "entry claim")?, "entry claim")?,
+            id::ENTRY_CANDIDATE => once(&mut entry_candidate, bool_of(v, "entry candidate")?, "entry candidate")?,
+            id::APP_UNHEALTHY => once(&mut app_unhealthy, bool_of(v, "app unhealthy")?, "app unhealthy")?,
             _ => {}
         }
     }
