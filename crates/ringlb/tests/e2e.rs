@@ -305,6 +305,21 @@ fn hup(lab: &Lab, i: usize) {
     }
 }
 
+/// Waits until node `i`'s status shows `member`'s weight as `weight`; the time it first did.
+fn wait_weight(lab: &Lab, i: usize, member: &str, weight: &str) -> f64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = lab.ringlb(i, "status").unwrap_or_default();
+        // MEMBER ADDRESS STATE WEIGHT ...
+        let row = status.lines().find(|l| l.starts_with(&format!("{member} "))).unwrap_or_default();
+        if row.split_whitespace().nth(3) == Some(weight) {
+            return unix_now();
+        }
+        assert!(std::time::Instant::now() < deadline, "n{i} never saw {member}'s weight {weight}:\n{status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits until node `i`'s log holds `needle` `times` times.
 fn wait_log(lab: &Lab, i: usize, needle: &str, times: usize) -> String {
     let path = lab.node_dir(i).join("ringlb.log");
@@ -327,8 +342,11 @@ fn sighup_reloads_weight_and_certificates_live_and_refuses_a_new_vip() {
 
     // n3's weight to 0: it takes no new flows, and no connection breaks.
     reload_with(&lab, 3, |t| t.replace("weight = 1.0", "weight = 0.0"));
-    let reloaded = unix_now();
     wait_log(&lab, 3, "weight 1 -> 0", 1);
+    // From the moment the entry's data plane holds the new weight (its status shows it), n3 gets
+    // no new flow. Counting from the signal instead would count the reload's and the
+    // announcement's own delays, which a busy machine stretches past any fixed allowance.
+    let reloaded = wait_weight(&lab, 1, "n3", "0");
 
     // A renewed certificate (new key, same name and address), read again on SIGHUP.
     std::thread::sleep(Duration::from_millis(1000));
@@ -349,11 +367,17 @@ fn sighup_reloads_weight_and_certificates_live_and_refuses_a_new_vip() {
     assert_eq!(attempts.len(), 400);
     let failed: Vec<&Attempt> = attempts.iter().filter(|a| !a.ok).collect();
     assert!(failed.is_empty(), "connections failed across the reloads: {failed:?}");
-    let late_on_n3 = attempts.iter().filter(|a| a.t > reloaded + 1.0 && a.node == "n3").count();
+    let late: Vec<&Attempt> = attempts.iter().filter(|a| a.t > reloaded).collect();
+    let late_on_n3: Vec<&&Attempt> = late.iter().filter(|a| a.node == "n3").collect();
     let early_on_n3 = attempts.iter().filter(|a| a.t < reloaded && a.node == "n3").count();
-    println!("n3 served {early_on_n3} connections before its weight went to 0, {late_on_n3} after");
+    println!(
+        "n3 served {early_on_n3} connections before the entry saw its weight 0, {} of {} after",
+        late_on_n3.len(),
+        late.len()
+    );
     assert!(early_on_n3 > 0, "n3 served nothing before: the test proves nothing");
-    assert_eq!(late_on_n3, 0, "n3 took new flows with weight 0");
+    assert!(late.len() >= 50, "only {} connections after the change: the test proves nothing", late.len());
+    assert!(late_on_n3.is_empty(), "n3 took new flows with weight 0 (entry saw it at {reloaded:.3}): {late_on_n3:?}");
     let status = lab.ringlb(1, "status").unwrap();
     // MEMBER ADDRESS STATE WEIGHT ...: n3's weight column reads 0.
     let row = status.lines().find(|l| l.starts_with("n3 ")).unwrap_or_default();
