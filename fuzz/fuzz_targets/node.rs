@@ -197,6 +197,7 @@ fuzz_target!(|input: Input| {
             on_failure: if input.replace_on_failure { FailurePolicy::Replace } else { FailurePolicy::Reset },
             load_stale_after: Duration::from_secs(1),
             require_load: false,
+            recovery: Default::default(),
         },
         members,
     );

@@ -112,6 +112,7 @@ enum Command {
     EntryClaim { candidate: bool, claim: bool },
     AppHealthy(bool),
     Reload(Box<Reload>, tokio::sync::oneshot::Sender<Result<(), String>>),
+    Flows(Vec<(String, ringlb_core::FlowMessage)>),
 }
 
 /// What a configuration reload changes in the control plane.
@@ -181,6 +182,11 @@ impl ControlHandle {
     /// Whether this node's app passes its health checks: while it does not, the node takes no
     /// new flows (peers hear it at once, in a load vector sent for the purpose), and keeps the
     /// ones it has.
+    /// Sends the data plane's flow-recovery messages (see `ringlb_core::Node`) to their members.
+    pub async fn send_flows(&self, msgs: Vec<(String, ringlb_core::FlowMessage)>) -> bool {
+        self.commands.send(Command::Flows(msgs)).await.is_ok()
+    }
+
     pub async fn set_app_healthy(&self, healthy: bool) -> bool {
         self.commands.send(Command::AppHealthy(healthy)).await.is_ok()
     }
@@ -467,6 +473,11 @@ impl Control {
                     Command::Reload(reload, done) => {
                         let _ = done.send(self.reload(*reload));
                     }
+                    Command::Flows(msgs) => {
+                        for (to, msg) in msgs {
+                            self.cluster.send_flow(&to, msg);
+                        }
+                    }
                     Command::AppHealthy(healthy) => {
                         if self.cluster.app_unhealthy() == healthy {
                             self.cluster.set_app_unhealthy(!healthy);
@@ -696,7 +707,7 @@ impl Control {
                         c.close(5u32.into(), b"forgotten");
                     }
                 }
-                Update::Load { .. } => {}
+                Update::Load { .. } | Update::Flow { .. } => {}
             }
             let _ = self.to_dataplane.send(ControlEvent::Cluster(u)).await;
         }

@@ -24,6 +24,7 @@ fn node(members: u8) -> Node {
             on_failure: FailurePolicy::Reset,
             load_stale_after: Duration::from_secs(1),
             require_load: false,
+            recovery: Default::default(),
         },
         m,
     )

@@ -33,6 +33,7 @@ fn main() {
             on_failure: FailurePolicy::Reset,
             load_stale_after: Duration::from_secs(1),
             require_load: false,
+            recovery: Default::default(),
         },
         members,
     );

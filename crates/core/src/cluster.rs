@@ -44,6 +44,7 @@ use hashbrown::HashMap;
 
 use crate::{MemberState, Rng, Timestamp};
 use message::{decode, encode, DecodeError, Hint, LoadVector, Message, Record, Report, ReportKind, MAX_MESSAGE};
+pub use message::{ClientFlow, FlowMessage, MAX_FLOWS};
 
 /// Tuning of the cluster protocol and its bounds.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,6 +136,8 @@ pub enum Update {
     Load { name: String, load: PeerLoad },
     /// A member is forgotten: its name and address are free.
     Removed { name: String },
+    /// Flow recovery from a live member, for the data plane to check and apply.
+    Flow { from: String, msg: FlowMessage },
 }
 
 /// Why a peer or a message was refused. Counted in `ringlb_control_refused_total{reason}`.
@@ -868,6 +871,22 @@ impl Cluster {
                 self.reports(now, from, reports)
             }
             Message::Load(load) => self.on_load(now, &from.name, load),
+            // Only from live members; what they claim the data plane checks against its own
+            // view (see `Node::apply`).
+            Message::Flow(msg) => match self.members.get(&from.name) {
+                Some(m) if m.live() => {
+                    self.updates.push_back(Update::Flow { from: from.name.clone(), msg });
+                    Outcome::Accepted
+                }
+                _ => Outcome::Refused(Refusal::NotMember),
+            },
+        }
+    }
+
+    /// Sends a flow-recovery message to the live member `to`; nothing to anyone else.
+    pub fn send_flow(&mut self, to: &str, msg: FlowMessage) {
+        if self.members.get(to).is_some_and(Member::live) {
+            self.send(to, &Message::Flow(msg));
         }
     }
 

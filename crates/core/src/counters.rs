@@ -28,10 +28,13 @@ pub enum DropReason {
     TunWriteError,
     /// Larger than the path can carry without fragmentation.
     TooBig,
+    /// A packet of a connection no entry knows and no server has claimed yet, while the flow
+    /// directory settles after a (re)start or a change of members: the client sends it again.
+    UnclaimedFlow,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Truncated,
         DropReason::BadIpHeader,
         DropReason::BadTransportHeader,
@@ -43,6 +46,7 @@ impl DropReason {
         DropReason::CarrierSendError,
         DropReason::TunWriteError,
         DropReason::TooBig,
+        DropReason::UnclaimedFlow,
     ];
 
     /// Metric label.
@@ -59,6 +63,7 @@ impl DropReason {
             DropReason::CarrierSendError => "carrier_send_error",
             DropReason::TunWriteError => "tun_write_error",
             DropReason::TooBig => "too_big",
+            DropReason::UnclaimedFlow => "unclaimed_flow",
         }
     }
 
@@ -113,6 +118,25 @@ pub struct Counters {
     pub flows_reset: u64,
     /// Flows of a dead member placed anew.
     pub flows_replaced: u64,
+    /// Connections this node, as their entry, did not know and found the server of: from a
+    /// home that taught it, or from its own directory.
+    pub flows_recovered: u64,
+    /// Connections nobody claimed (after the directory settled): handed to the local kernel,
+    /// which answers with a RST unless it holds the connection.
+    pub flows_unrecovered: u64,
+    /// Packets this node, as a flow's home, passed on to the flow's server for an entry that
+    /// did not know it (the second hop).
+    pub second_hop_packets: u64,
+    /// Servers' claims recorded in this node's directory, and those refused (the member's
+    /// quota full, or another member's fresh claim on the flow).
+    pub claims_accepted: u64,
+    pub claims_refused_quota: u64,
+    pub claims_refused_conflict: u64,
+    /// Claims not about a TCP connection to the VIP from a known member (refused).
+    pub claims_refused_invalid: u64,
+    /// "Served by" answers refused: from a node this entry did not ask, or naming a server
+    /// that is not a live member.
+    pub teach_refused: u64,
     /// New flows this node started serving (SYNs and first datagrams delivered locally,
     /// from the TUN or the carrier).
     pub served_new_flows: u64,

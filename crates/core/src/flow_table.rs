@@ -419,6 +419,17 @@ impl FlowTable {
         n
     }
 
+    /// Calls `f` with every established TCP flow and its target (a few times a minute, to tell
+    /// the flows' homes who serves them; never per packet).
+    pub fn for_each_established(&self, mut f: impl FnMut(&FlowKey, NodeId)) {
+        let mut h = self.heads[List::TcpEstablished.index()];
+        while h != NIL {
+            let s = &self.slots[h as usize];
+            f(&s.key, s.target);
+            h = s.next;
+        }
+    }
+
     fn push_back(&mut self, h: u32) {
         let list = self.slots[h as usize].list.index();
         let tail = self.tails[list];

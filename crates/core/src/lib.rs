@@ -12,6 +12,7 @@
 
 pub mod cluster;
 mod counters;
+mod directory;
 pub mod entry;
 mod flow_table;
 pub mod health;
@@ -21,11 +22,13 @@ mod placement;
 mod rng;
 mod time;
 
-pub use cluster::{Cluster, ClusterConfig, Identity, Outcome, Peer, Refusal, Transmit, Update};
+pub use cluster::{
+    ClientFlow, Cluster, ClusterConfig, FlowMessage, Identity, Outcome, Peer, Refusal, Transmit, Update,
+};
 pub use counters::{Counters, DropReason};
 pub use flow_table::{FlowConfig, FlowState, FlowTable, Insert, PlacedBy};
 pub use members::{LoadReport, LocalLoad, Member, MemberState, Members, MembersError, NodeId};
-pub use node::{FailurePolicy, FlowsNeedingDaemon, Node, NodeConfig, Verdict};
+pub use node::{FailurePolicy, FlowsNeedingDaemon, Node, NodeConfig, RecoveryConfig, Verdict};
 pub use placement::{Candidate, Placement, Policy};
 pub use rng::Rng;
 pub use time::Timestamp;

@@ -11,7 +11,9 @@ use crate::{
     NodeId, PlacedBy, Policy, Rng, Timestamp,
 };
 
+mod recovery;
 mod restart;
+pub use recovery::RecoveryConfig;
 pub use restart::FlowsNeedingDaemon;
 
 /// What the IO layer must do with a packet.
@@ -52,6 +54,8 @@ pub struct NodeConfig {
     /// authenticated control connection). On with a control plane; off for static member lists,
     /// which have no load vectors.
     pub require_load: bool,
+    /// Flow recovery's timers (see the `recovery` module).
+    pub recovery: RecoveryConfig,
 }
 
 /// What to do with TCP flows pinned to a member that died (UDP flows are always re-placed).
@@ -82,6 +86,7 @@ pub struct Node {
     /// and not tracked (or evicted) has no first packet to tell it apart, so the policy must
     /// not place its later datagrams until they would have idled out.
     hash_udp_until: Timestamp,
+    recovery: recovery::Recovery,
 }
 
 impl Node {
@@ -91,7 +96,10 @@ impl Node {
         let mut rng = Rng::seed(config.seed);
         let flows = FlowTable::new(config.flows.clone(), rng.next_u64());
         let served = FlowTable::new(config.flows.clone(), rng.next_u64());
+        let quota = u32::try_from(config.flows.max_flows).unwrap_or(u32::MAX);
+        let recovery = recovery::Recovery::new(config.recovery.clone(), quota, rng.next_u64());
         Node {
+            recovery,
             served,
             forwarded_to: vec![0; members.len()],
             candidates: Vec::with_capacity(members.len()),
@@ -152,7 +160,10 @@ impl Node {
             L4::Icmp { error_for: Some(flow) } => self.icmp_error_target(now, &flow),
             // Other ICMP has no ports to pin; every member owns the VIP, so answer here.
             L4::Icmp { error_for: None } => self.config.local,
-            _ => self.flow_target(now, &meta),
+            _ => match self.flow_target(now, &meta) {
+                Ok(target) => target,
+                Err(reason) => return self.drop(reason),
+            },
         };
         if target == self.config.local {
             self.counters.delivered_local += 1;
@@ -178,16 +189,23 @@ impl Node {
     /// its packets are delivered, so that when views differ the local kernel serves the flow
     /// or answers with a RST, never a silent drop.
     pub fn on_carrier_packet(&mut self, now: Timestamp, outer_src: IpAddr, inner: &[u8]) -> Verdict {
-        match self.members.by_addr(outer_src) {
-            Some(id) if id != self.config.local => {}
+        let from = match self.members.by_addr(outer_src) {
+            Some(id) if id != self.config.local => id,
             _ => return self.drop(DropReason::NotMember),
-        }
+        };
         let meta = match classify(inner) {
             Ok(m) => m,
             Err(e) => return self.drop(e.into()),
         };
         if !meta.key.dst_is(self.config.vip) {
             return self.drop(DropReason::NotVip);
+        }
+        // A connection this node does not serve, from an entry that did not know it: on to its
+        // server, if this node's directory knows it (see the `recovery` module).
+        if matches!(meta.l4, L4::Tcp(f) if !f.syn) && !self.serves(&meta.key) {
+            if let Some(verdict) = self.second_hop(now, from, &meta) {
+                return verdict;
+            }
         }
         self.counters.decapsulated += 1;
         if !matches!(meta.l4, L4::Icmp { .. }) {
@@ -200,7 +218,11 @@ impl Node {
         let local = self.config.local;
         if let Some(h) = self.served.find(&meta.key) {
             let next = next_state(self.served.state(h), meta.l4);
+            let confirmed = self.served.is_confirmed(h);
             self.served.touch(h, now, next);
+            if !confirmed && self.served.is_confirmed(h) && next == FlowState::TcpEstablished {
+                self.note_served(&meta.key);
+            }
         } else {
             let state = initial_state(meta.l4);
             if state != FlowState::TcpEstablished {
@@ -281,7 +303,13 @@ impl Node {
             crate::Update::Member { name, underlay, weight, state } => {
                 self.upsert_member(name, *underlay, *weight, *state)?;
             }
-            crate::Update::Removed { name } => self.remove_member(name),
+            crate::Update::Removed { name } => {
+                if let Some(id) = self.members.by_name(name).filter(|&id| id != self.config.local) {
+                    self.recovery_forget(id);
+                }
+                self.remove_member(name);
+            }
+            crate::Update::Flow { from, msg } => self.apply_flow_message(now, from, msg),
             crate::Update::Load { name, load } => {
                 if let Some(id) = self.members.by_name(name) {
                     let report = LoadReport {
@@ -337,6 +365,7 @@ impl Node {
         let n = self.flows.expire(now);
         self.counters.flows_expired += n as u64;
         self.served.expire(now);
+        self.recovery_tick(now);
     }
 
     fn max_mss(&self) -> u16 {
@@ -345,24 +374,32 @@ impl Node {
     }
 
     /// The node serving `meta`'s flow, creating the flow if it is new.
-    fn flow_target(&mut self, now: Timestamp, meta: &PacketMeta) -> NodeId {
+    fn flow_target(&mut self, now: Timestamp, meta: &PacketMeta) -> Result<NodeId, DropReason> {
         let key = &meta.key;
         if let Some(h) = self.flows.find(key) {
             let next = next_state(self.flows.state(h), meta.l4);
+            let confirmed = self.flows.is_confirmed(h);
             self.flows.touch(h, now, next);
             let target = self.flows.target(h);
+            if target == self.config.local
+                && !confirmed
+                && self.flows.is_confirmed(h)
+                && next == FlowState::TcpEstablished
+            {
+                self.note_served(key);
+            }
             let state = self.members.get(target).map(|m| m.state);
             // A SYN on a tracked tuple is a new connection (the client reused its port): it
             // is placed anew when its node takes no new flows (dead ones included).
             if meta.is_tcp_syn() && !state.is_some_and(MemberState::takes_new_flows) {
                 let target = self.place(now, key, How::Policy);
                 self.flows.retarget(h, target);
-                return target;
+                return Ok(target);
             }
             if state.is_some_and(MemberState::is_gone) {
-                return self.rescue(now, h, meta);
+                return Ok(self.rescue(now, h, meta));
             }
-            return target;
+            return Ok(target);
         }
         self.new_flow(now, meta)
     }
@@ -370,16 +407,16 @@ impl Node {
     /// The first packet this entry sees of a flow: placed, and tracked as unconfirmed when the
     /// table takes it. Under pressure (see [`FlowTable`]) new flows are placed by consistent
     /// hash, so that whether or not they are tracked, their later packets land on the same node.
-    fn new_flow(&mut self, now: Timestamp, meta: &PacketMeta) -> NodeId {
+    fn new_flow(&mut self, now: Timestamp, meta: &PacketMeta) -> Result<NodeId, DropReason> {
         let key = &meta.key;
         let starts = match initial_state(meta.l4) {
             FlowState::TcpHandshake | FlowState::Udp => true,
             FlowState::TcpEstablished => false,
             FlowState::TcpClosing => {
-                // The FIN or RST of a connection this entry never saw: the hash places it as it
-                // would the rest of that connection, and nothing is left worth pinning.
+                // The FIN or RST of a connection this entry never saw: it goes where the rest of
+                // that connection would, and nothing is left worth pinning.
                 self.counters.flows_untracked += 1;
-                return self.place(now, key, How::HashFallback);
+                return self.recover_at_entry(now, key);
             }
         };
         let room = self.flows.has_room();
@@ -393,7 +430,9 @@ impl Node {
         } else {
             How::Policy
         };
-        let target = self.place(now, key, how);
+        // A connection this entry never saw start: to its server, found through its home.
+        let target =
+            if how == How::HashFallback { self.recover_at_entry(now, key)? } else { self.place(now, key, how) };
         let placed = if how == How::Policy { PlacedBy::Policy } else { PlacedBy::Hash };
         match self.flows.insert(now, *key, target, placed) {
             Some(ins) => {
@@ -404,7 +443,7 @@ impl Node {
             }
             None => self.counters.flows_untracked += 1,
         }
-        target
+        Ok(target)
     }
 
     /// Where an ICMP error about a server's packet of `flow` goes: to the node serving the flow.
@@ -560,6 +599,8 @@ mod tests {
                 on_failure: FailurePolicy::Reset,
                 load_stale_after: Duration::from_secs(1),
                 require_load: false,
+                // Settled from the first tick: these tests are about placement.
+                recovery: RecoveryConfig { settle: Duration::ZERO, ..RecoveryConfig::default() },
             },
             members,
         )

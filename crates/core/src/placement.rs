@@ -42,7 +42,7 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    fn takes_flows(&self) -> bool {
+    pub(crate) fn takes_flows(&self) -> bool {
         self.eligible && self.weight > 0.0
     }
 

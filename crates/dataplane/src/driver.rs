@@ -5,7 +5,9 @@ use std::io;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use ringlb_core::{Counters, DropReason, FlowsNeedingDaemon, LocalLoad, MemberState, Node, Timestamp, Verdict};
+use ringlb_core::{
+    Counters, DropReason, FlowMessage, FlowsNeedingDaemon, LocalLoad, MemberState, Node, Timestamp, Verdict,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::AsyncDevice;
 
@@ -102,8 +104,9 @@ fn split_joined(pkt: &mut [u8], mut hdr: VirtioNetHdr, s: &mut Segments) -> std:
     Ok((n, stride, (n - 1) * stride + s.sizes[n - 1]))
 }
 
-/// How often idle flows are expired.
-const TICK: Duration = Duration::from_millis(250);
+/// How often idle flows are expired and flow-recovery messages go out (an entry that asked
+/// a home learns the server within a tick and a round trip).
+const TICK: Duration = Duration::from_millis(100);
 
 /// A copy of the node's state for the metrics and status endpoints. The packet loop makes one
 /// when asked through a [`SnapshotRequests`] handle, so readers never share state with it.
@@ -116,6 +119,8 @@ pub struct Snapshot {
     pub members: Vec<MemberSnapshot>,
     /// Once the daemon is stopping: the flows that still need it, as last counted.
     pub stopping: Option<FlowsNeedingDaemon>,
+    /// Claims in this node's flow directory (flows whose home it is).
+    pub directory: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -153,6 +158,7 @@ fn snapshot(node: &Node) -> Snapshot {
             })
             .collect(),
         stopping: None,
+        directory: node.directory_len(),
     }
 }
 
@@ -169,6 +175,10 @@ pub struct Driver {
     /// Set once the daemon began to stop (see [`Stop`]).
     stopping: bool,
     remaining: watch::Sender<Option<FlowsNeedingDaemon>>,
+    /// Flow-recovery messages for the control plane to send.
+    flow_out: mpsc::Sender<Vec<(String, FlowMessage)>>,
+    /// Carrier packets to pass on to their server (the second hop), after the batch.
+    second_hop: Vec<(IpAddr, u64, Vec<u8>)>,
 }
 
 /// A change to apply to the core between packets, from the control plane.
@@ -189,6 +199,9 @@ pub struct DriverHandle {
     pub updates: mpsc::Sender<NodeUpdate>,
     pub load: watch::Receiver<LocalLoad>,
     pub stop: Stop,
+    /// Flow-recovery messages (member name, message) for the control plane to send; nothing
+    /// comes without a control plane to tell the core about members.
+    pub flow_messages: mpsc::Receiver<Vec<(String, FlowMessage)>>,
 }
 
 /// Starts the packet loop's stop and follows it. After [`Stop::begin`] the node drains (it
@@ -254,7 +267,10 @@ impl Driver {
         let (load_tx, load_rx) = watch::channel(LocalLoad::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let (remaining_tx, remaining_rx) = watch::channel(None);
+        let (flow_tx, flow_rx) = mpsc::channel(64);
         let driver = Driver {
+            flow_out: flow_tx,
+            second_hop: Vec::new(),
             node,
             tun,
             carrier,
@@ -267,7 +283,16 @@ impl Driver {
             remaining: remaining_tx,
         };
         let stop = Stop { begin: stop_tx, remaining: remaining_rx };
-        (driver, DriverHandle { snapshots: SnapshotRequests(tx), updates: up_tx, load: load_rx, stop })
+        (
+            driver,
+            DriverHandle {
+                snapshots: SnapshotRequests(tx),
+                updates: up_tx,
+                load: load_rx,
+                stop,
+                flow_messages: flow_rx,
+            },
+        )
     }
 
     /// Connections the kernel kept while no daemon ran (fail-open), or that a previous daemon
@@ -360,10 +385,22 @@ impl Driver {
                         reads += 1;
                     }
                     self.deliver_batch(&mut coalesce, accepted).await;
+                    for (addr, hash, pkt) in std::mem::take(&mut self.second_hop) {
+                        self.forward(addr, hash, &pkt, pkt.len()).await;
+                    }
                 }
                 Event::Tick => {
                     let now = self.now();
                     self.node.handle_timeout(now);
+                    let mut msgs = Vec::new();
+                    while let Some(m) = self.node.poll_flow_message() {
+                        msgs.push(m);
+                    }
+                    // Claims are repeated and teaching is asked again, so a full queue loses
+                    // nothing for good; the packet loop never waits on the control plane.
+                    if !msgs.is_empty() && self.flow_out.try_send(msgs).is_err() {
+                        tracing::debug!("control plane busy: flow-recovery messages dropped");
+                    }
                     self.load.send_replace(LocalLoad {
                         served_flows: u32::try_from(self.node.served_flows()).unwrap_or(u32::MAX),
                         served_new_flows: self.node.counters().served_new_flows,
@@ -482,8 +519,18 @@ impl Driver {
             at = inner.end;
             let verdict = self.node.on_carrier_packet(now, rx.from, &buf[inner.clone()]);
             tracing::trace!(from = %rx.from, len = inner.len(), ?verdict, "carrier packet");
-            if verdict != Verdict::Deliver {
-                continue;
+            match verdict {
+                Verdict::Deliver => {}
+                Verdict::Forward { addr, flow_hash, .. } => {
+                    // Rare (a connection an entry lost): a copy, sent after the batch.
+                    if self.second_hop.len() < MAX_SEGMENTS_PER_READ * MAX_READS_PER_WAKEUP {
+                        self.second_hop.push((addr, flow_hash, buf[inner].to_vec()));
+                    } else {
+                        self.node.count_drop(DropReason::CarrierSendError);
+                    }
+                    continue;
+                }
+                Verdict::Drop(_) => continue,
             }
             let Some(b) = c.bufs.get_mut(accepted) else {
                 self.node.count_drop(DropReason::TunWriteError);

@@ -343,10 +343,11 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             },
             load_stale_after: config.failure.load_stale_after,
             require_load: config.control.is_some(),
+            recovery: Default::default(),
         },
         members,
     );
-    let (driver, handle) = Driver::new(node, tun, carrier);
+    let (driver, mut handle) = Driver::new(node, tun, carrier);
     let (stop_tx, stop_rx) = watch::channel(false);
     // The control plane (QUIC, TLS, membership) and the admin endpoint run on a thread of their
     // own, so that a flood of packets cannot delay probes (and get a live peer declared dead),
@@ -354,7 +355,7 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     let control = {
         let _on_side = side.runtime.enter();
         match &config.control {
-            Some(c) => Some(start_control(c, &local, &handle, stop_rx.clone())?),
+            Some(c) => Some(start_control(c, &local, &mut handle, stop_rx.clone())?),
             None => None,
         }
     };
@@ -503,7 +504,7 @@ impl Drop for SideThread {
 fn start_control(
     c: &config::ControlSection,
     local: &config::MemberEntry,
-    handle: &ringlb_dataplane::DriverHandle,
+    handle: &mut ringlb_dataplane::DriverHandle,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(ControlHandle, tokio::task::JoinHandle<()>)> {
     let incarnation = std::time::SystemTime::now()
@@ -546,6 +547,17 @@ fn start_control(
                 ControlEvent::Drain(on) => NodeUpdate::Drain(on),
             };
             if updates.send(update).await.is_err() {
+                return;
+            }
+        }
+    });
+    // Flow recovery: the core's messages to their members.
+    let (_, empty) = mpsc::channel(1);
+    let mut flow_messages = std::mem::replace(&mut handle.flow_messages, empty);
+    let sender = control.clone();
+    tokio::spawn(async move {
+        while let Some(msgs) = flow_messages.recv().await {
+            if !sender.send_flows(msgs).await {
                 return;
             }
         }

@@ -128,7 +128,36 @@ pub enum Message {
         reports: Vec<Report>,
     },
     Load(LoadVector),
+    /// Flow recovery (see `ringlb_core::Node`'s recovery): who serves which connection.
+    Flow(FlowMessage),
 }
+
+/// A client's flow to the VIP, as the client sends it: the VIP itself is implied (every
+/// member owns the same one), so no message can name another destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientFlow {
+    /// 6 (TCP) or 17 (UDP).
+    pub proto: u8,
+    pub client: IpAddr,
+    pub client_port: u16,
+    pub vip_port: u16,
+}
+
+/// What nodes tell each other so that any entry can find the server of any flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlowMessage {
+    /// "I serve these flows": from a server to the flows' home. A node speaks only for itself:
+    /// there is no server field to forge.
+    Serves(Vec<ClientFlow>),
+    /// "The flows you sent me are served by `server`": from a home to the entry that asked.
+    Teach { server: String, flows: Vec<ClientFlow> },
+    /// "I (re)started: tell me again the flows whose home I am."
+    Sync,
+}
+
+/// Most flows in one message: with field headers IPv4 flows take 12 bytes each, IPv6 24; this
+/// many IPv6 flows and a server name fit [`MAX_MESSAGE`].
+pub const MAX_FLOWS: usize = 40;
 
 /// Why bytes are not a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -170,6 +199,9 @@ mod ty {
     pub const INTRODUCE: u8 = 6;
     pub const ANNOUNCE: u8 = 7;
     pub const LOAD: u8 = 8;
+    pub const SERVES: u8 = 9;
+    pub const TEACH: u8 = 10;
+    pub const SYNC: u8 = 11;
 }
 
 /// Field ids, per kind of field list.
@@ -181,6 +213,7 @@ mod id {
     pub const TARGET: u8 = 4;
     pub const HINT: u8 = 5;
     pub const LOAD: u8 = 6;
+    pub const FLOW: u8 = 7;
     // Records, reports and hints share these.
     pub const NAME: u8 = 1;
     pub const INCARNATION: u8 = 2;
@@ -281,6 +314,26 @@ impl Writer {
             w.u64(id::FLOW_HASH, r.flow_hash)
         })
     }
+    fn flows(&mut self, flows: &[ClientFlow]) -> Result<(), EncodeError> {
+        if flows.len() > MAX_FLOWS {
+            return Err(EncodeError::TooMany);
+        }
+        for f in flows {
+            if !matches!(f.proto, 6 | 17) {
+                return Err(EncodeError::BadField("flow protocol"));
+            }
+            let mut v = Vec::with_capacity(21);
+            v.push(f.proto);
+            match f.client {
+                IpAddr::V4(a) => v.extend_from_slice(&a.octets()),
+                IpAddr::V6(a) => v.extend_from_slice(&a.octets()),
+            }
+            v.extend_from_slice(&f.client_port.to_be_bytes());
+            v.extend_from_slice(&f.vip_port.to_be_bytes());
+            self.field(id::FLOW, &v)?;
+        }
+        Ok(())
+    }
     fn reports(&mut self, reports: &[Report]) -> Result<(), EncodeError> {
         if reports.len() > MAX_ITEMS {
             return Err(EncodeError::TooMany);
@@ -308,6 +361,9 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
         Message::Introduce { .. } => ty::INTRODUCE,
         Message::Announce { .. } => ty::ANNOUNCE,
         Message::Load(_) => ty::LOAD,
+        Message::Flow(FlowMessage::Serves(_)) => ty::SERVES,
+        Message::Flow(FlowMessage::Teach { .. }) => ty::TEACH,
+        Message::Flow(FlowMessage::Sync) => ty::SYNC,
     };
     w.0.extend_from_slice(&[VERSION, t]);
     match msg {
@@ -361,6 +417,12 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
                 Ok(())
             })?;
         }
+        Message::Flow(FlowMessage::Serves(flows)) => w.flows(flows)?,
+        Message::Flow(FlowMessage::Teach { server, flows }) => {
+            w.name(id::TARGET, server, "server")?;
+            w.flows(flows)?;
+        }
+        Message::Flow(FlowMessage::Sync) => {}
     }
     if w.0.len() > MAX_MESSAGE {
         return Err(EncodeError::TooLong);
@@ -578,6 +640,21 @@ fn load_of(v: &[u8]) -> Result<LoadVector, DecodeError> {
     })
 }
 
+fn flow_of(v: &[u8]) -> Result<ClientFlow, DecodeError> {
+    let bad = DecodeError::BadField("flow");
+    let (&proto, rest) = v.split_first().ok_or(bad)?;
+    if !matches!(proto, 6 | 17) || !matches!(rest.len(), 8 | 20) {
+        return Err(bad);
+    }
+    let (addr, ports) = rest.split_at(rest.len() - 4);
+    Ok(ClientFlow {
+        proto,
+        client: addr_of(addr, "flow")?,
+        client_port: u16::from_be_bytes([ports[0], ports[1]]),
+        vip_port: u16::from_be_bytes([ports[2], ports[3]]),
+    })
+}
+
 /// Decodes one message. [`DecodeError::UnknownType`] means a newer peer sent something this
 /// node does not know: ignore it rather than treat the peer as broken.
 pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
@@ -590,11 +667,11 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     if version < VERSION {
         return Err(DecodeError::Version(version));
     }
-    if !(ty::PING..=ty::LOAD).contains(&t) {
+    if !(ty::PING..=ty::SYNC).contains(&t) {
         return Err(DecodeError::UnknownType(t));
     }
     let (mut seq, mut sender, mut target, mut load) = (None, None, None, None);
-    let (mut reports, mut hints) = (Vec::new(), Vec::new());
+    let (mut reports, mut hints, mut flows) = (Vec::new(), Vec::new(), Vec::new());
     for f in Fields(body) {
         let (fid, v) = f?;
         match fid {
@@ -614,6 +691,12 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 hints.push(hint_of(v)?);
             }
             id::LOAD => once(&mut load, load_of(v)?, "load")?,
+            id::FLOW => {
+                if flows.len() == MAX_FLOWS {
+                    return Err(DecodeError::BadField("too many flows"));
+                }
+                flows.push(flow_of(v)?);
+            }
             _ => {}
         }
     }
@@ -625,7 +708,10 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         ty::JOIN => Message::Join { sender: need(sender, "sender")? },
         ty::INTRODUCE => Message::Introduce { sender: need(sender, "sender")?, hints },
         ty::ANNOUNCE => Message::Announce { sender: need(sender, "sender")?, reports },
-        _ => Message::Load(need(load, "load")?),
+        ty::LOAD => Message::Load(need(load, "load")?),
+        ty::SERVES => Message::Flow(FlowMessage::Serves(flows)),
+        ty::TEACH => Message::Flow(FlowMessage::Teach { server: need(target, "server")?, flows }),
+        _ => Message::Flow(FlowMessage::Sync),
     })
 }
 
@@ -676,9 +762,19 @@ mod tests {
         })
     }
 
+    fn arb_flow() -> impl Strategy<Value = ClientFlow> {
+        (any::<bool>(), any::<bool>(), any::<[u8; 16]>(), any::<u16>(), any::<u16>()).prop_map(
+            |(tcp, v4, a, cp, vp)| {
+                let client =
+                    if v4 { IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3])) } else { IpAddr::V6(Ipv6Addr::from(a)) };
+                ClientFlow { proto: if tcp { 6 } else { 17 }, client, client_port: cp, vip_port: vp }
+            },
+        )
+    }
+
     proptest! {
         #[test]
-        fn round_trip(seq in any::<u64>(), sender in arb_record(), reports in proptest::collection::vec(arb_report(), 0..12), kind in 0u8..8) {
+        fn round_trip(seq in any::<u64>(), sender in arb_record(), reports in proptest::collection::vec(arb_report(), 0..12), flows in proptest::collection::vec(arb_flow(), 0..MAX_FLOWS), kind in 0u8..11) {
             let hints = reports.iter().map(|r| Hint { name: r.name.clone(), control: sender.control }).collect();
             let msg = match kind {
                 0 => Message::Ping { seq, sender, reports },
@@ -688,7 +784,10 @@ mod tests {
                 4 => Message::Join { sender },
                 5 => Message::Introduce { sender, hints },
                 6 => Message::Announce { sender, reports },
-                _ => Message::Load(LoadVector { incarnation: seq, served_flows: 7, new_flows_per_sec: 1.5, cpu: 0.25, weight: 2.0, draining: true, entry_claim: seq % 2 == 0, entry_candidate: seq % 5 == 0, app_unhealthy: seq % 3 == 0 }),
+                7 => Message::Load(LoadVector { incarnation: seq, served_flows: 7, new_flows_per_sec: 1.5, cpu: 0.25, weight: 2.0, draining: true, entry_claim: seq % 2 == 0, entry_candidate: seq % 5 == 0, app_unhealthy: seq % 3 == 0 }),
+                8 => Message::Flow(FlowMessage::Serves(flows)),
+                9 => Message::Flow(FlowMessage::Teach { server: sender.name, flows }),
+                _ => Message::Flow(FlowMessage::Sync),
             };
             let bytes = encode(&msg).expect("fits");
             prop_assert_eq!(decode(&bytes), Ok(msg));

@@ -53,6 +53,7 @@ impl Node {
         // Confirmed at once: the kernel holds the connection, so it is no spoofed first packet.
         let Some(ins) = self.flows.insert(now, key, self.config.local, PlacedBy::Policy) else { return false };
         self.flows.touch(ins.handle, now, FlowState::TcpEstablished);
+        self.note_served(&key);
         if ins.evicted.is_some() {
             self.counters.flows_evicted += 1;
         }
@@ -163,6 +164,8 @@ mod tests {
             on_failure: FailurePolicy::Reset,
             load_stale_after: Duration::from_secs(1),
             require_load: false,
+            // Settled from the first tick: these tests are about placement.
+            recovery: crate::RecoveryConfig { settle: Duration::ZERO, ..Default::default() },
         };
         Node::new(config, members)
     }

@@ -1,0 +1,592 @@
+//! Flow recovery: any entry finds the server of any connection, whoever placed it.
+//!
+//! An entry that does not know a connection (its daemon restarted, or the router moved the
+//! connection to it from another entry) sends its packets to the flow's *home*: the member
+//! consistent hashing names for it, which every node computes alike. Every server tells each
+//! of its connections' homes "I serve this" ([`FlowMessage::Serves`]) once the connection is
+//! established, again every `refresh`, at once when the set of homes changes, and when a home
+//! asks ([`FlowMessage::Sync`], sent by a daemon that starts). The home keeps those claims in
+//! its [`Directory`]; for a packet of a connection it does not serve it looks the server up,
+//! passes the packet on (the second hop) and teaches the entry ([`FlowMessage::Teach`]), which
+//! from then on sends the connection's packets straight to its server.
+//!
+//! - A flow the entry knows costs nothing: no lookup, no extra hop.
+//! - A flow it does not know costs one extra hop until the teaching arrives (about one round
+//!   trip), and a home with no claim for it while the directory settles (just after a start or
+//!   a change of homes) drops the packet rather than let a kernel answer RST: the client sends
+//!   it again. Once settled, a flow nobody claims is handed to the kernel as before.
+//! - Correct when entries and servers change at once: claims come from the servers, which
+//!   learn their connections from their own kernels (see [`Node::adopt_local_flow`]), not
+//!   from the entries that placed them.
+//!
+//! Trust: a claim names the member that sent it (no message can claim for another), is about a
+//! TCP connection to the VIP, and counts against that member's quota; a fresh claim is not
+//! taken over by another member's. An entry accepts "served by S" only from the node it sent
+//! the connection to, and only naming a live member. A compromised member can thus claim
+//! connections it does not serve for entries that lost them (and receive their packets), as it
+//! could be placed new connections anyway; it cannot move connections any entry knows.
+//!
+//! UDP flows are not recovered: an entry places an unknown datagram as a new flow.
+
+use std::time::Duration;
+
+use ringlb_wire::{FlowKey, PacketMeta};
+
+use super::{Node, Verdict};
+use crate::cluster::{ClientFlow, FlowMessage, MAX_FLOWS};
+use crate::directory::{ClaimRefused, Directory};
+use crate::placement::{consistent_hash, Placement};
+use crate::{DropReason, NodeId, Timestamp};
+
+/// Timers of flow recovery.
+#[derive(Debug, Clone)]
+pub struct RecoveryConfig {
+    /// How often a server tells the homes of its connections again.
+    pub refresh: Duration,
+    /// A claim not repeated for this long lapses; a few refreshes, so one lost message is no
+    /// loss.
+    pub ttl: Duration,
+    /// After its start, a node's directory may lack claims for this long (servers answer its
+    /// sync request within a round trip or two); after a change of homes, for a second.
+    pub settle: Duration,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            refresh: Duration::from_secs(10),
+            ttl: Duration::from_secs(35),
+            settle: Duration::from_secs(3),
+        }
+    }
+}
+
+/// How long after a change of homes a home without a claim still drops rather than delivers.
+const RESETTLE: Duration = Duration::from_secs(1);
+/// A home teaches one entry about one flow at most this often.
+const RETEACH: Duration = Duration::from_millis(500);
+/// Most (entry, flow) pairs remembered as taught; beyond, the memory starts over.
+const MAX_TAUGHT: usize = 4096;
+/// New connections queued for their homes between two ticks; beyond, the next tick tells
+/// every home everything instead.
+const MAX_NEW_SERVED: usize = 16_384;
+/// A sync request is sent twice (datagrams may be lost), this far apart.
+const SYNC_AGAIN: Duration = Duration::from_secs(2);
+/// A member's sync requests are answered at most this often.
+const SYNC_ANSWER_EVERY: Duration = Duration::from_secs(1);
+
+/// Per-member bookkeeping, indexed by [`NodeId`].
+#[derive(Debug, Clone, Copy, Default)]
+struct PeerSync {
+    /// Sync requests sent to it in this daemon's life, and when the last went.
+    asked: u8,
+    asked_at: Timestamp,
+    /// When this node last answered its request, and whether one waits.
+    answered_at: Option<Timestamp>,
+    pending: bool,
+}
+
+/// The recovery state of one [`Node`].
+#[derive(Debug)]
+pub(super) struct Recovery {
+    config: RecoveryConfig,
+    directory: Directory,
+    new_served: Vec<FlowKey>,
+    overflowed: bool,
+    teach: Vec<(NodeId, NodeId, FlowKey)>,
+    taught: hashbrown::HashMap<(NodeId, FlowKey), Timestamp>,
+    outbox: std::collections::VecDeque<(NodeId, FlowMessage)>,
+    started: bool,
+    settle_until: Timestamp,
+    next_refresh: Timestamp,
+    next_expire: Timestamp,
+    /// Fingerprint of the members that are homes.
+    homes: u64,
+    peers: Vec<PeerSync>,
+}
+
+impl Recovery {
+    pub(super) fn new(config: RecoveryConfig, quota: u32, seed: u64) -> Self {
+        Recovery {
+            directory: Directory::new(quota, config.ttl, seed),
+            config,
+            new_served: Vec::new(),
+            overflowed: false,
+            teach: Vec::new(),
+            taught: hashbrown::HashMap::new(),
+            outbox: std::collections::VecDeque::new(),
+            started: false,
+            settle_until: Timestamp::ZERO,
+            next_refresh: Timestamp::ZERO,
+            next_expire: Timestamp::ZERO,
+            homes: 0,
+            peers: Vec::new(),
+        }
+    }
+
+    /// Whether a home without a claim should still drop rather than deliver.
+    fn settling(&self, now: Timestamp) -> bool {
+        (!self.started && !self.config.settle.is_zero()) || now < self.settle_until
+    }
+
+    fn peer(&mut self, id: NodeId) -> &mut PeerSync {
+        if self.peers.len() <= id.index() {
+            self.peers.resize(id.index() + 1, PeerSync::default());
+        }
+        &mut self.peers[id.index()]
+    }
+}
+
+fn client_flow(key: &FlowKey) -> ClientFlow {
+    ClientFlow { proto: key.proto, client: key.src(), client_port: key.src_port, vip_port: key.dst_port }
+}
+
+impl Node {
+    /// Claims in this node's directory (it is their flows' home).
+    pub fn directory_len(&self) -> usize {
+        self.recovery.directory.len()
+    }
+
+    /// The next flow-recovery message to send, and to whom (a member's name).
+    pub fn poll_flow_message(&mut self) -> Option<(String, FlowMessage)> {
+        while let Some((to, msg)) = self.recovery.outbox.pop_front() {
+            if let Some(m) = self.members.get(to).filter(|m| !m.state.is_gone()) {
+                return Some((m.name.clone(), msg));
+            }
+        }
+        None
+    }
+
+    /// Whether this node's kernel serves `key`'s connection, as far as the daemon knows.
+    pub(super) fn serves(&self, key: &FlowKey) -> bool {
+        self.served.find(key).is_some()
+            || self.flows.find(key).is_some_and(|h| self.flows.target(h) == self.config.local)
+    }
+
+    /// The flow's home in this node's view (filling the candidates).
+    fn home(&mut self, now: Timestamp, key: &FlowKey) -> Option<NodeId> {
+        self.fill_candidates(now);
+        match consistent_hash(key, &self.candidates) {
+            Placement::Chosen(id) => Some(id),
+            Placement::NoCandidate => None,
+        }
+    }
+
+    fn is_live(&self, id: NodeId) -> bool {
+        self.members.get(id).is_some_and(|m| !m.state.is_gone())
+    }
+
+    /// A TCP connection this node serves was confirmed: its home will hear of it.
+    pub(super) fn note_served(&mut self, key: &FlowKey) {
+        if key.proto != IPPROTO_TCP {
+            return;
+        }
+        let r = &mut self.recovery;
+        if r.new_served.len() < MAX_NEW_SERVED {
+            r.new_served.push(*key);
+        } else {
+            r.overflowed = true;
+        }
+    }
+
+    /// Where a packet of a connection this entry does not know goes (its first such packet;
+    /// the flow is then pinned there). `Err` drops it: nobody has claimed it yet and the
+    /// directory is settling.
+    pub(super) fn recover_at_entry(&mut self, now: Timestamp, key: &FlowKey) -> Result<NodeId, DropReason> {
+        let local = self.config.local;
+        if self.served.find(key).is_some() {
+            return Ok(local); // an entry change brought it to the node serving it
+        }
+        let Some(home) = self.home(now, key) else { return Ok(local) };
+        self.counters.placed_by_hash_fallback += 1;
+        if home != local {
+            return Ok(home);
+        }
+        match self.recovery.directory.lookup(now, key) {
+            Some(server) if server != local && self.is_live(server) => {
+                self.counters.flows_recovered += 1;
+                Ok(server)
+            }
+            Some(_) => Ok(local),
+            None if self.recovery.settling(now) => Err(DropReason::UnclaimedFlow),
+            None => {
+                self.counters.flows_unrecovered += 1;
+                Ok(local)
+            }
+        }
+    }
+
+    /// A carrier packet of a TCP connection this node does not serve: if this node's directory
+    /// says who does, the packet goes on to it (and the entry `from` learns the server).
+    /// `None`: deliver it here.
+    pub(super) fn second_hop(&mut self, now: Timestamp, from: NodeId, meta: &PacketMeta) -> Option<Verdict> {
+        let key = &meta.key;
+        let local = self.config.local;
+        match self.recovery.directory.lookup(now, key) {
+            Some(server) if server != local && self.is_live(server) => {
+                let addr = self.members.get(server)?.addr;
+                let r = &mut self.recovery;
+                let due = r.taught.get(&(from, *key)).is_none_or(|t| now.saturating_since(*t) >= RETEACH);
+                if due && from != server {
+                    if r.taught.len() >= MAX_TAUGHT {
+                        r.taught.clear();
+                    }
+                    r.taught.insert((from, *key), now);
+                    r.teach.push((from, server, *key));
+                }
+                self.counters.second_hop_packets += 1;
+                self.forwarded_to[server.index()] += 1;
+                Some(Verdict::Forward { peer: server, addr, flow_hash: key.stable_hash() })
+            }
+            Some(_) => None,
+            None if self.recovery.settling(now) && self.home(now, key) == Some(local) => {
+                self.counters.count_drop(DropReason::UnclaimedFlow);
+                Some(Verdict::Drop(DropReason::UnclaimedFlow))
+            }
+            None => None,
+        }
+    }
+
+    /// A flow-recovery message from the live member `from` (the control plane checked who).
+    pub(super) fn apply_flow_message(&mut self, now: Timestamp, from: &str, msg: &FlowMessage) {
+        let Some(from) = self.members.by_name(from).filter(|&id| id != self.config.local && self.is_live(id)) else {
+            return;
+        };
+        let vip = self.config.vip;
+        let key_of = |f: &ClientFlow| FlowKey::new(f.client, vip, f.client_port, f.vip_port, f.proto);
+        match msg {
+            FlowMessage::Serves(flows) => {
+                for f in flows {
+                    if f.proto != IPPROTO_TCP || f.client.is_ipv4() != vip.is_ipv4() {
+                        self.counters.claims_refused_invalid += 1;
+                        continue;
+                    }
+                    match self.recovery.directory.claim(now, key_of(f), from) {
+                        Ok(()) => self.counters.claims_accepted += 1,
+                        Err(ClaimRefused::Quota) => self.counters.claims_refused_quota += 1,
+                        Err(ClaimRefused::Conflict) => self.counters.claims_refused_conflict += 1,
+                    }
+                }
+            }
+            FlowMessage::Teach { server, flows } => {
+                let server = self.members.by_name(server).filter(|&id| self.is_live(id));
+                for f in flows {
+                    let handle = self.flows.find(&key_of(f)).filter(|&h| self.flows.target(h) == from);
+                    match (server, handle) {
+                        // Only the node this entry sent the flow to may say where it lives.
+                        (Some(server), Some(h)) => {
+                            self.flows.retarget(h, server);
+                            self.counters.flows_recovered += 1;
+                        }
+                        _ => self.counters.teach_refused += 1,
+                    }
+                }
+            }
+            FlowMessage::Sync => {
+                let p = self.recovery.peer(from);
+                p.pending = true;
+            }
+        }
+    }
+
+    /// Recovery's periodic work, from [`Node::handle_timeout`]: sync requests, claims to the
+    /// homes, teaching, expiry.
+    pub(super) fn recovery_tick(&mut self, now: Timestamp) {
+        let local = self.config.local;
+        if !self.recovery.started {
+            let r = &mut self.recovery;
+            r.started = true;
+            r.settle_until = now.saturating_add(r.config.settle);
+            r.next_refresh = now.saturating_add(r.config.refresh);
+            r.next_expire = now.saturating_add(r.config.ttl / 4);
+        }
+        // Which members are homes; a change moves homes, so every server tells them again.
+        self.fill_candidates(now);
+        let homes = self
+            .candidates
+            .iter()
+            .filter(|c| c.takes_flows())
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, c| ringlb_wire::mix64(h ^ c.name_hash ^ c.weight.to_bits()));
+        let mut everything = std::mem::take(&mut self.recovery.overflowed);
+        if homes != self.recovery.homes {
+            self.recovery.homes = homes;
+            let resettle = self.recovery.config.settle.min(RESETTLE);
+            self.recovery.settle_until = self.recovery.settle_until.max(now.saturating_add(resettle));
+            everything = true;
+        }
+        if now >= self.recovery.next_refresh {
+            self.recovery.next_refresh = now.saturating_add(self.recovery.config.refresh);
+            everything = true;
+        }
+        // Ask every live peer, twice, for the claims homed here.
+        let ids: Vec<NodeId> =
+            self.members.iter().filter(|(id, m)| *id != local && !m.state.is_gone()).map(|(id, _)| id).collect();
+        let mut answer_to = Vec::new();
+        for id in ids {
+            let p = self.recovery.peer(id);
+            if p.asked < 2 && (p.asked == 0 || now.saturating_since(p.asked_at) >= SYNC_AGAIN) {
+                p.asked += 1;
+                p.asked_at = now;
+                self.recovery.outbox.push_back((id, FlowMessage::Sync));
+            }
+            let p = self.recovery.peer(id);
+            if p.pending && p.answered_at.is_none_or(|t| now.saturating_since(t) >= SYNC_ANSWER_EVERY) {
+                p.pending = false;
+                p.answered_at = Some(now);
+                answer_to.push(id);
+            }
+        }
+        // Claims: the new connections, or all of them.
+        let mut claims: Vec<FlowKey> = std::mem::take(&mut self.recovery.new_served);
+        if everything || !answer_to.is_empty() {
+            let mut all = Vec::new();
+            self.served.for_each_established(|k, _| all.push(*k));
+            self.flows.for_each_established(|k, t| {
+                if t == local {
+                    all.push(*k);
+                }
+            });
+            if everything {
+                claims = all;
+            } else {
+                // Only what the asking peers are home of, beside the new ones.
+                for k in all {
+                    if self.home(now, &k).is_some_and(|h| answer_to.contains(&h)) {
+                        claims.push(k);
+                    }
+                }
+            }
+        }
+        let mut by_home: hashbrown::HashMap<NodeId, Vec<ClientFlow>> = hashbrown::HashMap::new();
+        for k in &claims {
+            if let Some(home) = self.home(now, k).filter(|&h| h != local) {
+                by_home.entry(home).or_default().push(client_flow(k));
+            }
+        }
+        for (home, flows) in by_home {
+            for chunk in flows.chunks(MAX_FLOWS) {
+                self.recovery.outbox.push_back((home, FlowMessage::Serves(chunk.to_vec())));
+            }
+        }
+        // Teaching, grouped by entry and server.
+        let mut teach = std::mem::take(&mut self.recovery.teach);
+        teach.sort_unstable_by_key(|&(entry, server, _)| (entry, server));
+        for group in teach.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+            let (entry, server) = (group[0].0, group[0].1);
+            let Some(name) = self.members.get(server).map(|m| m.name.clone()) else { continue };
+            let flows: Vec<ClientFlow> = group.iter().map(|(_, _, k)| client_flow(k)).collect();
+            for chunk in flows.chunks(MAX_FLOWS) {
+                self.recovery
+                    .outbox
+                    .push_back((entry, FlowMessage::Teach { server: name.clone(), flows: chunk.to_vec() }));
+            }
+        }
+        if now >= self.recovery.next_expire {
+            self.recovery.next_expire = now.saturating_add(self.recovery.config.ttl / 4);
+            self.recovery.directory.expire(now);
+        }
+    }
+
+    /// A member was forgotten: its claims go (its id may be reused).
+    pub(super) fn recovery_forget(&mut self, id: NodeId) {
+        self.recovery.directory.forget_server(id);
+        if let Some(p) = self.recovery.peers.get_mut(id.index()) {
+            *p = PeerSync::default();
+        }
+    }
+}
+
+const IPPROTO_TCP: u8 = 6;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FailurePolicy, FlowConfig, Member, Members, NodeConfig, Policy, Update};
+    use ringlb_wire::build::tcp_v4;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    const VIP: [u8; 4] = [10, 200, 0, 10];
+    const CLIENT: [u8; 4] = [10, 78, 0, 100];
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const E: NodeId = NodeId(0);
+    const H: NodeId = NodeId(1);
+    const S: NodeId = NodeId(2);
+
+    fn addr(id: NodeId) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 77, 0, u8::try_from(id.0 + 1).unwrap()))
+    }
+
+    fn name(id: NodeId) -> String {
+        format!("n{}", id.0 + 1)
+    }
+
+    /// Node `local` of n1..n3, with the default timers (a 3 s settle).
+    fn node(local: NodeId) -> Node {
+        let members = Members::new((0..3).map(|i| Member::new(name(NodeId(i)), addr(NodeId(i)), 1.0))).unwrap();
+        let config = NodeConfig {
+            local,
+            vip: IpAddr::V4(VIP.into()),
+            tun_mtu: 1472,
+            flows: FlowConfig::default(),
+            policy: Policy::PowerOfTwo { margin: 0.0 },
+            seed: 7 + u64::from(local.0),
+            on_failure: FailurePolicy::Reset,
+            load_stale_after: Duration::from_secs(1),
+            require_load: false,
+            recovery: RecoveryConfig::default(),
+        };
+        Node::new(config, members)
+    }
+
+    fn at(ms: u64) -> Timestamp {
+        Timestamp::from_duration(Duration::from_millis(ms))
+    }
+
+    fn tcp(port: u16, flags: u8) -> Vec<u8> {
+        tcp_v4(CLIENT, VIP, port, 80, flags, &[])
+    }
+
+    fn key(port: u16) -> FlowKey {
+        ringlb_wire::classify(&tcp(port, ACK)).unwrap().key
+    }
+
+    fn peer(v: Verdict) -> Option<NodeId> {
+        match v {
+            Verdict::Forward { peer, .. } => Some(peer),
+            _ => None,
+        }
+    }
+
+    /// Every message `from` has queued, handed to the members they are for.
+    fn exchange(now: Timestamp, from: &mut Node, nodes: &mut [&mut Node]) -> usize {
+        let sender = name(from.config.local);
+        let mut n = 0;
+        while let Some((to, msg)) = from.poll_flow_message() {
+            if let Some(node) = nodes.iter_mut().find(|n| name(n.config.local) == to) {
+                node.apply(now, &Update::Flow { from: sender.clone(), msg }).unwrap();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// A client port whose connection `entry` places on `server` while its home is `home`.
+    fn port_placed_on(entry: &mut Node, server: NodeId, home: NodeId) -> u16 {
+        (1000..2000)
+            .find(|&p| {
+                entry.home(at(0), &key(p)) == Some(home)
+                    && peer(entry.on_tun_packet(at(0), &mut tcp(p, SYN))) == Some(server)
+            })
+            .expect("such a port")
+    }
+
+    #[test]
+    fn a_restarted_entry_finds_the_server_through_the_home_and_then_goes_straight_there() {
+        let (mut e, mut h, mut s) = (node(E), node(H), node(S));
+        for n in [&mut e, &mut h, &mut s] {
+            n.handle_timeout(at(0));
+        }
+        // The entry places the connection on S; S serves it, and once it is established tells
+        // its home H.
+        let port = port_placed_on(&mut e, S, H);
+        assert_eq!(s.on_carrier_packet(at(1), addr(E), &tcp(port, SYN)), Verdict::Deliver);
+        assert_eq!(peer(e.on_tun_packet(at(2), &mut tcp(port, ACK))), Some(S));
+        assert_eq!(s.on_carrier_packet(at(2), addr(E), &tcp(port, ACK)), Verdict::Deliver);
+        s.handle_timeout(at(100));
+        exchange(at(100), &mut s, &mut [&mut h, &mut e]);
+        assert_eq!(h.directory_len(), 1);
+        assert_eq!(h.counters().claims_accepted, 1);
+
+        // The entry's daemon restarts: it knows nothing, and sends the next packet to the home,
+        // which passes it on to S and teaches the entry.
+        let mut e = node(E);
+        e.handle_timeout(at(4_000));
+        assert_eq!(peer(e.on_tun_packet(at(4_000), &mut tcp(port, ACK))), Some(H));
+        assert_eq!(peer(h.on_carrier_packet(at(4_000), addr(E), &tcp(port, ACK))), Some(S));
+        assert_eq!(h.counters().second_hop_packets, 1);
+        h.handle_timeout(at(4_100));
+        exchange(at(4_100), &mut h, &mut [&mut e, &mut s]);
+        assert_eq!(e.counters().flows_recovered, 1);
+        for t in [4_101, 4_200, 9_000] {
+            assert_eq!(peer(e.on_tun_packet(at(t), &mut tcp(port, ACK))), Some(S), "straight to the server");
+        }
+        // S delivers what reaches it either way.
+        assert_eq!(s.on_carrier_packet(at(4_000), addr(H), &tcp(port, ACK)), Verdict::Deliver);
+    }
+
+    #[test]
+    fn a_restarted_home_asks_the_servers_again_and_drops_only_while_it_settles() {
+        let (mut e, mut s) = (node(E), node(S));
+        e.handle_timeout(at(0));
+        s.handle_timeout(at(0));
+        let port = port_placed_on(&mut e, S, H);
+        s.on_carrier_packet(at(1), addr(E), &tcp(port, SYN));
+        s.on_carrier_packet(at(2), addr(E), &tcp(port, ACK));
+        s.handle_timeout(at(100));
+        while s.poll_flow_message().is_some() {} // the home is down: lost
+
+        // H starts: until it heard from the servers, a packet it has no claim for is dropped
+        // (the client sends it again), not handed to its kernel to be reset.
+        let mut h = node(H);
+        h.handle_timeout(at(1_000));
+        let unknown = (3000..4000).find(|&p| h.home(at(0), &key(p)) == Some(H)).unwrap();
+        assert_eq!(
+            h.on_carrier_packet(at(1_500), addr(E), &tcp(unknown, ACK)),
+            Verdict::Drop(DropReason::UnclaimedFlow)
+        );
+        // Its sync request makes S tell it again.
+        assert_eq!(exchange(at(1_000), &mut h, &mut [&mut e, &mut s]), 2);
+        s.handle_timeout(at(1_100));
+        exchange(at(1_100), &mut s, &mut [&mut h]);
+        assert_eq!(peer(h.on_carrier_packet(at(1_200), addr(E), &tcp(port, ACK))), Some(S));
+        // Settled, a flow nobody claims is the kernel's to answer.
+        h.handle_timeout(at(4_100));
+        assert_eq!(h.on_carrier_packet(at(4_100), addr(E), &tcp(unknown, ACK)), Verdict::Deliver);
+    }
+
+    #[test]
+    fn claims_and_answers_are_checked_against_who_sends_them() {
+        let (mut e, mut h) = (node(E), node(H));
+        e.handle_timeout(at(0));
+        h.handle_timeout(at(0));
+        let flow = |port| ClientFlow { proto: 6, client: IpAddr::V4(CLIENT.into()), client_port: port, vip_port: 80 };
+        let from = |n: NodeId, msg| Update::Flow { from: name(n), msg };
+        // A claim is its sender's own; a second member's claim on a fresh record is refused, and
+        // so are UDP and another address family.
+        h.apply(at(1), &from(S, FlowMessage::Serves(vec![flow(1)]))).unwrap();
+        h.apply(at(2), &from(E, FlowMessage::Serves(vec![flow(1)]))).unwrap();
+        let udp = ClientFlow { proto: 17, ..flow(2) };
+        let v6 = ClientFlow { client: "2001:db8::1".parse().unwrap(), ..flow(3) };
+        h.apply(at(2), &from(E, FlowMessage::Serves(vec![udp, v6]))).unwrap();
+        let c = h.counters();
+        assert_eq!((c.claims_accepted, c.claims_refused_conflict, c.claims_refused_invalid), (1, 1, 2));
+        assert_eq!(h.recovery.directory.lookup(at(3), &key(1)), Some(S));
+        // Nor does a stranger's word count: not a member, no effect.
+        h.apply(at(3), &Update::Flow { from: "mallory".into(), msg: FlowMessage::Serves(vec![flow(9)]) }).unwrap();
+        assert_eq!(h.directory_len(), 1);
+
+        // The entry takes "served by" only from the node it sent the flow to, naming a live member.
+        let port = (5000..6000).find(|&p| e.home(at(0), &key(p)) == Some(H)).unwrap();
+        e.handle_timeout(at(4_000));
+        assert_eq!(peer(e.on_tun_packet(at(4_000), &mut tcp(port, ACK))), Some(H));
+        let teach = |server: &str| FlowMessage::Teach { server: server.into(), flows: vec![flow(port)] };
+        e.apply(at(4_001), &from(S, teach("n3"))).unwrap();
+        e.apply(at(4_001), &from(H, teach("nobody"))).unwrap();
+        assert_eq!(e.counters().teach_refused, 2);
+        assert_eq!(peer(e.on_tun_packet(at(4_002), &mut tcp(port, ACK))), Some(H), "moved by a refused answer");
+        e.apply(at(4_003), &from(H, teach("n3"))).unwrap();
+        assert_eq!(peer(e.on_tun_packet(at(4_004), &mut tcp(port, ACK))), Some(S));
+    }
+
+    #[test]
+    fn a_member_holds_at_most_its_quota_of_claims() {
+        let mut h = node(H);
+        h.recovery.directory = Directory::new(10, Duration::from_secs(35), 1);
+        let flows: Vec<ClientFlow> = (0..u16::try_from(MAX_FLOWS).unwrap())
+            .map(|p| ClientFlow { proto: 6, client: IpAddr::V4(CLIENT.into()), client_port: p, vip_port: 80 })
+            .collect();
+        h.apply(at(0), &Update::Flow { from: name(S), msg: FlowMessage::Serves(flows) }).unwrap();
+        assert_eq!((h.counters().claims_accepted, h.counters().claims_refused_quota), (10, MAX_FLOWS as u64 - 10));
+    }
+}
