@@ -629,6 +629,22 @@ impl Lab {
         }
     }
 
+    /// Waits until every node of `nodes` holds a fresh load vector from each of the others,
+    /// whatever their state (a draining member still sends its load).
+    pub fn wait_loads(&self, nodes: &[usize], within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let fresh: Vec<usize> = nodes.iter().map(|&i| self.converged_view(i).1).collect();
+            if fresh.iter().all(|&f| f + 1 == nodes.len()) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("nodes {nodes:?} hold fresh loads from {fresh:?} peers, not all");
+            }
+            sleep(Duration::from_millis(100));
+        }
+    }
+
     /// (members alive, peers whose load vector is younger than 1 s) as node `i` sees them.
     fn converged_view(&self, i: usize) -> (u64, usize) {
         let Ok(text) = self.metrics(i) else { return (0, 0) };
@@ -876,6 +892,56 @@ pub fn parse_attempts(out: &[u8]) -> Vec<Attempt> {
         .collect()
 }
 
+/// Long, paced, checksummed transfers through the VIP (`longconns.py`): half downloads from
+/// nginx, half uploads to the sink, each checked by sha256.
+#[derive(Debug, Clone)]
+pub struct LongTransfers {
+    pub count: usize,
+    /// A quarter start at once, the rest over this many seconds.
+    pub spread_secs: f64,
+    /// Each lasts between these (the client paces it).
+    pub min_secs: f64,
+    pub max_secs: f64,
+    pub blob_mib: usize,
+    pub seed: u64,
+}
+
+/// One transfer as `longconns.py` reported it.
+#[derive(Debug, Clone)]
+pub struct Transfer {
+    /// Unix seconds.
+    pub start: f64,
+    pub end: f64,
+    pub ok: bool,
+    pub error: String,
+    /// `download` or `upload`.
+    pub kind: String,
+    /// The server's name (`?` if it never answered).
+    pub node: String,
+    /// The client's port.
+    pub port: u64,
+    /// Moved before the end.
+    pub bytes: u64,
+}
+
+/// The transfers a finished `longconns.py` printed.
+pub fn parse_transfers(out: &[u8]) -> Vec<Transfer> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| Transfer {
+            start: v["start"].as_f64().unwrap_or(0.0),
+            end: v["end"].as_f64().unwrap_or(0.0),
+            ok: v["ok"].as_bool().unwrap_or(false),
+            error: v["error"].as_str().unwrap_or_default().to_owned(),
+            kind: v["kind"].as_str().unwrap_or_default().to_owned(),
+            node: v["node"].as_str().unwrap_or("?").to_owned(),
+            port: v["port"].as_u64().unwrap_or(0),
+            bytes: v["bytes"].as_u64().unwrap_or(0),
+        })
+        .collect()
+}
+
 /// Now, in unix seconds (the connection loop's clock).
 pub fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
@@ -887,6 +953,24 @@ impl Lab {
     /// [`parse_attempts`].
     pub fn start_connloop(&self, seconds: f64, timeout: f64, count: Option<usize>) -> Result<std::process::Child> {
         self.start_paced_connloop(seconds, timeout, count, 0.0)
+    }
+
+    /// Starts `longconns.py` in the client (see [`LongTransfers`]); its stdout is piped for
+    /// [`parse_transfers`].
+    pub fn start_long_transfers(&self, t: &LongTransfers) -> Result<std::process::Child> {
+        let blob = self.make_blob("long", t.blob_mib)?;
+        let sha = run(Command::new("sha256sum").arg(&blob))?;
+        let sha = String::from_utf8_lossy(&sha.stdout).split_whitespace().next().unwrap_or_default().to_owned();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("longconns.py");
+        Command::new("ip")
+            .args(["netns", "exec", &self.client(), "python3"])
+            .arg(&script)
+            .args([VIP.to_string(), t.count.to_string(), t.spread_secs.to_string()])
+            .args([t.min_secs.to_string(), t.max_secs.to_string(), "/blob/long".into()])
+            .args([(t.blob_mib << 20).to_string(), sha, t.seed.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting longconns.py")
     }
 
     /// [`Lab::start_connloop`], pausing `pause` seconds after each connection.

@@ -124,6 +124,9 @@ pub struct Counters {
     /// Connections nobody claimed (after the directory settled): handed to the local kernel,
     /// which answers with a RST unless it holds the connection.
     pub flows_unrecovered: u64,
+    /// Packets of connections this node does not serve that an entry sent it and nobody claims
+    /// (its directory settled): delivered to the local kernel, which answers RST.
+    pub unclaimed_delivered: u64,
     /// Packets this node, as a flow's home, passed on to the flow's server for an entry that
     /// did not know it (the second hop).
     pub second_hop_packets: u64,

@@ -26,7 +26,8 @@ pub enum MemberState {
     Suspect,
     /// Leaving on purpose: takes no new flows, serves its pinned ones to the end.
     Draining,
-    /// Gone on purpose: takes nothing.
+    /// Gone on purpose (its daemon stopped): takes no new flows; its pinned flows stay, since
+    /// its kernel still holds them, until the cluster forgets it.
     Left,
     /// Gone, as failure detection concluded: takes nothing.
     Dead,
@@ -37,7 +38,7 @@ impl MemberState {
         self == MemberState::Alive
     }
 
-    /// Dead or left: flows pinned to it must go elsewhere.
+    /// Dead or left: it takes no new flows and is nobody's home.
     pub fn is_gone(self) -> bool {
         matches!(self, MemberState::Dead | MemberState::Left)
     }

@@ -396,7 +396,11 @@ impl Node {
                 self.flows.retarget(h, target);
                 return Ok(target);
             }
-            if state.is_some_and(MemberState::is_gone) {
+            // A member that left on purpose (its daemon stopped) keeps its flows: its kernel still
+            // holds the connections, and its next daemon takes their packets again (meanwhile
+            // they are lost, and resent). Only a dead member's flows, or one the cluster has
+            // forgotten, go elsewhere.
+            if state == Some(MemberState::Dead) {
                 return Ok(self.rescue(now, h, meta));
             }
             return Ok(target);

@@ -16,6 +16,16 @@
 //! With a [`PersistentTun`] (`tun.owner`), `setup` also creates the TUN device, owned by the
 //! user that will run the daemon, and its route (see [`crate::tun::create_persistent`]).
 //!
+//! Fail-open has one cost: a packet of a connection another node serves (the daemon had
+//! forwarded it) reaches the kernel, which answers RST. So `setup` also installs a guard, the
+//! nftables table `ringlb_guard`: a TCP packet for the VIP that did not come through the TUN,
+//! is no SYN or RST, and matches no socket of this node's is dropped, silently. The client
+//! sends it again, and the next daemon finds the connection's server (flow recovery in
+//! `ringlb_core`). Connections this node serves, and new ones, pass as before. Without the
+//! `nft` tool the guard is skipped with a warning. (A listener bound to the VIP itself rather
+//! than to every address counts as a socket for any packet to its port, so then the kernel
+//! still answers RST.)
+//!
 //! `teardown` undoes exactly what the state file records and deletes it. Both are idempotent.
 
 use std::fs;
@@ -42,7 +52,12 @@ pub struct SteeringConfig {
     pub state_dir: PathBuf,
     /// A TUN for an unprivileged daemon, made here rather than by the daemon.
     pub persistent_tun: Option<PersistentTun>,
+    /// The TUN device's name: packets that come through it pass the guard.
+    pub tun: String,
 }
+
+/// The nftables table of the guard (see the module documentation).
+pub const GUARD_TABLE: &str = "ringlb_guard";
 
 /// A TUN device that `setup` creates for a daemon that runs without privilege.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +98,9 @@ struct Undo {
     /// A persistent TUN made for an unprivileged daemon.
     #[serde(default)]
     created_tun: Option<String>,
+    /// The nftables guard.
+    #[serde(default)]
+    added_guard: bool,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SteeringError + '_ {
@@ -153,6 +171,13 @@ impl SteeringConfig {
             ip(&["rule", "del", "pref", "0", "lookup", "local"])?;
             undo.moved_local_rule = true;
         }
+        match self.install_guard() {
+            Ok(()) => undo.added_guard = true,
+            Err(e) => tracing::warn!(
+                error = %e,
+                "no guard: while no daemon runs, packets of connections served elsewhere that reach this node are answered with RST"
+            ),
+        }
         if let Some(t) = &self.persistent_tun {
             if undo.created_tun.is_none() && !Path::new("/sys/class/net").join(&t.name).exists() {
                 undo.created_tun = Some(t.name.clone());
@@ -179,6 +204,9 @@ impl SteeringConfig {
                 ip(&["link", "del", name])?;
             }
         }
+        if undo.added_guard {
+            nft(&format!("delete table ip {GUARD_TABLE}\n"))?;
+        }
         let rules = rules()?;
         if undo.moved_local_rule {
             if !rules.iter().any(|r| r.priority == 0 && r.table == "local") {
@@ -203,6 +231,54 @@ impl SteeringConfig {
         fs::remove_file(&path).map_err(io_err(&path))?;
         tracing::info!("steering torn down");
         Ok(())
+    }
+}
+
+impl SteeringConfig {
+    /// The guard's rules, replacing any earlier version of them.
+    fn guard_rules(&self) -> String {
+        let (vip, tun) = (self.vip, &self.tun);
+        let stray = format!("ip daddr {vip} iifname != \"{tun}\" tcp flags & (syn | rst) == 0");
+        format!(
+            "table ip {GUARD_TABLE}\ndelete table ip {GUARD_TABLE}\ntable ip {GUARD_TABLE} {{\n  chain input {{\n    \
+             type filter hook input priority filter; policy accept;\n    \
+             {stray} socket wildcard 0 accept\n    {stray} counter drop\n  }}\n}}\n"
+        )
+    }
+
+    fn install_guard(&self) -> Result<(), SteeringError> {
+        nft(&self.guard_rules())?;
+        tracing::info!(
+            table = GUARD_TABLE,
+            "guard installed: stray packets of connections served elsewhere are dropped, not reset"
+        );
+        Ok(())
+    }
+}
+
+/// Runs `nft -f -` with `script`.
+fn nft(script: &str) -> Result<(), SteeringError> {
+    use std::io::Write;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| SteeringError::Io { path: PathBuf::from("nft"), source })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|source| SteeringError::Io { path: PathBuf::from("nft"), source })?;
+    }
+    let out = child.wait_with_output().map_err(|source| SteeringError::Io { path: PathBuf::from("nft"), source })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(SteeringError::Command {
+            cmd: "nft -f -".into(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
     }
 }
 

@@ -273,6 +273,18 @@ fn status_json(s: &Snapshot, control: Option<&ControlHandle>, side: Side<'_>, no
             "decapsulated": c.decapsulated,
         },
         "drops": drops,
+        "recovery": {
+            "flows_recovered": c.flows_recovered,
+            "flows_unrecovered": c.flows_unrecovered,
+            "second_hop_packets": c.second_hop_packets,
+            "unclaimed_delivered": c.unclaimed_delivered,
+            "directory_claims": s.directory,
+            "claims_accepted": c.claims_accepted,
+            "claims_refused_quota": c.claims_refused_quota,
+            "claims_refused_conflict": c.claims_refused_conflict,
+            "claims_refused_invalid": c.claims_refused_invalid,
+            "teach_refused": c.teach_refused,
+        },
         "health": side.health.map(|h| json!({
             "state": h.state.name(),
             "target": h.target.to_string(),
@@ -320,6 +332,50 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
     );
     counter("flows_reset_total", "TCP flows of a dead member handed to the local kernel to be reset.", c.flows_reset);
     counter("flows_replaced_total", "Flows of a dead member placed anew.", c.flows_replaced);
+    counter(
+        "flows_recovered_total",
+        "Connections this entry did not know and found the server of (taught by their home, or from its own directory).",
+        c.flows_recovered,
+    );
+    counter(
+        "flows_unrecovered_total",
+        "Connections this entry did not know and nobody claimed: handed to the local kernel (a RST unless it holds them).",
+        c.flows_unrecovered,
+    );
+    counter(
+        "second_hop_packets_total",
+        "Packets this node, as their flow's home, passed on to the flow's server for an entry that did not know it.",
+        c.second_hop_packets,
+    );
+    counter(
+        "unclaimed_delivered_packets_total",
+        "Packets of connections this node does not serve, sent by an entry, that nobody claims: delivered (the kernel answers RST).",
+        c.unclaimed_delivered,
+    );
+    counter(
+        "teach_refused_total",
+        "Answers naming a flow's server refused (from a node not asked, or naming no live member).",
+        c.teach_refused,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_flow_claims_total Servers' claims on flows homed at this node, by result.
+# TYPE ringlb_flow_claims_total counter"
+    );
+    for (result, v) in [
+        ("accepted", c.claims_accepted),
+        ("quota", c.claims_refused_quota),
+        ("conflict", c.claims_refused_conflict),
+        ("invalid", c.claims_refused_invalid),
+    ] {
+        let _ = writeln!(out, "ringlb_flow_claims_total{{node=\"{node}\",result=\"{result}\"}} {v}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_flow_directory_claims Claims held by this node as the home of their flows.\n\
+         # TYPE ringlb_flow_directory_claims gauge\nringlb_flow_directory_claims{{node=\"{node}\"}} {}",
+        s.directory
+    );
     let _ = writeln!(
         out,
         "# HELP ringlb_placements_total New flows placed, by outcome.\n# TYPE ringlb_placements_total counter"
@@ -482,6 +538,11 @@ pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Stri
         out,
         "packets: {} delivered locally, {} forwarded, {} received from peers; flows: {} served here, {} reset after a member died",
         c.delivered_local, c.forwarded, c.decapsulated, c.served_new_flows, c.flows_reset
+    );
+    let _ = writeln!(
+        out,
+        "recovery: {} connections recovered, {} unrecovered, {} packets passed on as a home; directory holds {} claims",
+        c.flows_recovered, c.flows_unrecovered, c.second_hop_packets, s.directory
     );
     let drops: Vec<String> =
         DropReason::ALL.iter().filter(|r| c.drops(**r) > 0).map(|r| format!("{}={}", r.name(), c.drops(*r))).collect();

@@ -799,6 +799,7 @@ impl Config {
             local_pref: self.steering.local_pref,
             state_dir: self.steering.state_dir.clone(),
             persistent_tun: None,
+            tun: self.tun.name.clone(),
         }
     }
 

@@ -1,11 +1,10 @@
 //! Leaving gracefully: a rolling SIGTERM restart of every daemon while long transfers run
 //! breaks none of them. Needs root (network namespaces, TUN devices), like `e2e.rs`.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ringlb_netlab::{unique_prefix, unix_now, Entry, Lab, Spec, VIP};
+use ringlb_netlab::{parse_transfers, unique_prefix, unix_now, Entry, Lab, LongTransfers, Spec, Transfer};
 
 /// Transfers in all; each lasts a few seconds, and they start over the length of the restarts.
 const CONNECTIONS: usize = 200;
@@ -18,35 +17,6 @@ const BLOB_MIB: usize = 1;
 /// SIGTERMs are this far apart at least, so that each finds transfers in flight however fast
 /// the daemons go.
 const RESTART_EVERY: Duration = Duration::from_secs(6);
-
-#[derive(Debug)]
-struct Transfer {
-    start: f64,
-    end: f64,
-    ok: bool,
-    error: String,
-    kind: String,
-    node: String,
-    port: u64,
-    bytes: u64,
-}
-
-fn parse(out: &[u8]) -> Vec<Transfer> {
-    String::from_utf8_lossy(out)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|v| Transfer {
-            start: v["start"].as_f64().unwrap_or(0.0),
-            end: v["end"].as_f64().unwrap_or(0.0),
-            ok: v["ok"].as_bool().unwrap_or(false),
-            error: v["error"].as_str().unwrap_or_default().to_owned(),
-            kind: v["kind"].as_str().unwrap_or_default().to_owned(),
-            node: v["node"].as_str().unwrap_or("?").to_owned(),
-            port: v["port"].as_u64().unwrap_or(0),
-            bytes: v["bytes"].as_u64().unwrap_or(0),
-        })
-        .collect()
-}
 
 /// One node's restart: when its SIGTERM went out, how long it took to exit, and the lines its
 /// daemon logged while stopping.
@@ -101,19 +71,16 @@ fn a_rolling_sigterm_restart_of_every_daemon_breaks_no_transfer() {
     let mut spec = Spec::new(unique_prefix("roll"), env!("CARGO_BIN_EXE_ringlb"));
     spec.entry = Entry::Ecmp;
     let lab = Lab::up(spec).expect("lab comes up");
-    let blob = lab.make_blob("long", BLOB_MIB).unwrap();
-    let sha = Command::new("sha256sum").arg(&blob).output().unwrap();
-    let sha = String::from_utf8_lossy(&sha.stdout).split_whitespace().next().unwrap().to_owned();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netlab/longconns.py");
     let t0 = unix_now();
-    let client = Command::new("ip")
-        .args(["netns", "exec", &lab.client(), "python3"])
-        .arg(&script)
-        .args([VIP.to_string(), CONNECTIONS.to_string(), SPREAD_SECS.to_string()])
-        .args([MIN_SECS.to_string(), MAX_SECS.to_string(), "/blob/long".into()])
-        .args([(BLOB_MIB << 20).to_string(), sha, "7".into()])
-        .stdout(Stdio::piped())
-        .spawn()
+    let client = lab
+        .start_long_transfers(&LongTransfers {
+            count: CONNECTIONS,
+            spread_secs: SPREAD_SECS,
+            min_secs: MIN_SECS,
+            max_secs: MAX_SECS,
+            blob_mib: BLOB_MIB,
+            seed: 7,
+        })
         .expect("client starts");
     std::thread::sleep(Duration::from_secs(2));
     let mut restarts: Vec<Restart> = Vec::new();
@@ -124,7 +91,7 @@ fn a_rolling_sigterm_restart_of_every_daemon_breaks_no_transfer() {
         }
         restarts.push(restart(&lab, i));
     }
-    let transfers = parse(&client.wait_with_output().unwrap().stdout);
+    let transfers = parse_transfers(&client.wait_with_output().unwrap().stdout);
 
     let in_flight = |at: f64| transfers.iter().filter(|t| t.start < at && t.end > at).count();
     for r in &restarts {

@@ -36,7 +36,7 @@ use super::{Node, Verdict};
 use crate::cluster::{ClientFlow, FlowMessage, MAX_FLOWS};
 use crate::directory::{ClaimRefused, Directory};
 use crate::placement::{consistent_hash, Placement};
-use crate::{DropReason, NodeId, Timestamp};
+use crate::{DropReason, MemberState, NodeId, Timestamp};
 
 /// Timers of flow recovery.
 #[derive(Debug, Clone)]
@@ -46,8 +46,9 @@ pub struct RecoveryConfig {
     /// A claim not repeated for this long lapses; a few refreshes, so one lost message is no
     /// loss.
     pub ttl: Duration,
-    /// After its start, a node's directory may lack claims for this long (servers answer its
-    /// sync request within a round trip or two); after a change of homes, for a second.
+    /// After its start or a change of homes, a node's directory may lack claims for this long
+    /// (servers answer a sync request, or tell the new homes, within a round trip or two once
+    /// they see the change too).
     pub settle: Duration,
 }
 
@@ -61,8 +62,6 @@ impl Default for RecoveryConfig {
     }
 }
 
-/// How long after a change of homes a home without a claim still drops rather than delivers.
-const RESETTLE: Duration = Duration::from_secs(1);
 /// A home teaches one entry about one flow at most this often.
 const RETEACH: Duration = Duration::from_millis(500);
 /// Most (entry, flow) pairs remembered as taught; beyond, the memory starts over.
@@ -172,8 +171,10 @@ impl Node {
         }
     }
 
+    /// Whether `id` may still hold connections: any member not dead (one that left only
+    /// stopped its daemon; its kernel keeps serving).
     fn is_live(&self, id: NodeId) -> bool {
-        self.members.get(id).is_some_and(|m| !m.state.is_gone())
+        self.members.get(id).is_some_and(|m| m.state != MemberState::Dead)
     }
 
     /// A TCP connection this node serves was confirmed: its home will hear of it.
@@ -239,11 +240,14 @@ impl Node {
                 Some(Verdict::Forward { peer: server, addr, flow_hash: key.stable_hash() })
             }
             Some(_) => None,
-            None if self.recovery.settling(now) && self.home(now, key) == Some(local) => {
+            None if self.recovery.settling(now) => {
                 self.counters.count_drop(DropReason::UnclaimedFlow);
                 Some(Verdict::Drop(DropReason::UnclaimedFlow))
             }
-            None => None,
+            None => {
+                self.counters.unclaimed_delivered += 1;
+                None
+            }
         }
     }
 
@@ -310,8 +314,10 @@ impl Node {
         let mut everything = std::mem::take(&mut self.recovery.overflowed);
         if homes != self.recovery.homes {
             self.recovery.homes = homes;
-            let resettle = self.recovery.config.settle.min(RESETTLE);
-            self.recovery.settle_until = self.recovery.settle_until.max(now.saturating_add(resettle));
+            // Servers and entries see the change at slightly different times, so for a while an
+            // entry may ask a node that the flow's server did not tell.
+            let settle = self.recovery.config.settle;
+            self.recovery.settle_until = self.recovery.settle_until.max(now.saturating_add(settle));
             everything = true;
         }
         if now >= self.recovery.next_refresh {
