@@ -662,11 +662,16 @@ impl Lab {
     /// Runs `ringlb setup` and starts `ringlb node` on node `i`, writing its config first
     /// unless it has one (a restarted node keeps the config it was built with).
     pub fn start_ringlb(&self, i: usize) -> Result<()> {
+        self.start_ringlb_bin(i, &self.spec.bin)
+    }
+
+    /// [`Lab::start_ringlb`] with another `ringlb` binary (an upgrade or a downgrade).
+    pub fn start_ringlb_bin(&self, i: usize, bin: &Path) -> Result<()> {
         let cfg = self.config_path(i);
         if !cfg.exists() {
             fs::write(&cfg, self.config_toml(i))?;
         }
-        let bin = self.spec.bin.to_string_lossy().into_owned();
+        let bin = bin.to_string_lossy().into_owned();
         let cfg = cfg.to_string_lossy().into_owned();
         self.exec(&self.node(i), &[&bin, "--config", &cfg, "setup"])?;
         let log = self.node_dir(i).join("ringlb.log");
@@ -940,6 +945,37 @@ pub fn parse_transfers(out: &[u8]) -> Vec<Transfer> {
             bytes: v["bytes"].as_u64().unwrap_or(0),
         })
         .collect()
+}
+
+/// The release the upgrade test starts from: the last commit before flow recovery.
+pub const PREVIOUS_RELEASE: &str = "0cabd9017130fc76c33de11b55d52eefdd57904d";
+
+/// Builds `ringlb` as it was at `commit`, in a git worktree of this checkout with a target
+/// directory of its own (both under `target/`, so a second run only checks them), and returns
+/// the binary's path.
+pub fn build_release(commit: &str) -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("the workspace root")?.to_owned();
+    let short = &commit[..commit.len().min(12)];
+    let tree = root.join("target").join(format!("release-{short}"));
+    let head = Command::new("git").arg("-C").arg(&tree).args(["rev-parse", "HEAD"]).output();
+    if !head.is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == commit) {
+        let _ = fs::remove_dir_all(&tree);
+        let _ = run(Command::new("git").arg("-C").arg(&root).args(["worktree", "prune"]));
+        run(Command::new("git")
+            .arg("-C")
+            .arg(&root)
+            .args(["worktree", "add", "--detach", "--force"])
+            .arg(&tree)
+            .arg(commit))
+        .with_context(|| format!("checking out {commit} (a clone with its history is needed)"))?;
+    }
+    let target = tree.join("target");
+    run(Command::new("cargo")
+        .args(["build", "--release", "--offline", "-p", "ringlb", "--bin", "ringlb"])
+        .current_dir(&tree)
+        .env("CARGO_TARGET_DIR", &target))
+    .with_context(|| format!("building ringlb at {commit}"))?;
+    Ok(target.join("release").join("ringlb"))
 }
 
 /// Now, in unix seconds (the connection loop's clock).

@@ -200,23 +200,27 @@ impl Node {
         if !meta.key.dst_is(self.config.vip) {
             return self.drop(DropReason::NotVip);
         }
+        if matches!(meta.l4, L4::Icmp { .. }) {
+            self.counters.decapsulated += 1;
+            return Verdict::Deliver;
+        }
+        let served = self.served.find(&meta.key);
         // A connection this node does not serve, from an entry that did not know it: on to its
         // server, if this node's directory knows it (see the `recovery` module).
-        if matches!(meta.l4, L4::Tcp(f) if !f.syn) && !self.serves(&meta.key) {
+        if served.is_none() && matches!(meta.l4, L4::Tcp(f) if !f.syn) && !self.serves(&meta.key) {
             if let Some(verdict) = self.second_hop(now, from, &meta) {
                 return verdict;
             }
         }
         self.counters.decapsulated += 1;
-        if !matches!(meta.l4, L4::Icmp { .. }) {
-            self.track_served(now, &meta);
-        }
+        self.track_served(now, &meta, served);
         Verdict::Deliver
     }
 
-    fn track_served(&mut self, now: Timestamp, meta: &PacketMeta) {
+    /// Counts a flow served here for another entry (`found`: its handle in `served`, if any).
+    fn track_served(&mut self, now: Timestamp, meta: &PacketMeta, found: Option<u32>) {
         let local = self.config.local;
-        if let Some(h) = self.served.find(&meta.key) {
+        if let Some(h) = found {
             let next = next_state(self.served.state(h), meta.l4);
             let confirmed = self.served.is_confirmed(h);
             self.served.touch(h, now, next);

@@ -3,13 +3,16 @@
 //! case runs long, checksummed transfers through an ECMP entry over four nodes, so most
 //! connections are forwarded and most move to an entry (or a daemon) that never saw them
 //! start: flow recovery (the consistent-hash homes, see `ringlb_core`) must find their
-//! servers. Needs root (network namespaces, TUN devices), like `e2e.rs`.
+//! servers. The last test upgrades a cluster from the previous release, built from its commit
+//! in a worktree. Needs root (network namespaces, TUN devices), like `e2e.rs`.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use ringlb_netlab::{
-    node_addr, parse_transfers, unique_prefix, unix_now, Entry, Lab, LongTransfers, Spec, Transfer, VIP,
+    build_release, node_addr, parse_transfers, unique_prefix, unix_now, Entry, Lab, LongTransfers, Spec, Transfer,
+    PREVIOUS_RELEASE, VIP,
 };
 
 const NODES: usize = 4;
@@ -63,6 +66,15 @@ fn report<'a>(lab: &Lab, t0: f64, transfers: &'a [Transfer]) -> Vec<&'a Transfer
         total(lab, "reason=\"unclaimed_flow\""),
         total(lab, "ringlb_unclaimed_delivered_packets_total"),
         total(lab, "result=\"accepted\""),
+    );
+    let (second, forwarded) =
+        (total(lab, "ringlb_second_hop_packets_total"), total(lab, "ringlb_forwarded_packets_total"));
+    let recovered = total(lab, "ringlb_flows_recovered_total").max(1);
+    println!(
+        "second hop: {second} of {} carrier packets ({:.4} %), {:.1} per recovered connection",
+        forwarded + second,
+        second as f64 * 100.0 / (forwarded + second).max(1) as f64,
+        second as f64 / recovered as f64
     );
     for t in &broken {
         println!(
@@ -164,4 +176,45 @@ fn entries_joining_and_leaving_the_routers_ecmp_group_break_no_connection() {
     println!("the group grew {:.1} s in and shrank {:.1} s in", grew - t0, shrank - t0);
     assert!(total(&lab, "ringlb_flows_recovered_total") > 0, "no connection moved entries: the test proves nothing");
     assert!(broken.is_empty(), "{} of {} transfers broke as the ECMP group changed", broken.len(), transfers.len());
+}
+
+#[test]
+fn an_upgrade_from_the_previous_release_node_by_node_breaks_no_connection() {
+    let old = build_release(PREVIOUS_RELEASE).expect("the previous release builds");
+    let new = Path::new(env!("CARGO_BIN_EXE_ringlb"));
+    let mut spec = Spec::new(unique_prefix("surv-upgr"), &old);
+    spec.entry = Entry::Ecmp;
+    spec.nodes = NODES;
+    // The previous release has no flow recovery: its SIGTERM waits (up to the default 30 s)
+    // for the flows that need it, as an operator's `systemctl restart` would.
+    let lab = Lab::up(spec).expect("lab comes up on the previous release");
+    let t0 = unix_now();
+    // A steady load across the whole upgrade: new transfers keep starting for 90 s.
+    let client = lab
+        .start_long_transfers(&LongTransfers {
+            count: CONNECTIONS,
+            spread_secs: 90.0,
+            min_secs: 20.0,
+            max_secs: 24.0,
+            blob_mib: 1,
+            seed: 13,
+        })
+        .expect("client starts");
+    std::thread::sleep(Duration::from_secs(5));
+    let mut signalled = Vec::new();
+    for i in ALL {
+        signalled.push(unix_now());
+        lab.stop_ringlb(i, false).unwrap();
+        lab.start_ringlb_bin(i, new).unwrap();
+        lab.wait_loads(&ALL, Duration::from_secs(15)).unwrap();
+        println!("n{i} upgraded {:.1} s in, after {:.1} s", signalled[i - 1] - t0, unix_now() - signalled[i - 1]);
+    }
+    let transfers = parse_transfers(&client.wait_with_output().unwrap().stdout);
+    let broken = report(&lab, t0, &transfers);
+    assert_eq!(transfers.len(), CONNECTIONS, "the client did not report every transfer");
+    for (i, at) in ALL.iter().zip(&signalled) {
+        let n = in_flight(&transfers, *at);
+        assert!(n >= 10, "n{i} was upgraded with only {n} transfers in flight");
+    }
+    assert!(broken.is_empty(), "{} of {} transfers broke across the upgrade", broken.len(), transfers.len());
 }

@@ -136,6 +136,14 @@ impl Recovery {
     }
 }
 
+/// The flow's home among `candidates` (filled once for many flows).
+fn home_in(key: &FlowKey, candidates: &[crate::Candidate]) -> Option<NodeId> {
+    match consistent_hash(key, candidates) {
+        Placement::Chosen(id) => Some(id),
+        Placement::NoCandidate => None,
+    }
+}
+
 fn client_flow(key: &FlowKey) -> ClientFlow {
     ClientFlow { proto: key.proto, client: key.src(), client_port: key.src_port, vip_port: key.dst_port }
 }
@@ -165,10 +173,7 @@ impl Node {
     /// The flow's home in this node's view (filling the candidates).
     fn home(&mut self, now: Timestamp, key: &FlowKey) -> Option<NodeId> {
         self.fill_candidates(now);
-        match consistent_hash(key, &self.candidates) {
-            Placement::Chosen(id) => Some(id),
-            Placement::NoCandidate => None,
-        }
+        home_in(key, &self.candidates)
     }
 
     /// Whether `id` may still hold connections: any member not dead (one that left only
@@ -357,7 +362,7 @@ impl Node {
             } else {
                 // Only what the asking peers are home of, beside the new ones.
                 for k in all {
-                    if self.home(now, &k).is_some_and(|h| answer_to.contains(&h)) {
+                    if home_in(&k, &self.candidates).is_some_and(|h| answer_to.contains(&h)) {
                         claims.push(k);
                     }
                 }
@@ -365,7 +370,7 @@ impl Node {
         }
         let mut by_home: hashbrown::HashMap<NodeId, Vec<ClientFlow>> = hashbrown::HashMap::new();
         for k in &claims {
-            if let Some(home) = self.home(now, k).filter(|&h| h != local) {
+            if let Some(home) = home_in(k, &self.candidates).filter(|&h| h != local) {
                 by_home.entry(home).or_default().push(client_flow(k));
             }
         }
