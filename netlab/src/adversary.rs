@@ -8,7 +8,8 @@
 //!
 //! - `forge`: the victim dead or suspect at an incarnation it never had, and at the one it has;
 //!   a ghost member (hints and reports of a name nobody has); its own weight 3e38; an address
-//!   of the victim's claimed as its own.
+//!   of the victim's claimed as its own; flow recovery's "connection X is served by the victim"
+//!   for connections nobody sent it, and claims on UDP flows.
 //! - `flood`: a record spoken for the victim (the connection is closed for it), a burst of
 //!   messages far beyond its rate, and a burst of handshakes beyond the endpoint's bound.
 //!
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ringlb_control::tls::{self, TlsFiles};
-use ringlb_core::cluster::message::{encode, Hint, Message, Record, Report, ReportKind};
+use ringlb_core::cluster::message::{encode, ClientFlow, FlowMessage, Hint, Message, Record, Report, ReportKind};
 use ringlb_core::cluster::{flow_hash_fingerprint, ClusterConfig, Identity, Peer};
 use ringlb_core::{Cluster, MemberState, Timestamp};
 use tokio::sync::mpsc;
@@ -207,7 +208,22 @@ fn forgeries(me: &Record, victim: &str, incarnation: u64, victim_underlay: IpAdd
             },
         ),
         ("stolen_address", Message::Announce { sender: stolen, reports: vec![] }),
+        // Connections of a client nobody placed on this node: no entry asked it about them.
+        ("teach_unasked", Message::Flow(FlowMessage::Teach { server: victim.to_owned(), flows: flows(6) })),
+        ("claim_udp", Message::Flow(FlowMessage::Serves(flows(17)))),
     ]
+}
+
+/// Forty flows of 10.78.0.200, a client address the lab never uses.
+fn flows(proto: u8) -> Vec<ClientFlow> {
+    (0..40)
+        .map(|i| ClientFlow {
+            proto,
+            client: IpAddr::V4(Ipv4Addr::new(10, 78, 0, 200)),
+            client_port: 40_000 + i,
+            vip_port: 80,
+        })
+        .collect()
 }
 
 /// A burst far beyond the per-peer rate, then a record spoken for the victim (a leave).

@@ -137,6 +137,10 @@ pub struct Counters {
     pub claims_refused_conflict: u64,
     /// Claims not about a TCP connection to the VIP from a known member (refused).
     pub claims_refused_invalid: u64,
+    /// Queries this node sent as a home without a claim (one per batch of flows, to every
+    /// member), and queries it answered.
+    pub queries_sent: u64,
+    pub queries_answered: u64,
     /// "Served by" answers refused: from a node this entry did not ask, or naming a server
     /// that is not a live member.
     pub teach_refused: u64,

@@ -608,7 +608,11 @@ mod tests {
                 load_stale_after: Duration::from_secs(1),
                 require_load: false,
                 // Settled from the first tick: these tests are about placement.
-                recovery: RecoveryConfig { settle: Duration::ZERO, ..RecoveryConfig::default() },
+                recovery: RecoveryConfig {
+                    settle: Duration::ZERO,
+                    query_grace: Duration::ZERO,
+                    ..RecoveryConfig::default()
+                },
             },
             members,
         )

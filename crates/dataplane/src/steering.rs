@@ -18,8 +18,9 @@
 //!
 //! Fail-open has one cost: a packet of a connection another node serves (the daemon had
 //! forwarded it) reaches the kernel, which answers RST. So `setup` also installs a guard, the
-//! nftables table `ringlb_guard`: a TCP packet for the VIP that did not come through the TUN,
-//! is no SYN or RST, and matches no socket of this node's is dropped, silently. The client
+//! nftables table `ringlb_guard`: a TCP packet for the VIP that came neither through the TUN
+//! nor over `lo`, is no SYN or RST, and matches no socket of this node's but a listener on
+//! every address is dropped, silently. The client
 //! sends it again, and the next daemon finds the connection's server (flow recovery in
 //! `ringlb_core`). Connections this node serves, and new ones, pass as before. Without the
 //! `nft` tool the guard is skipped with a warning. (A listener bound to the VIP itself rather
@@ -235,14 +236,19 @@ impl SteeringConfig {
 }
 
 impl SteeringConfig {
-    /// The guard's rules, replacing any earlier version of them.
+    /// The guard's rules, replacing any earlier version of them. A packet that bypassed the
+    /// TUN and `lo`, neither SYN nor RST: dropped if only a wildcard listener would take it (the
+    /// kernel would answer RST), passed if any other socket matches (a connection, one in its
+    /// handshake, one in TIME_WAIT), dropped if none does.
     fn guard_rules(&self) -> String {
         let (vip, tun) = (self.vip, &self.tun);
-        let stray = format!("ip daddr {vip} iifname != \"{tun}\" tcp flags & (syn | rst) == 0");
+        let stray = format!("ip daddr {vip} iifname != {{ \"{tun}\", \"lo\" }} tcp flags & (syn | rst) == 0");
         format!(
             "table ip {GUARD_TABLE}\ndelete table ip {GUARD_TABLE}\ntable ip {GUARD_TABLE} {{\n  chain input {{\n    \
              type filter hook input priority filter; policy accept;\n    \
-             {stray} socket wildcard 0 accept\n    {stray} counter drop\n  }}\n}}\n"
+             {stray} socket wildcard 1 counter drop\n    \
+             {stray} socket transparent {{ 0, 1 }} accept\n    \
+             {stray} counter drop\n  }}\n}}\n"
         )
     }
 

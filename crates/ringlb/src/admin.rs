@@ -278,6 +278,8 @@ fn status_json(s: &Snapshot, control: Option<&ControlHandle>, side: Side<'_>, no
             "flows_unrecovered": c.flows_unrecovered,
             "second_hop_packets": c.second_hop_packets,
             "unclaimed_delivered": c.unclaimed_delivered,
+            "queries_sent": c.queries_sent,
+            "queries_answered": c.queries_answered,
             "directory_claims": s.directory,
             "claims_accepted": c.claims_accepted,
             "claims_refused_quota": c.claims_refused_quota,
@@ -346,6 +348,16 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
         "second_hop_packets_total",
         "Packets this node, as their flow's home, passed on to the flow's server for an entry that did not know it.",
         c.second_hop_packets,
+    );
+    counter(
+        "flow_queries_sent_total",
+        "Batches of connections this node, as their home without a claim, asked every member about.",
+        c.queries_sent,
+    );
+    counter(
+        "flow_queries_answered_total",
+        "Members' questions about connections this node answered.",
+        c.queries_answered,
     );
     counter(
         "unclaimed_delivered_packets_total",

@@ -175,6 +175,12 @@ fn a_member_with_a_valid_certificate_cannot_evict_invent_or_steer() {
         let n9 = status.lines().find(|l| l.starts_with("n9 ")).expect("n9 listed").to_owned();
         assert!(n9.split_whitespace().nth(3) == Some("1"), "n{i} gives n9 another weight than 1: {n9}");
     }
+    // Flow recovery's forgeries: "served by n3" for connections nobody sent n9, claims on UDP.
+    let teach: u64 = (1..=3).map(|i| lab.metric(i, "ringlb_teach_refused_total").unwrap_or(0)).sum();
+    let udp: u64 = (1..=3).map(|i| lab.metric(i, "result=\"invalid\"").unwrap_or(0)).sum();
+    println!("flow forgeries refused: teach {teach}, udp claims {udp}");
+    assert!(teach >= 40, "unasked answers about flows were not refused");
+    assert!(udp >= 40, "claims on UDP flows were not refused");
     nobody_died(&lab, "after the forgeries");
     assert_eq!(ask(&mut keep_alive, &mut answers), "n3", "the connection pinned to n3 broke");
 

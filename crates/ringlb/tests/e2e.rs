@@ -222,6 +222,7 @@ fn kernel_state(lab: &Lab) -> String {
         vec!["ip", "-4", "route", "show", "table", "all"],
         vec!["ip", "-4", "addr", "show"],
         vec!["sysctl", "-a", "--pattern", "^net\\.ipv4\\."],
+        vec!["nft", "list", "tables"],
     ] {
         s += &lab.exec(&n, &cmd).unwrap();
     }
@@ -240,6 +241,7 @@ fn teardown_restores_rules_routes_and_sysctls() {
     lab.ringlb(1, "setup").unwrap(); // idempotent
     let during = kernel_state(&lab);
     assert!(during.contains("lookup 100") && during.contains("ring0"), "setup changed nothing:\n{during}");
+    assert!(during.contains("table ip ringlb_guard"), "setup installed no guard:\n{during}");
     assert_ne!(before, during);
     lab.stop_ringlb(1, false).unwrap();
     lab.ringlb(1, "teardown").unwrap();

@@ -153,6 +153,10 @@ pub enum FlowMessage {
     Teach { server: String, flows: Vec<ClientFlow> },
     /// "I (re)started: tell me again the flows whose home I am."
     Sync,
+    /// "Does any of you serve these?": from a home that has no claim for a connection an entry
+    /// sent it (a claim lost, or sent to another home while views differed). A member that
+    /// serves some answers with `Serves`.
+    Query(Vec<ClientFlow>),
 }
 
 /// Most flows in one message: with field headers IPv4 flows take 12 bytes each, IPv6 24; this
@@ -202,6 +206,7 @@ mod ty {
     pub const SERVES: u8 = 9;
     pub const TEACH: u8 = 10;
     pub const SYNC: u8 = 11;
+    pub const QUERY: u8 = 12;
 }
 
 /// Field ids, per kind of field list.
@@ -364,6 +369,7 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
         Message::Flow(FlowMessage::Serves(_)) => ty::SERVES,
         Message::Flow(FlowMessage::Teach { .. }) => ty::TEACH,
         Message::Flow(FlowMessage::Sync) => ty::SYNC,
+        Message::Flow(FlowMessage::Query(_)) => ty::QUERY,
     };
     w.0.extend_from_slice(&[VERSION, t]);
     match msg {
@@ -417,7 +423,7 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
                 Ok(())
             })?;
         }
-        Message::Flow(FlowMessage::Serves(flows)) => w.flows(flows)?,
+        Message::Flow(FlowMessage::Serves(flows) | FlowMessage::Query(flows)) => w.flows(flows)?,
         Message::Flow(FlowMessage::Teach { server, flows }) => {
             w.name(id::TARGET, server, "server")?;
             w.flows(flows)?;
@@ -667,7 +673,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     if version < VERSION {
         return Err(DecodeError::Version(version));
     }
-    if !(ty::PING..=ty::SYNC).contains(&t) {
+    if !(ty::PING..=ty::QUERY).contains(&t) {
         return Err(DecodeError::UnknownType(t));
     }
     let (mut seq, mut sender, mut target, mut load) = (None, None, None, None);
@@ -711,7 +717,8 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         ty::LOAD => Message::Load(need(load, "load")?),
         ty::SERVES => Message::Flow(FlowMessage::Serves(flows)),
         ty::TEACH => Message::Flow(FlowMessage::Teach { server: need(target, "server")?, flows }),
-        _ => Message::Flow(FlowMessage::Sync),
+        ty::SYNC => Message::Flow(FlowMessage::Sync),
+        _ => Message::Flow(FlowMessage::Query(flows)),
     })
 }
 
@@ -774,7 +781,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trip(seq in any::<u64>(), sender in arb_record(), reports in proptest::collection::vec(arb_report(), 0..12), flows in proptest::collection::vec(arb_flow(), 0..MAX_FLOWS), kind in 0u8..11) {
+        fn round_trip(seq in any::<u64>(), sender in arb_record(), reports in proptest::collection::vec(arb_report(), 0..12), flows in proptest::collection::vec(arb_flow(), 0..MAX_FLOWS), kind in 0u8..12) {
             let hints = reports.iter().map(|r| Hint { name: r.name.clone(), control: sender.control }).collect();
             let msg = match kind {
                 0 => Message::Ping { seq, sender, reports },
@@ -787,7 +794,8 @@ mod tests {
                 7 => Message::Load(LoadVector { incarnation: seq, served_flows: 7, new_flows_per_sec: 1.5, cpu: 0.25, weight: 2.0, draining: true, entry_claim: seq % 2 == 0, entry_candidate: seq % 5 == 0, app_unhealthy: seq % 3 == 0 }),
                 8 => Message::Flow(FlowMessage::Serves(flows)),
                 9 => Message::Flow(FlowMessage::Teach { server: sender.name, flows }),
-                _ => Message::Flow(FlowMessage::Sync),
+                10 => Message::Flow(FlowMessage::Sync),
+                _ => Message::Flow(FlowMessage::Query(flows)),
             };
             let bytes = encode(&msg).expect("fits");
             prop_assert_eq!(decode(&bytes), Ok(msg));

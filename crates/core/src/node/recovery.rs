@@ -50,6 +50,10 @@ pub struct RecoveryConfig {
     /// (servers answer a sync request, or tell the new homes, within a round trip or two once
     /// they see the change too).
     pub settle: Duration,
+    /// How long a home without a claim for a connection asks every member whether it serves
+    /// it (dropping the connection's packets meanwhile; the client sends them again) before it
+    /// gives them to its kernel. Zero: it asks nobody.
+    pub query_grace: Duration,
 }
 
 impl Default for RecoveryConfig {
@@ -58,6 +62,7 @@ impl Default for RecoveryConfig {
             refresh: Duration::from_secs(10),
             ttl: Duration::from_secs(35),
             settle: Duration::from_secs(3),
+            query_grace: Duration::from_secs(3),
         }
     }
 }
@@ -73,6 +78,19 @@ const MAX_NEW_SERVED: usize = 16_384;
 const SYNC_AGAIN: Duration = Duration::from_secs(2);
 /// A member's sync requests are answered at most this often.
 const SYNC_ANSWER_EVERY: Duration = Duration::from_secs(1);
+/// A pending query is sent again this often.
+const QUERY_AGAIN: Duration = Duration::from_millis(500);
+/// Most flows queried at once; beyond, a packet nobody claims goes to the kernel at once (a
+/// flood of made-up ACKs must not turn into a flood of queries).
+const MAX_QUERIES: usize = 4096;
+/// Most flows queried per tick (then the rest wait for the next).
+const QUERIES_PER_TICK: usize = 2 * MAX_FLOWS;
+/// Flow-recovery messages sent to one member per tick (100 ms): 80 a second stays well below a
+/// member's rate limit for one peer (200 datagrams a second) beside probes and loads. Claims
+/// beyond wait for the next ticks.
+const MESSAGES_PER_PEER_PER_TICK: usize = 8;
+/// Most messages queued for one member; beyond, the oldest claims go (the refresh repeats them).
+const MAX_QUEUED_PER_PEER: usize = 4096;
 
 /// Per-member bookkeeping, indexed by [`NodeId`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -94,7 +112,15 @@ pub(super) struct Recovery {
     overflowed: bool,
     teach: Vec<(NodeId, NodeId, FlowKey)>,
     taught: hashbrown::HashMap<(NodeId, FlowKey), Timestamp>,
-    outbox: std::collections::VecDeque<(NodeId, FlowMessage)>,
+    /// Messages per member (indexed by [`NodeId`]): answers, sync requests and queries in
+    /// front, claims behind; sent at most [`MESSAGES_PER_PEER_PER_TICK`] a tick.
+    queues: Vec<std::collections::VecDeque<FlowMessage>>,
+    /// Messages that may still go this tick, per member; and the member to poll next.
+    budget: Vec<usize>,
+    next_peer: usize,
+    /// Flows a home has no claim for: when it first asked and last asked.
+    queries: hashbrown::HashMap<FlowKey, (Timestamp, Timestamp)>,
+    to_query: Vec<FlowKey>,
     started: bool,
     settle_until: Timestamp,
     next_refresh: Timestamp,
@@ -113,7 +139,11 @@ impl Recovery {
             overflowed: false,
             teach: Vec::new(),
             taught: hashbrown::HashMap::new(),
-            outbox: std::collections::VecDeque::new(),
+            queues: Vec::new(),
+            budget: Vec::new(),
+            next_peer: 0,
+            queries: hashbrown::HashMap::new(),
+            to_query: Vec::new(),
             started: false,
             settle_until: Timestamp::ZERO,
             next_refresh: Timestamp::ZERO,
@@ -126,6 +156,60 @@ impl Recovery {
     /// Whether a home without a claim should still drop rather than deliver.
     fn settling(&self, now: Timestamp) -> bool {
         (!self.started && !self.config.settle.is_zero()) || now < self.settle_until
+    }
+
+    fn queue(&mut self, id: NodeId) -> &mut std::collections::VecDeque<FlowMessage> {
+        if self.queues.len() <= id.index() {
+            self.queues.resize_with(id.index() + 1, Default::default);
+        }
+        &mut self.queues[id.index()]
+    }
+
+    /// Queues an answer, a sync request or a query: sent before any claim.
+    fn urgent(&mut self, to: NodeId, msg: FlowMessage) {
+        let q = self.queue(to);
+        if q.len() < MAX_QUEUED_PER_PEER {
+            q.push_front(msg);
+        }
+    }
+
+    /// Queues claims; the oldest claims go when the queue is full.
+    fn claim(&mut self, to: NodeId, msg: FlowMessage) {
+        let q = self.queue(to);
+        if q.len() >= MAX_QUEUED_PER_PEER {
+            if let Some(i) = q.iter().position(|m| matches!(m, FlowMessage::Serves(_))) {
+                q.remove(i);
+            } else {
+                return;
+            }
+        }
+        q.push_back(msg);
+    }
+
+    /// Whether a packet of `key`, which nobody has claimed, is dropped while the members are
+    /// asked (`true`), or given to the kernel now.
+    fn ask(&mut self, now: Timestamp, key: &FlowKey, settling: bool) -> bool {
+        let grace = self.config.query_grace;
+        if grace.is_zero() {
+            return settling;
+        }
+        let room = self.queries.len() < MAX_QUERIES && self.to_query.len() < QUERIES_PER_TICK;
+        match self.queries.get_mut(key) {
+            Some((first, last)) => {
+                let waiting = now.saturating_since(*first) < grace;
+                if waiting && now.saturating_since(*last) >= QUERY_AGAIN && self.to_query.len() < QUERIES_PER_TICK {
+                    *last = now;
+                    self.to_query.push(*key);
+                }
+                waiting || settling
+            }
+            None if room => {
+                self.queries.insert(*key, (now, now));
+                self.to_query.push(*key);
+                true
+            }
+            None => settling,
+        }
     }
 
     fn peer(&mut self, id: NodeId) -> &mut PeerSync {
@@ -155,10 +239,22 @@ impl Node {
     }
 
     /// The next flow-recovery message to send, and to whom (a member's name).
+    /// At most a few per member per tick (see [`Node::handle_timeout`]); the rest wait.
     pub fn poll_flow_message(&mut self) -> Option<(String, FlowMessage)> {
-        while let Some((to, msg)) = self.recovery.outbox.pop_front() {
-            if let Some(m) = self.members.get(to).filter(|m| !m.state.is_gone()) {
-                return Some((m.name.clone(), msg));
+        let r = &mut self.recovery;
+        let n = r.queues.len();
+        for _ in 0..n {
+            let i = r.next_peer % n;
+            r.next_peer = (i + 1) % n;
+            if r.budget.get(i).copied().unwrap_or(0) == 0 {
+                continue;
+            }
+            let Some(msg) = r.queues[i].pop_front() else { continue };
+            r.budget[i] -= 1;
+            match self.members.get(NodeId(u16::try_from(i).unwrap_or(u16::MAX))) {
+                Some(m) if !m.state.is_gone() => return Some((m.name.clone(), msg)),
+                // Gone: what was queued for it goes.
+                _ => r.queues[i].clear(),
             }
         }
         None
@@ -214,8 +310,11 @@ impl Node {
                 Ok(server)
             }
             Some(_) => Ok(local),
-            None if self.recovery.settling(now) => Err(DropReason::UnclaimedFlow),
             None => {
+                let settling = self.recovery.settling(now);
+                if self.recovery.ask(now, key, settling) {
+                    return Err(DropReason::UnclaimedFlow);
+                }
                 self.counters.flows_unrecovered += 1;
                 Ok(local)
             }
@@ -245,11 +344,12 @@ impl Node {
                 Some(Verdict::Forward { peer: server, addr, flow_hash: key.stable_hash() })
             }
             Some(_) => None,
-            None if self.recovery.settling(now) => {
-                self.counters.count_drop(DropReason::UnclaimedFlow);
-                Some(Verdict::Drop(DropReason::UnclaimedFlow))
-            }
             None => {
+                let settling = self.recovery.settling(now);
+                if self.recovery.ask(now, key, settling) {
+                    self.counters.count_drop(DropReason::UnclaimedFlow);
+                    return Some(Verdict::Drop(DropReason::UnclaimedFlow));
+                }
                 self.counters.unclaimed_delivered += 1;
                 None
             }
@@ -270,8 +370,12 @@ impl Node {
                         self.counters.claims_refused_invalid += 1;
                         continue;
                     }
-                    match self.recovery.directory.claim(now, key_of(f), from) {
-                        Ok(()) => self.counters.claims_accepted += 1,
+                    let key = key_of(f);
+                    match self.recovery.directory.claim(now, key, from) {
+                        Ok(()) => {
+                            self.recovery.queries.remove(&key);
+                            self.counters.claims_accepted += 1;
+                        }
                         Err(ClaimRefused::Quota) => self.counters.claims_refused_quota += 1,
                         Err(ClaimRefused::Conflict) => self.counters.claims_refused_conflict += 1,
                     }
@@ -294,6 +398,19 @@ impl Node {
             FlowMessage::Sync => {
                 let p = self.recovery.peer(from);
                 p.pending = true;
+            }
+            FlowMessage::Query(flows) => {
+                // Only whether this node serves them: the asker learns nothing else.
+                let mine: Vec<ClientFlow> = flows
+                    .iter()
+                    .filter(|f| f.proto == IPPROTO_TCP && f.client.is_ipv4() == vip.is_ipv4())
+                    .filter(|f| self.serves(&key_of(f)))
+                    .copied()
+                    .collect();
+                self.counters.queries_answered += 1;
+                if !mine.is_empty() {
+                    self.recovery.urgent(from, FlowMessage::Serves(mine));
+                }
             }
         }
     }
@@ -338,7 +455,7 @@ impl Node {
             if p.asked < 2 && (p.asked == 0 || now.saturating_since(p.asked_at) >= SYNC_AGAIN) {
                 p.asked += 1;
                 p.asked_at = now;
-                self.recovery.outbox.push_back((id, FlowMessage::Sync));
+                self.recovery.urgent(id, FlowMessage::Sync);
             }
             let p = self.recovery.peer(id);
             if p.pending && p.answered_at.is_none_or(|t| now.saturating_since(t) >= SYNC_ANSWER_EVERY) {
@@ -374,11 +491,32 @@ impl Node {
                 by_home.entry(home).or_default().push(client_flow(k));
             }
         }
-        for (home, flows) in by_home {
-            for chunk in flows.chunks(MAX_FLOWS) {
-                self.recovery.outbox.push_back((home, FlowMessage::Serves(chunk.to_vec())));
+        if everything {
+            // A new full set replaces the claims still waiting.
+            for q in &mut self.recovery.queues {
+                q.retain(|m| !matches!(m, FlowMessage::Serves(_)));
             }
         }
+        for (home, flows) in by_home {
+            for chunk in flows.chunks(MAX_FLOWS) {
+                self.recovery.claim(home, FlowMessage::Serves(chunk.to_vec()));
+            }
+        }
+        // Queries go to every live peer.
+        let to_query = std::mem::take(&mut self.recovery.to_query);
+        if !to_query.is_empty() {
+            let peers: Vec<NodeId> =
+                self.members.iter().filter(|(id, m)| *id != local && !m.state.is_gone()).map(|(id, _)| id).collect();
+            let flows: Vec<ClientFlow> = to_query.iter().map(client_flow).collect();
+            for chunk in flows.chunks(MAX_FLOWS) {
+                self.counters.queries_sent += 1;
+                for &p in &peers {
+                    self.recovery.urgent(p, FlowMessage::Query(chunk.to_vec()));
+                }
+            }
+        }
+        let keep = self.recovery.config.query_grace * 4;
+        self.recovery.queries.retain(|_, (first, _)| now.saturating_since(*first) < keep);
         // Teaching, grouped by entry and server.
         let mut teach = std::mem::take(&mut self.recovery.teach);
         teach.sort_unstable_by_key(|&(entry, server, _)| (entry, server));
@@ -387,15 +525,17 @@ impl Node {
             let Some(name) = self.members.get(server).map(|m| m.name.clone()) else { continue };
             let flows: Vec<ClientFlow> = group.iter().map(|(_, _, k)| client_flow(k)).collect();
             for chunk in flows.chunks(MAX_FLOWS) {
-                self.recovery
-                    .outbox
-                    .push_back((entry, FlowMessage::Teach { server: name.clone(), flows: chunk.to_vec() }));
+                self.recovery.urgent(entry, FlowMessage::Teach { server: name.clone(), flows: chunk.to_vec() });
             }
         }
         if now >= self.recovery.next_expire {
             self.recovery.next_expire = now.saturating_add(self.recovery.config.ttl / 4);
             self.recovery.directory.expire(now);
         }
+        // This tick's sending budget.
+        let n = self.recovery.queues.len();
+        self.recovery.budget.clear();
+        self.recovery.budget.resize(n, MESSAGES_PER_PEER_PER_TICK);
     }
 
     /// A member was forgotten: its claims go (its id may be reused).
@@ -551,9 +691,35 @@ mod tests {
         s.handle_timeout(at(1_100));
         exchange(at(1_100), &mut s, &mut [&mut h]);
         assert_eq!(peer(h.on_carrier_packet(at(1_200), addr(E), &tcp(port, ACK))), Some(S));
-        // Settled, a flow nobody claims is the kernel's to answer.
+        // Settled, a flow nobody claims is asked about for 3 s, then it is the kernel's to answer.
         h.handle_timeout(at(4_100));
-        assert_eq!(h.on_carrier_packet(at(4_100), addr(E), &tcp(unknown, ACK)), Verdict::Deliver);
+        assert_eq!(
+            h.on_carrier_packet(at(4_100), addr(E), &tcp(unknown, ACK)),
+            Verdict::Drop(DropReason::UnclaimedFlow)
+        );
+        h.handle_timeout(at(4_200));
+        assert!(exchange(at(4_200), &mut h, &mut [&mut e, &mut s]) >= 2, "nobody was asked");
+        s.handle_timeout(at(4_300));
+        while let Some((_, msg)) = s.poll_flow_message() {
+            if let FlowMessage::Serves(flows) = msg {
+                assert!(flows.iter().all(|f| f.client_port != unknown), "S answered for a flow it does not serve");
+            }
+        }
+        assert_eq!(h.on_carrier_packet(at(4_600), addr(E), &tcp(unknown, ACK)), Verdict::Deliver);
+        assert_eq!(h.counters().unclaimed_delivered, 1);
+
+        // A claim lost on the way: the home asks, the server answers, the packet goes on.
+        let lost = (port + 1..port + 2000).find(|&p| h.home(at(5_000), &key(p)) == Some(H)).unwrap();
+        s.on_carrier_packet(at(5_000), addr(E), &tcp(lost, SYN));
+        s.on_carrier_packet(at(5_001), addr(E), &tcp(lost, ACK));
+        s.handle_timeout(at(5_100));
+        while s.poll_flow_message().is_some() {} // lost
+        assert_eq!(h.on_carrier_packet(at(5_200), addr(E), &tcp(lost, ACK)), Verdict::Drop(DropReason::UnclaimedFlow));
+        h.handle_timeout(at(5_300));
+        exchange(at(5_300), &mut h, &mut [&mut e, &mut s]);
+        s.handle_timeout(at(5_400));
+        exchange(at(5_400), &mut s, &mut [&mut h]);
+        assert_eq!(peer(h.on_carrier_packet(at(5_500), addr(E), &tcp(lost, ACK))), Some(S));
     }
 
     #[test]

@@ -165,7 +165,11 @@ mod tests {
             load_stale_after: Duration::from_secs(1),
             require_load: false,
             // Settled from the first tick: these tests are about placement.
-            recovery: crate::RecoveryConfig { settle: Duration::ZERO, ..Default::default() },
+            recovery: crate::RecoveryConfig {
+                settle: Duration::ZERO,
+                query_grace: Duration::ZERO,
+                ..Default::default()
+            },
         };
         Node::new(config, members)
     }
