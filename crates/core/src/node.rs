@@ -80,6 +80,8 @@ pub struct Node {
     forwarded_to: Vec<u64>,
     /// Reused for every placement, so placing allocates nothing.
     candidates: Vec<Candidate>,
+    /// The members that are homes (see the `recovery` module), refilled when asked.
+    homes: Vec<Candidate>,
     /// Flows this node serves that other entries forwarded here, to report its own load.
     served: FlowTable,
     /// New UDP flows are placed by hash until then: a UDP flow placed by hash under pressure
@@ -103,6 +105,7 @@ impl Node {
             served,
             forwarded_to: vec![0; members.len()],
             candidates: Vec::with_capacity(members.len()),
+            homes: Vec::with_capacity(members.len()),
             config,
             members,
             flows,
@@ -400,11 +403,12 @@ impl Node {
                 self.flows.retarget(h, target);
                 return Ok(target);
             }
-            // A member that left on purpose (its daemon stopped) keeps its flows: its kernel still
-            // holds the connections, and its next daemon takes their packets again (meanwhile
-            // they are lost, and resent). Only a dead member's flows, or one the cluster has
-            // forgotten, go elsewhere.
-            if state == Some(MemberState::Dead) {
+            // A member that left on purpose (its daemon stopped) keeps its TCP flows: its kernel
+            // still holds the connections, and its next daemon takes their packets again
+            // (meanwhile they are lost, and resent). A dead member's flows, one the cluster has
+            // forgotten, and UDP flows of any gone member go elsewhere.
+            let udp = !matches!(meta.l4, L4::Tcp(_));
+            if state == Some(MemberState::Dead) || (udp && state.is_some_and(MemberState::is_gone)) {
                 return Ok(self.rescue(now, h, meta));
             }
             return Ok(target);

@@ -206,7 +206,8 @@ impl SteeringConfig {
             }
         }
         if undo.added_guard {
-            nft(&format!("delete table ip {GUARD_TABLE}\n"))?;
+            // Declared first, so that a table someone else removed is no error.
+            nft(&format!("table ip {GUARD_TABLE}\ndelete table ip {GUARD_TABLE}\n"))?;
         }
         let rules = rules()?;
         if undo.moved_local_rule {

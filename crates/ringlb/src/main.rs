@@ -343,7 +343,16 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             },
             load_stale_after: config.failure.load_stale_after,
             require_load: config.control.is_some(),
-            recovery: Default::default(),
+            // Claims travel over the control plane: without one nobody claims, so nobody waits.
+            recovery: if config.control.is_some() {
+                ringlb_core::RecoveryConfig::default()
+            } else {
+                ringlb_core::RecoveryConfig {
+                    settle: Duration::ZERO,
+                    query_grace: Duration::ZERO,
+                    ..ringlb_core::RecoveryConfig::default()
+                }
+            },
         },
         members,
     );

@@ -76,14 +76,14 @@ const MAX_TAUGHT: usize = 4096;
 const MAX_NEW_SERVED: usize = 16_384;
 /// A sync request is sent twice (datagrams may be lost), this far apart.
 const SYNC_AGAIN: Duration = Duration::from_secs(2);
-/// A member's sync requests are answered at most this often.
-const SYNC_ANSWER_EVERY: Duration = Duration::from_secs(1);
+/// A member's sync requests are answered at most this often (each answer walks the flow tables).
+const SYNC_ANSWER_EVERY: Duration = Duration::from_secs(10);
 /// A pending query is sent again this often.
 const QUERY_AGAIN: Duration = Duration::from_millis(500);
 /// Most flows queried at once; beyond, a packet nobody claims goes to the kernel at once (a
 /// flood of made-up ACKs must not turn into a flood of queries).
 const MAX_QUERIES: usize = 4096;
-/// Most flows queried per tick (then the rest wait for the next).
+/// Most flows queried per tick; the rest go in the next ticks.
 const QUERIES_PER_TICK: usize = 2 * MAX_FLOWS;
 /// Flow-recovery messages sent to one member per tick (100 ms): 80 a second stays well below a
 /// member's rate limit for one peer (200 datagrams a second) beside probes and loads. Claims
@@ -91,6 +91,13 @@ const QUERIES_PER_TICK: usize = 2 * MAX_FLOWS;
 const MESSAGES_PER_PEER_PER_TICK: usize = 8;
 /// Most messages queued for one member; beyond, the oldest claims go (the refresh repeats them).
 const MAX_QUEUED_PER_PEER: usize = 4096;
+
+/// Messages waiting for one member: answers and the like first, then claims.
+#[derive(Debug, Default)]
+struct PeerQueue {
+    urgent: std::collections::VecDeque<FlowMessage>,
+    claims: std::collections::VecDeque<FlowMessage>,
+}
 
 /// Per-member bookkeeping, indexed by [`NodeId`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -114,7 +121,9 @@ pub(super) struct Recovery {
     taught: hashbrown::HashMap<(NodeId, FlowKey), Timestamp>,
     /// Messages per member (indexed by [`NodeId`]): answers, sync requests and queries in
     /// front, claims behind; sent at most [`MESSAGES_PER_PEER_PER_TICK`] a tick.
-    queues: Vec<std::collections::VecDeque<FlowMessage>>,
+    queues: Vec<PeerQueue>,
+    /// The homes when claims last went out in full, to resend only the claims whose home moved.
+    sent_homes: Vec<crate::Candidate>,
     /// Messages that may still go this tick, per member; and the member to poll next.
     budget: Vec<usize>,
     next_peer: usize,
@@ -140,6 +149,7 @@ impl Recovery {
             teach: Vec::new(),
             taught: hashbrown::HashMap::new(),
             queues: Vec::new(),
+            sent_homes: Vec::new(),
             budget: Vec::new(),
             next_peer: 0,
             queries: hashbrown::HashMap::new(),
@@ -158,30 +168,26 @@ impl Recovery {
         (!self.started && !self.config.settle.is_zero()) || now < self.settle_until
     }
 
-    fn queue(&mut self, id: NodeId) -> &mut std::collections::VecDeque<FlowMessage> {
+    fn queue(&mut self, id: NodeId) -> &mut PeerQueue {
         if self.queues.len() <= id.index() {
             self.queues.resize_with(id.index() + 1, Default::default);
         }
         &mut self.queues[id.index()]
     }
 
-    /// Queues an answer, a sync request or a query: sent before any claim.
+    /// Queues an answer, a teaching, a sync request or a query: sent before any claim.
     fn urgent(&mut self, to: NodeId, msg: FlowMessage) {
-        let q = self.queue(to);
+        let q = &mut self.queue(to).urgent;
         if q.len() < MAX_QUEUED_PER_PEER {
-            q.push_front(msg);
+            q.push_back(msg);
         }
     }
 
-    /// Queues claims; the oldest claims go when the queue is full.
+    /// Queues claims; the oldest claims go when the queue is full (a refresh repeats them).
     fn claim(&mut self, to: NodeId, msg: FlowMessage) {
-        let q = self.queue(to);
+        let q = &mut self.queue(to).claims;
         if q.len() >= MAX_QUEUED_PER_PEER {
-            if let Some(i) = q.iter().position(|m| matches!(m, FlowMessage::Serves(_))) {
-                q.remove(i);
-            } else {
-                return;
-            }
+            q.pop_front();
         }
         q.push_back(msg);
     }
@@ -193,11 +199,11 @@ impl Recovery {
         if grace.is_zero() {
             return settling;
         }
-        let room = self.queries.len() < MAX_QUERIES && self.to_query.len() < QUERIES_PER_TICK;
+        let room = self.queries.len() < MAX_QUERIES;
         match self.queries.get_mut(key) {
             Some((first, last)) => {
                 let waiting = now.saturating_since(*first) < grace;
-                if waiting && now.saturating_since(*last) >= QUERY_AGAIN && self.to_query.len() < QUERIES_PER_TICK {
+                if waiting && now.saturating_since(*last) >= QUERY_AGAIN {
                     *last = now;
                     self.to_query.push(*key);
                 }
@@ -249,12 +255,13 @@ impl Node {
             if r.budget.get(i).copied().unwrap_or(0) == 0 {
                 continue;
             }
-            let Some(msg) = r.queues[i].pop_front() else { continue };
+            let q = &mut r.queues[i];
+            let Some(msg) = q.urgent.pop_front().or_else(|| q.claims.pop_front()) else { continue };
             r.budget[i] -= 1;
             match self.members.get(NodeId(u16::try_from(i).unwrap_or(u16::MAX))) {
                 Some(m) if !m.state.is_gone() => return Some((m.name.clone(), msg)),
                 // Gone: what was queued for it goes.
-                _ => r.queues[i].clear(),
+                _ => *q = PeerQueue::default(),
             }
         }
         None
@@ -266,10 +273,27 @@ impl Node {
             || self.flows.find(key).is_some_and(|h| self.flows.target(h) == self.config.local)
     }
 
-    /// The flow's home in this node's view (filling the candidates).
-    fn home(&mut self, now: Timestamp, key: &FlowKey) -> Option<NodeId> {
-        self.fill_candidates(now);
-        home_in(key, &self.candidates)
+    /// The members that are homes: every member not gone, alike (no weight, load or drain:
+    /// homes move only when members come and go, not when they drain or their load flaps).
+    fn fill_homes(&mut self) {
+        self.homes.clear();
+        for (id, m) in self.members.iter() {
+            if !m.state.is_gone() && !m.is_removed() {
+                self.homes.push(crate::Candidate {
+                    id,
+                    weight: 1.0,
+                    load: 0.0,
+                    eligible: true,
+                    name_hash: m.name_hash,
+                });
+            }
+        }
+    }
+
+    /// The flow's home in this node's view.
+    fn home(&mut self, key: &FlowKey) -> Option<NodeId> {
+        self.fill_homes();
+        home_in(key, &self.homes)
     }
 
     /// Whether `id` may still hold connections: any member not dead (one that left only
@@ -299,7 +323,7 @@ impl Node {
         if self.served.find(key).is_some() {
             return Ok(local); // an entry change brought it to the node serving it
         }
-        let Some(home) = self.home(now, key) else { return Ok(local) };
+        let Some(home) = self.home(key) else { return Ok(local) };
         self.counters.placed_by_hash_fallback += 1;
         if home != local {
             return Ok(home);
@@ -327,24 +351,26 @@ impl Node {
     pub(super) fn second_hop(&mut self, now: Timestamp, from: NodeId, meta: &PacketMeta) -> Option<Verdict> {
         let key = &meta.key;
         let local = self.config.local;
+        // Only the flow's home asks and drops; another node (the entry's view of the homes
+        // differed) passes the packet on if it holds a claim, and delivers it otherwise.
+        let home = self.home(key) == Some(local);
         match self.recovery.directory.lookup(now, key) {
+            // The entry serves it itself and did not know: it learns so; this packet is lost
+            // (the client sends it again), never bounced back.
+            Some(server) if server == from => {
+                self.teach(now, from, server, key);
+                self.counters.count_drop(DropReason::UnclaimedFlow);
+                Some(Verdict::Drop(DropReason::UnclaimedFlow))
+            }
             Some(server) if server != local && self.is_live(server) => {
                 let addr = self.members.get(server)?.addr;
-                let r = &mut self.recovery;
-                let due = r.taught.get(&(from, *key)).is_none_or(|t| now.saturating_since(*t) >= RETEACH);
-                if due && from != server {
-                    if r.taught.len() >= MAX_TAUGHT {
-                        r.taught.clear();
-                    }
-                    r.taught.insert((from, *key), now);
-                    r.teach.push((from, server, *key));
-                }
+                self.teach(now, from, server, key);
                 self.counters.second_hop_packets += 1;
                 self.forwarded_to[server.index()] += 1;
                 Some(Verdict::Forward { peer: server, addr, flow_hash: key.stable_hash() })
             }
             Some(_) => None,
-            None => {
+            None if home => {
                 let settling = self.recovery.settling(now);
                 if self.recovery.ask(now, key, settling) {
                     self.counters.count_drop(DropReason::UnclaimedFlow);
@@ -353,7 +379,24 @@ impl Node {
                 self.counters.unclaimed_delivered += 1;
                 None
             }
+            None => {
+                self.counters.unclaimed_delivered += 1;
+                None
+            }
         }
+    }
+
+    /// Queues "`key` is served by `server`" for `entry`, at most once per [`RETEACH`].
+    fn teach(&mut self, now: Timestamp, entry: NodeId, server: NodeId, key: &FlowKey) {
+        let r = &mut self.recovery;
+        if r.taught.get(&(entry, *key)).is_some_and(|t| now.saturating_since(*t) < RETEACH) {
+            return;
+        }
+        if r.taught.len() >= MAX_TAUGHT {
+            r.taught.clear();
+        }
+        r.taught.insert((entry, *key), now);
+        r.teach.push((entry, server, *key));
     }
 
     /// A flow-recovery message from the live member `from` (the control plane checked who).
@@ -384,7 +427,8 @@ impl Node {
             FlowMessage::Teach { server, flows } => {
                 let server = self.members.by_name(server).filter(|&id| self.is_live(id));
                 for f in flows {
-                    let handle = self.flows.find(&key_of(f)).filter(|&h| self.flows.target(h) == from);
+                    let handle =
+                        self.flows.find(&key_of(f)).filter(|&h| f.proto == IPPROTO_TCP && self.flows.target(h) == from);
                     match (server, handle) {
                         // Only the node this entry sent the flow to may say where it lives.
                         (Some(server), Some(h)) => {
@@ -427,20 +471,17 @@ impl Node {
             r.next_expire = now.saturating_add(r.config.ttl / 4);
         }
         // Which members are homes; a change moves homes, so every server tells them again.
-        self.fill_candidates(now);
-        let homes = self
-            .candidates
-            .iter()
-            .filter(|c| c.takes_flows())
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, c| ringlb_wire::mix64(h ^ c.name_hash ^ c.weight.to_bits()));
+        self.fill_homes();
+        let homes = self.homes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, c| ringlb_wire::mix64(h ^ c.name_hash));
         let mut everything = std::mem::take(&mut self.recovery.overflowed);
+        let mut moved = false;
         if homes != self.recovery.homes {
             self.recovery.homes = homes;
             // Servers and entries see the change at slightly different times, so for a while an
             // entry may ask a node that the flow's server did not tell.
             let settle = self.recovery.config.settle;
             self.recovery.settle_until = self.recovery.settle_until.max(now.saturating_add(settle));
-            everything = true;
+            moved = true;
         }
         if now >= self.recovery.next_refresh {
             self.recovery.next_refresh = now.saturating_add(self.recovery.config.refresh);
@@ -466,7 +507,7 @@ impl Node {
         }
         // Claims: the new connections, or all of them.
         let mut claims: Vec<FlowKey> = std::mem::take(&mut self.recovery.new_served);
-        if everything || !answer_to.is_empty() {
+        if everything || moved || !answer_to.is_empty() {
             let mut all = Vec::new();
             self.served.for_each_established(|k, _| all.push(*k));
             self.flows.for_each_established(|k, t| {
@@ -477,9 +518,12 @@ impl Node {
             if everything {
                 claims = all;
             } else {
-                // Only what the asking peers are home of, beside the new ones.
+                // The claims whose home moved since they last went out, and those the asking
+                // peers are home of, beside the new ones.
+                let before = &self.recovery.sent_homes;
                 for k in all {
-                    if home_in(&k, &self.candidates).is_some_and(|h| answer_to.contains(&h)) {
+                    let home = home_in(&k, &self.homes);
+                    if (moved && home_in(&k, before) != home) || home.is_some_and(|h| answer_to.contains(&h)) {
                         claims.push(k);
                     }
                 }
@@ -487,15 +531,18 @@ impl Node {
         }
         let mut by_home: hashbrown::HashMap<NodeId, Vec<ClientFlow>> = hashbrown::HashMap::new();
         for k in &claims {
-            if let Some(home) = home_in(k, &self.candidates).filter(|&h| h != local) {
+            if let Some(home) = home_in(k, &self.homes).filter(|&h| h != local) {
                 by_home.entry(home).or_default().push(client_flow(k));
             }
         }
         if everything {
             // A new full set replaces the claims still waiting.
             for q in &mut self.recovery.queues {
-                q.retain(|m| !matches!(m, FlowMessage::Serves(_)));
+                q.claims.clear();
             }
+        }
+        if everything || moved {
+            self.recovery.sent_homes.clone_from(&self.homes);
         }
         for (home, flows) in by_home {
             for chunk in flows.chunks(MAX_FLOWS) {
@@ -503,7 +550,8 @@ impl Node {
             }
         }
         // Queries go to every live peer.
-        let to_query = std::mem::take(&mut self.recovery.to_query);
+        let r = &mut self.recovery;
+        let to_query: Vec<FlowKey> = r.to_query.drain(..r.to_query.len().min(QUERIES_PER_TICK)).collect();
         if !to_query.is_empty() {
             let peers: Vec<NodeId> =
                 self.members.iter().filter(|(id, m)| *id != local && !m.state.is_gone()).map(|(id, _)| id).collect();
@@ -626,8 +674,7 @@ mod tests {
     fn port_placed_on(entry: &mut Node, server: NodeId, home: NodeId) -> u16 {
         (1000..2000)
             .find(|&p| {
-                entry.home(at(0), &key(p)) == Some(home)
-                    && peer(entry.on_tun_packet(at(0), &mut tcp(p, SYN))) == Some(server)
+                entry.home(&key(p)) == Some(home) && peer(entry.on_tun_packet(at(0), &mut tcp(p, SYN))) == Some(server)
             })
             .expect("such a port")
     }
@@ -681,7 +728,7 @@ mod tests {
         // (the client sends it again), not handed to its kernel to be reset.
         let mut h = node(H);
         h.handle_timeout(at(1_000));
-        let unknown = (3000..4000).find(|&p| h.home(at(0), &key(p)) == Some(H)).unwrap();
+        let unknown = (3000..4000).find(|&p| h.home(&key(p)) == Some(H)).unwrap();
         assert_eq!(
             h.on_carrier_packet(at(1_500), addr(E), &tcp(unknown, ACK)),
             Verdict::Drop(DropReason::UnclaimedFlow)
@@ -709,7 +756,7 @@ mod tests {
         assert_eq!(h.counters().unclaimed_delivered, 1);
 
         // A claim lost on the way: the home asks, the server answers, the packet goes on.
-        let lost = (port + 1..port + 2000).find(|&p| h.home(at(5_000), &key(p)) == Some(H)).unwrap();
+        let lost = (port + 1..port + 2000).find(|&p| h.home(&key(p)) == Some(H)).unwrap();
         s.on_carrier_packet(at(5_000), addr(E), &tcp(lost, SYN));
         s.on_carrier_packet(at(5_001), addr(E), &tcp(lost, ACK));
         s.handle_timeout(at(5_100));
@@ -744,7 +791,7 @@ mod tests {
         assert_eq!(h.directory_len(), 1);
 
         // The entry takes "served by" only from the node it sent the flow to, naming a live member.
-        let port = (5000..6000).find(|&p| e.home(at(0), &key(p)) == Some(H)).unwrap();
+        let port = (5000..6000).find(|&p| e.home(&key(p)) == Some(H)).unwrap();
         e.handle_timeout(at(4_000));
         assert_eq!(peer(e.on_tun_packet(at(4_000), &mut tcp(port, ACK))), Some(H));
         let teach = |server: &str| FlowMessage::Teach { server: server.into(), flows: vec![flow(port)] };
