@@ -351,9 +351,8 @@ impl Node {
     pub(super) fn second_hop(&mut self, now: Timestamp, from: NodeId, meta: &PacketMeta) -> Option<Verdict> {
         let key = &meta.key;
         let local = self.config.local;
-        // Only the flow's home asks and drops; another node (the entry's view of the homes
-        // differed) passes the packet on if it holds a claim, and delivers it otherwise.
-        let home = self.home(key) == Some(local);
+        // A node that is not the flow's home in its own view asks too: the entry's view of the
+        // members may differ (it just started), and the server answers whoever asks.
         match self.recovery.directory.lookup(now, key) {
             // The entry serves it itself and did not know: it learns so; this packet is lost
             // (the client sends it again), never bounced back.
@@ -370,16 +369,12 @@ impl Node {
                 Some(Verdict::Forward { peer: server, addr, flow_hash: key.stable_hash() })
             }
             Some(_) => None,
-            None if home => {
+            None => {
                 let settling = self.recovery.settling(now);
                 if self.recovery.ask(now, key, settling) {
                     self.counters.count_drop(DropReason::UnclaimedFlow);
                     return Some(Verdict::Drop(DropReason::UnclaimedFlow));
                 }
-                self.counters.unclaimed_delivered += 1;
-                None
-            }
-            None => {
                 self.counters.unclaimed_delivered += 1;
                 None
             }
