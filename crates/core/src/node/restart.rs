@@ -106,6 +106,10 @@ impl Node {
                 self.counters.placed_local += 1;
                 self.counters.served_new_flows += 1;
             }
+            // A packet of a connection this entry never saw start (the router moved it here, or
+            // the daemon restarted): its server is found as usual (flow recovery); served here,
+            // the kernel would reset it.
+            None if matches!(meta.l4, L4::Tcp(f) if !f.syn) => return self.on_tun_packet(now, pkt),
             None => {
                 // Tracked when the table has room; served here either way.
                 match self.flows.insert(now, meta.key, local, PlacedBy::Policy) {
@@ -241,6 +245,18 @@ mod tests {
         n.upsert_member(&m.name, m.addr, 1.0, MemberState::Draining).unwrap();
         assert_eq!(n.on_tun_packet_stopping(at(5), &mut tcp(port, SYN)), Verdict::Deliver);
         assert_eq!(n.counters().delivered_local - delivered, 40 * 3 + 2);
+    }
+
+    #[test]
+    fn a_stopping_node_sends_connections_it_never_saw_start_to_their_home() {
+        let mut n = node(1.0);
+        n.set_draining(true);
+        // Mid-connection packets of unknown flows: those homed at a peer go there, not to the
+        // local kernel (which would reset them).
+        let homed_away =
+            (200..260).filter(|&port| peer(n.on_tun_packet_stopping(at(1), &mut tcp(port, ACK))).is_some()).count();
+        assert!(homed_away > 20, "only {homed_away} of 60 unknown connections went to their home");
+        assert_eq!(n.counters().placed_by_hash_fallback, 60);
     }
 
     #[test]
