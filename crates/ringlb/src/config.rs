@@ -158,6 +158,14 @@ pub struct NodeSection {
     /// it leaves anyway; 0 leaves at once.
     #[serde(default = "default_stop_timeout", with = "humantime_serde")]
     pub stop_timeout: Duration,
+    /// The site this node is in (a label: a-z, 0-9, '-'; at most 32). Entries keep new flows in
+    /// their own site while it has room, and carrier packets between sites are encrypted.
+    #[serde(default = "default_site")]
+    pub site: String,
+}
+
+fn default_site() -> String {
+    "default".into()
 }
 
 fn default_stop_timeout() -> Duration {
@@ -194,11 +202,23 @@ pub struct CarrierSection {
     pub port: u16,
     /// Number of sending sockets; the outer source port is chosen among them by flow hash.
     pub source_ports: usize,
+    /// Seal every carrier packet (AEAD, keys from the QUIC sessions) and refuse plaintext ones,
+    /// not only those between sites.
+    pub require_authenticated: bool,
+    /// How long one carrier key is used before the next takes over.
+    #[serde(with = "humantime_serde")]
+    pub key_lifetime: Duration,
 }
 
 impl Default for CarrierSection {
     fn default() -> Self {
-        CarrierSection { kind: CarrierKind::Udp, port: 6635, source_ports: 8 }
+        CarrierSection {
+            kind: CarrierKind::Udp,
+            port: 6635,
+            source_ports: 8,
+            require_authenticated: false,
+            key_lifetime: Duration::from_secs(120),
+        }
     }
 }
 
@@ -609,6 +629,13 @@ impl Config {
         if self.local_member().is_none() {
             p.push(format!("node.name = {:?}: not among members, and node.address is not set", self.node.name));
         }
+        let site = &self.node.site;
+        if site.is_empty()
+            || site.len() > 32
+            || !site.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            p.push(format!("node.site = {site:?}: must be 1 to 32 characters of a-z, 0-9, '-'"));
+        }
         if self.node.stop_timeout > MAX_STOP_TIMEOUT {
             p.push(format!("node.stop_timeout = {:?}: must be at most 1 day", self.node.stop_timeout));
         }
@@ -693,6 +720,17 @@ impl Config {
         }
         if self.carrier.port == 0 {
             p.push("carrier.port = 0: must be a port number".into());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&self.carrier.key_lifetime) {
+            p.push(format!("carrier.key_lifetime = {:?}: must be 1 s to 1 day", self.carrier.key_lifetime));
+        }
+        if self.carrier.require_authenticated && self.control.is_none() {
+            p.push(
+                "carrier.require_authenticated = true: needs [control]: carrier keys come from its QUIC sessions".into(),
+            );
+        }
+        if self.carrier.require_authenticated && self.carrier.kind != CarrierKind::Udp {
+            p.push("carrier.require_authenticated = true: needs carrier.kind = \"udp\" (the sealed carrier is IP-in-UDP)".into());
         }
         if !(1..=64).contains(&self.carrier.source_ports) {
             p.push(format!("carrier.source_ports = {}: must be 1 to 64", self.carrier.source_ports));
