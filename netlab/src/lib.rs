@@ -104,6 +104,8 @@ pub struct Spec {
     pub service_rates: Vec<Option<u32>>,
     /// Extra TOML appended to every node's config.
     pub extra_config: String,
+    /// Extra TOML lines in every node's `[carrier]` section.
+    pub carrier_options: String,
     /// Start ringlb on the nodes (false: plain servers, for direct-path baselines).
     pub start_ringlb: bool,
     /// Run the QUIC control plane (certificates issued by the lab, node 1 as the seed);
@@ -130,6 +132,7 @@ impl Spec {
             weights: Vec::new(),
             service_rates: Vec::new(),
             extra_config: String::new(),
+            carrier_options: String::new(),
             start_ringlb: true,
             control: true,
             stop_timeout: None,
@@ -549,12 +552,13 @@ impl Lab {
         let stop_timeout = s.stop_timeout.map(|t| format!("stop_timeout = \"{}ms\"\n", t.as_millis()));
         let mut t = format!(
             "[node]\nname = \"n{i}\"\nvip = \"{VIP}\"\nunderlay_interface = \"eth0\"\naddress = \"{}\"\nweight = {:?}\n{}\n\
-             [carrier]\nkind = \"{}\"\nport = {CARRIER_PORT}\n\n\
+             [carrier]\nkind = \"{}\"\nport = {CARRIER_PORT}\n{}\n\
              [steering]\nstate_dir = \"{}\"\n\n[admin]\nsocket = \"{}\"\n\n",
             node_addr(i),
             weight(i),
             stop_timeout.unwrap_or_default(),
             s.carrier,
+            s.carrier_options,
             self.node_dir(i).display(),
             self.admin_socket(i).display()
         );

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ringlb_core::cluster::message::LoadVector;
 use ringlb_core::cluster::{ClusterConfig, Identity, MemberView, Outcome, Peer, RateLimit, Refusal, Stats, Update};
+use ringlb_core::seal::{Direction, Secret};
 use ringlb_core::{Cluster, LocalLoad, MemberState, Timestamp};
 use tokio::sync::{mpsc, watch};
 
@@ -71,6 +72,21 @@ pub enum ControlEvent {
     /// Whether this node takes new flows changed: drained by the operator, or its app failing
     /// its health checks (true: it takes none).
     Drain(bool),
+    /// A new QUIC session with the peer `name` (its certificate's name): the sealed carrier's
+    /// secret for one direction, exported from that session (see [`carrier_secret`]).
+    CarrierKey { name: String, direction: Direction, secret: Secret },
+}
+
+/// The TLS exporter label of the sealed carrier's secrets (RFC 8446 §7.5).
+const CARRIER_EXPORTER_LABEL: &[u8] = b"EXPORTER-ringlb-sealed-carrier";
+
+/// The sealed carrier's secret for the direction this connection serves: packets from the
+/// node that opened it to the node that accepted it. Both ends compute the same 32 bytes;
+/// nobody else can.
+pub fn carrier_secret(conn: &quinn::Connection) -> Option<Secret> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, CARRIER_EXPORTER_LABEL, b"v1").ok()?;
+    Some(Secret(out))
 }
 
 /// One member as `ringlb status` shows it.
@@ -202,6 +218,7 @@ pub enum ControlError {
 
 enum Inbound {
     Datagram { peer: Arc<Peer>, bytes: Bytes, conn: quinn::Connection },
+    CarrierKey { name: String, direction: Direction, secret: Secret },
     Refused(Refusal, u64),
     Unreachable(String),
     Rtt(String, Duration),
@@ -275,6 +292,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, tx: mpsc::Sender<Inbound>, limit
             };
             let peer = Arc::new(Peer { name, cert_addrs: tls::peer_addrs(&conn), source: conn.remote_address() });
             tracing::debug!(peer = %peer.name, addr = %peer.source, "control connection accepted");
+            if let Some(secret) = carrier_secret(&conn) {
+                let key = Inbound::CarrierKey { name: peer.name.clone(), direction: Direction::Receive, secret };
+                let _ = tx.send(key).await;
+            }
             {
                 let mut names = by_name.lock().unwrap_or_else(|e| e.into_inner());
                 // Bounded: only certificate holders get here, and a name's entry is replaced.
@@ -339,7 +360,13 @@ async fn peer_sender(
                 }
             };
             match tokio::time::timeout(Duration::from_secs(1), connecting).await {
-                Ok(Ok(c)) => conn = Some((addr, c)),
+                Ok(Ok(c)) => {
+                    if let Some(secret) = carrier_secret(&c) {
+                        let key = Inbound::CarrierKey { name: name.clone(), direction: Direction::Send, secret };
+                        let _ = tx.send(key).await;
+                    }
+                    conn = Some((addr, c));
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %name, error = %e, "connect failed");
                     let _ = tx.send(Inbound::Unreachable(name.clone())).await;
@@ -391,6 +418,9 @@ struct Control {
     warned: HashMap<Refusal, Instant>,
     /// When each peer's sender was last replaced for a new incarnation.
     reconnected: HashMap<String, Instant>,
+    /// Sealed-carrier secrets of new sessions, for the data plane (sent, never dropped, by
+    /// [`Control::flush`]).
+    carrier_keys: Vec<ControlEvent>,
 }
 
 /// A data plane silent for this long is taken as hung: its node stops sending load vectors, so
@@ -432,6 +462,7 @@ impl Control {
             cpu: CpuMeter::default(),
             last_new_flows: None,
             dataplane_seen: Instant::now(),
+            carrier_keys: Vec::new(),
             warned: HashMap::new(),
             reconnected: HashMap::new(),
         }
@@ -537,6 +568,11 @@ impl Control {
             Inbound::Unreachable(name) => self.cluster.handle_unreachable(&name),
             Inbound::Rtt(name, rtt) => {
                 self.rtts.insert(name, rtt);
+            }
+            Inbound::CarrierKey { name, direction, secret } => {
+                // The name is the certificate's; the data plane binds it to the member's
+                // underlay address, which the same certificate vouches for.
+                self.carrier_keys.push(ControlEvent::CarrierKey { name, direction, secret });
             }
             Inbound::Datagram { peer, bytes, conn } => {
                 // (One inbound connection per name is kept by the accept task.)
@@ -671,6 +707,9 @@ impl Control {
     }
 
     async fn flush(&mut self) {
+        for key in std::mem::take(&mut self.carrier_keys) {
+            let _ = self.to_dataplane.send(key).await;
+        }
         let mut changed = false;
         while let Some(u) = self.cluster.poll_update() {
             changed = true;

@@ -31,10 +31,22 @@ pub enum DropReason {
     /// A packet of a connection no entry knows and no server has claimed yet, while the flow
     /// directory settles after a (re)start or a change of members: the client sends it again.
     UnclaimedFlow,
+    /// A sealed carrier packet that does not authenticate (forged or corrupted).
+    CarrierForged,
+    /// A sealed carrier packet seen before, or older than the replay window.
+    CarrierReplayed,
+    /// A sealed carrier packet under a key this node has retired.
+    CarrierStaleKey,
+    /// A sealed carrier packet from a sender with no session key, or a key id never issued;
+    /// or a packet to a peer this node has no key for yet.
+    CarrierNoKey,
+    /// A plaintext carrier packet where only sealed ones are taken (another site, or
+    /// `carrier.require_authenticated`).
+    CarrierPlaintextRefused,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::Truncated,
         DropReason::BadIpHeader,
         DropReason::BadTransportHeader,
@@ -47,6 +59,11 @@ impl DropReason {
         DropReason::TunWriteError,
         DropReason::TooBig,
         DropReason::UnclaimedFlow,
+        DropReason::CarrierForged,
+        DropReason::CarrierReplayed,
+        DropReason::CarrierStaleKey,
+        DropReason::CarrierNoKey,
+        DropReason::CarrierPlaintextRefused,
     ];
 
     /// Metric label.
@@ -64,6 +81,11 @@ impl DropReason {
             DropReason::TunWriteError => "tun_write_error",
             DropReason::TooBig => "too_big",
             DropReason::UnclaimedFlow => "unclaimed_flow",
+            DropReason::CarrierForged => "carrier_forged",
+            DropReason::CarrierReplayed => "carrier_replayed",
+            DropReason::CarrierStaleKey => "carrier_stale_key",
+            DropReason::CarrierNoKey => "carrier_no_key",
+            DropReason::CarrierPlaintextRefused => "carrier_plaintext_refused",
         }
     }
 

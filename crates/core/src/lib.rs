@@ -20,6 +20,7 @@ mod members;
 mod node;
 mod placement;
 mod rng;
+pub mod seal;
 mod time;
 
 pub use cluster::{

@@ -5,6 +5,7 @@ use std::io;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use ringlb_core::seal::{self, CarrierKeys, Direction, OpenError, SealError, SealStats, Secret};
 use ringlb_core::{
     Counters, DropReason, FlowMessage, FlowsNeedingDaemon, LocalLoad, MemberState, Node, Timestamp, Verdict,
 };
@@ -121,6 +122,10 @@ pub struct Snapshot {
     pub stopping: Option<FlowsNeedingDaemon>,
     /// Claims in this node's flow directory (flows whose home it is).
     pub directory: usize,
+    /// The sealed carrier: packets sealed and opened, key rotations, sessions.
+    pub seal: SealStats,
+    /// Peers this node has a sealing key for.
+    pub seal_peers: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +164,8 @@ fn snapshot(node: &Node) -> Snapshot {
             .collect(),
         stopping: None,
         directory: node.directory_len(),
+        seal: SealStats::default(),
+        seal_peers: 0,
     }
 }
 
@@ -179,6 +186,19 @@ pub struct Driver {
     flow_out: mpsc::Sender<Vec<(String, FlowMessage)>>,
     /// Carrier packets to pass on to their server (the second hop), after the batch.
     second_hop: Vec<(IpAddr, u64, Vec<u8>)>,
+    /// The sealed carrier's keys, and which peers get sealed packets.
+    keys: CarrierKeys,
+    sealing: Sealing,
+    /// Room for one batch of sealed packets.
+    sealed: Vec<u8>,
+}
+
+/// Which carrier packets are sealed (see [`ringlb_core::seal`]).
+#[derive(Debug, Clone, Default)]
+pub struct Sealing {
+    /// Seal every packet and refuse plaintext ones (`carrier.require_authenticated`).
+    pub require: bool,
+    pub config: seal::SealConfig,
 }
 
 /// A change to apply to the core between packets, from the control plane.
@@ -190,6 +210,8 @@ pub enum NodeUpdate {
     Drain(bool),
     /// This node's own capacity weight (a reload).
     Weight(f64),
+    /// A sealed-carrier secret from a new QUIC session with the member `name`.
+    CarrierKey { name: String, direction: Direction, secret: Secret },
 }
 
 /// How the rest of the process talks to a running [`Driver`].
@@ -261,7 +283,7 @@ enum Event {
 }
 
 impl Driver {
-    pub fn new(node: Node, tun: AsyncDevice, carrier: Carrier) -> (Self, DriverHandle) {
+    pub fn new(node: Node, tun: AsyncDevice, carrier: Carrier, sealing: Sealing) -> (Self, DriverHandle) {
         let (tx, rx) = mpsc::channel(16);
         let (up_tx, up_rx) = mpsc::channel(1024);
         let (load_tx, load_rx) = watch::channel(LocalLoad::default());
@@ -271,6 +293,9 @@ impl Driver {
         let driver = Driver {
             flow_out: flow_tx,
             second_hop: Vec::new(),
+            keys: CarrierKeys::new(sealing.config),
+            sealing,
+            sealed: vec![0u8; 2 * 65_536 + MAX_SEGMENTS * seal::OVERHEAD],
             node,
             tun,
             carrier,
@@ -364,7 +389,7 @@ impl Driver {
                     let (mut result, mut reads) = (first, 1);
                     loop {
                         match result {
-                            Ok(rx) => accepted = self.accept_carrier(&carrier_buf, &rx, &mut coalesce, accepted),
+                            Ok(rx) => accepted = self.accept_carrier(&mut carrier_buf, &rx, &mut coalesce, accepted),
                             Err(RecvError::Malformed(reason)) => {
                                 tracing::trace!(?reason, "malformed carrier packet");
                                 self.node.count_drop(DropReason::BadCarrierHeader);
@@ -418,6 +443,11 @@ impl Driver {
                 }
                 Event::Update(NodeUpdate::Cluster(update)) => {
                     let now = self.now();
+                    match &update {
+                        ringlb_core::Update::Member { name, underlay, .. } => self.keys.bind(name, *underlay),
+                        ringlb_core::Update::Removed { name } => self.keys.remove(name),
+                        _ => {}
+                    }
                     if let Err(e) = self.node.apply(now, &update) {
                         tracing::warn!(?update, error = %e, "member update refused by the data plane");
                     }
@@ -426,8 +456,17 @@ impl Driver {
                 Event::Update(NodeUpdate::Drain(on)) if !self.stopping => self.node.set_draining(on),
                 Event::Update(NodeUpdate::Drain(_)) => {}
                 Event::Update(NodeUpdate::Weight(w)) => self.node.set_local_weight(w),
+                Event::Update(NodeUpdate::CarrierKey { name, direction, secret }) => {
+                    let now = self.now();
+                    self.keys.install(now, &name, direction, secret);
+                }
                 Event::Snapshot(reply) => {
-                    let _ = reply.send(Snapshot { stopping: *self.remaining.borrow(), ..snapshot(&self.node) });
+                    let _ = reply.send(Snapshot {
+                        stopping: *self.remaining.borrow(),
+                        seal: self.keys.stats(),
+                        seal_peers: self.keys.peers_with_keys(),
+                        ..snapshot(&self.node)
+                    });
                 }
             }
         }
@@ -497,8 +536,34 @@ impl Driver {
         }
     }
 
+    /// Whether packets to `addr` are sealed.
+    fn seals_to(&self, _addr: IpAddr) -> bool {
+        self.sealing.require
+    }
+
+    /// Whether plaintext carrier packets from `from` are taken.
+    fn takes_plaintext_from(&self, _from: IpAddr) -> bool {
+        !self.sealing.require
+    }
+
     async fn forward(&mut self, addr: IpAddr, flow_hash: u64, pkts: &[u8], segment: usize) {
-        if let Err(e) = self.carrier.send(addr, flow_hash, pkts, segment).await {
+        let result = if self.seals_to(addr) {
+            let now = self.now();
+            match self.keys.seal(now, addr, pkts, segment, &mut self.sealed) {
+                Ok(n) => self.carrier.send(addr, flow_hash, &self.sealed[..n], segment + seal::OVERHEAD).await,
+                Err(e) => {
+                    tracing::trace!(error = ?e, %addr, "cannot seal");
+                    self.node.count_drop(match e {
+                        SealError::NoKey => DropReason::CarrierNoKey,
+                        SealError::TooBig => DropReason::TooBig,
+                    });
+                    return;
+                }
+            }
+        } else {
+            self.carrier.send(addr, flow_hash, pkts, segment).await
+        };
+        if let Err(e) = result {
             let reason = if e.raw_os_error() == Some(libc::EMSGSIZE) {
                 DropReason::TooBig
             } else {
@@ -511,12 +576,31 @@ impl Driver {
 
     /// Checks the inner packets of one carrier read (several with UDP GRO, `stride` bytes apart)
     /// and copies those to deliver into `c` from position `accepted` on; returns the new count.
-    fn accept_carrier(&mut self, buf: &[u8], rx: &Received, c: &mut Coalesce, mut accepted: usize) -> usize {
+    fn accept_carrier(&mut self, buf: &mut [u8], rx: &Received, c: &mut Coalesce, mut accepted: usize) -> usize {
         let (mut at, end) = (rx.inner.start, rx.inner.end);
         let now = self.now(); // one clock read per carrier read, not per inner packet
         while at < end {
-            let inner = at..(at + rx.stride).min(end);
+            let mut inner = at..(at + rx.stride).min(end);
             at = inner.end;
+            if seal::is_sealed(&buf[inner.clone()]) {
+                match self.keys.open(now, rx.from, &mut buf[inner.clone()]) {
+                    Ok(len) => inner = inner.start + seal::HEADER..inner.start + seal::HEADER + len,
+                    Err(e) => {
+                        tracing::trace!(from = %rx.from, error = ?e, "sealed carrier packet refused");
+                        self.node.count_drop(match e {
+                            OpenError::Malformed => DropReason::BadCarrierHeader,
+                            OpenError::NoKey => DropReason::CarrierNoKey,
+                            OpenError::StaleKey => DropReason::CarrierStaleKey,
+                            OpenError::Replayed => DropReason::CarrierReplayed,
+                            OpenError::Forged => DropReason::CarrierForged,
+                        });
+                        continue;
+                    }
+                }
+            } else if !self.takes_plaintext_from(rx.from) {
+                self.node.count_drop(DropReason::CarrierPlaintextRefused);
+                continue;
+            }
             let verdict = self.node.on_carrier_packet(now, rx.from, &buf[inner.clone()]);
             tracing::trace!(from = %rx.from, len = inner.len(), ?verdict, "carrier packet");
             match verdict {

@@ -22,4 +22,4 @@ pub mod steering;
 pub mod tun;
 
 pub use carrier::{Carrier, CarrierKind};
-pub use driver::{Driver, DriverHandle, MemberSnapshot, NodeUpdate, Snapshot, SnapshotRequests, Stop};
+pub use driver::{Driver, DriverHandle, MemberSnapshot, NodeUpdate, Sealing, Snapshot, SnapshotRequests, Stop};

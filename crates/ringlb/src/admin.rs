@@ -287,6 +287,13 @@ fn status_json(s: &Snapshot, control: Option<&ControlHandle>, side: Side<'_>, no
             "claims_refused_invalid": c.claims_refused_invalid,
             "teach_refused": c.teach_refused,
         },
+        "sealed_carrier": {
+            "peers_with_keys": s.seal_peers,
+            "sealed_packets": s.seal.sealed,
+            "opened_packets": s.seal.opened,
+            "key_rotations": s.seal.rotations,
+            "sessions": s.seal.sessions,
+        },
         "health": side.health.map(|h| json!({
             "state": h.state.name(),
             "target": h.target.to_string(),
@@ -363,6 +370,22 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
         "unclaimed_delivered_packets_total",
         "Packets of connections this node does not serve, sent by an entry, that nobody claims: delivered (the kernel answers RST).",
         c.unclaimed_delivered,
+    );
+    counter(
+        "carrier_sealed_packets_total",
+        "Carrier packets this node sealed (AES-256-GCM) before sending.",
+        s.seal.sealed,
+    );
+    counter(
+        "carrier_opened_packets_total",
+        "Sealed carrier packets this node received that authenticated (refusals are in dropped_packets_total).",
+        s.seal.opened,
+    );
+    counter("carrier_key_rotations_total", "Carrier key epochs this node moved to as a sender.", s.seal.rotations);
+    counter(
+        "carrier_sessions_total",
+        "Sealed-carrier secrets installed, one per QUIC session and direction.",
+        s.seal.sessions,
     );
     counter(
         "teach_refused_total",
@@ -556,6 +579,13 @@ pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Stri
         "recovery: {} connections recovered, {} unrecovered, {} packets passed on as a home; directory holds {} claims",
         c.flows_recovered, c.flows_unrecovered, c.second_hop_packets, s.directory
     );
+    if s.seal.sessions > 0 {
+        let _ = writeln!(
+            out,
+            "sealed carrier: keys for {} peers; {} packets sealed, {} opened; {} key rotations",
+            s.seal_peers, s.seal.sealed, s.seal.opened, s.seal.rotations
+        );
+    }
     let drops: Vec<String> =
         DropReason::ALL.iter().filter(|r| c.drops(**r) > 0).map(|r| format!("{}={}", r.name(), c.drops(*r))).collect();
     if !drops.is_empty() {

@@ -726,11 +726,15 @@ impl Config {
         }
         if self.carrier.require_authenticated && self.control.is_none() {
             p.push(
-                "carrier.require_authenticated = true: needs [control]: carrier keys come from its QUIC sessions".into(),
+                "carrier.require_authenticated = true: needs [control]: carrier keys come from its QUIC sessions"
+                    .into(),
             );
         }
         if self.carrier.require_authenticated && self.carrier.kind != CarrierKind::Udp {
-            p.push("carrier.require_authenticated = true: needs carrier.kind = \"udp\" (the sealed carrier is IP-in-UDP)".into());
+            p.push(
+                "carrier.require_authenticated = true: needs carrier.kind = \"udp\" (the sealed carrier is IP-in-UDP)"
+                    .into(),
+            );
         }
         if !(1..=64).contains(&self.carrier.source_ports) {
             p.push(format!("carrier.source_ports = {}: must be 1 to 64", self.carrier.source_ports));
@@ -864,7 +868,15 @@ impl Config {
         let text = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
         let mtu: u32 = text.trim().parse().map_err(|_| format!("{path} holds {text:?}"))?;
         let mtu = u16::try_from(mtu.min(65_535)).unwrap_or(u16::MAX);
-        Ok(mtu.saturating_sub(self.carrier.kind.overhead()).min(9000))
+        Ok(mtu.saturating_sub(self.carrier_overhead()).min(9000))
+    }
+
+    /// Bytes a carrier packet adds at most: with a control plane, the udp carrier may be sealed
+    /// (to other sites, or everywhere), and the TUN leaves room for that.
+    pub fn carrier_overhead(&self) -> u16 {
+        let sealed = self.control.is_some() && self.carrier.kind == CarrierKind::Udp;
+        self.carrier.kind.overhead()
+            + if sealed { u16::try_from(ringlb_core::seal::OVERHEAD).unwrap_or(u16::MAX) } else { 0 }
     }
 
     pub fn flow_config(&self) -> ringlb_core::FlowConfig {

@@ -356,7 +356,16 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         },
         members,
     );
-    let (driver, mut handle) = Driver::new(node, tun, carrier);
+    let sealing = ringlb_dataplane::Sealing {
+        require: config.carrier.require_authenticated,
+        config: ringlb_core::seal::SealConfig {
+            key_lifetime: config.carrier.key_lifetime,
+            // A replaced key is kept for late packets, never longer than keys live.
+            overlap: config.carrier.key_lifetime.min(Duration::from_secs(10)),
+            ..ringlb_core::seal::SealConfig::default()
+        },
+    };
+    let (driver, mut handle) = Driver::new(node, tun, carrier, sealing);
     let (stop_tx, stop_rx) = watch::channel(false);
     // The control plane (QUIC, TLS, membership) and the admin endpoint run on a thread of their
     // own, so that a flood of packets cannot delay probes (and get a live peer declared dead),
@@ -554,6 +563,9 @@ fn start_control(
             let update = match ev {
                 ControlEvent::Cluster(u) => NodeUpdate::Cluster(u),
                 ControlEvent::Drain(on) => NodeUpdate::Drain(on),
+                ControlEvent::CarrierKey { name, direction, secret } => {
+                    NodeUpdate::CarrierKey { name, direction, secret }
+                }
             };
             if updates.send(update).await.is_err() {
                 return;
