@@ -56,16 +56,28 @@ fuzz runs="10000000":
     done
     [ ${#failed[@]} -eq 0 ] || { echo "fuzz: findings in ${failed[*]}"; exit 1; }
 
+# SITES 2 splits the nodes over two sites (own router, client and entry each) joined by an emulated
+# WAN, 40 ms ± 5 ms one way with 1 % loss (netlab-up-wan sets it).
 # Bring up the lab: NODES nodes; ENTRY single (VIP via n1), ecmp (static multipath), bgp (BIRD on
 # the router and every node, BFD) or l2 (client on the nodes' segment, ARP owner); CARRIER udp or ipip.
-netlab-up nodes="3" entry="single" carrier="udp": build
-    {{netlab}} up --nodes {{nodes}} --entry {{entry}} --carrier {{carrier}}
+netlab-up nodes="3" entry="single" carrier="udp" sites="1": build
+    {{netlab}} up --nodes {{nodes}} --entry {{entry}} --carrier {{carrier}} --sites {{sites}}
+
+# The WAN: one-way DELAY ± JITTER, LOSS (0 to 1), RATE (e.g. 10mbit, or none), SEED (the same seed,
+# the same losses and delays). Entry single, carrier udp.
+# Bring up two sites of NODES/2 nodes joined by an emulated WAN.
+netlab-up-wan nodes="4" delay="40ms" jitter="5ms" loss="0.01" rate="none" seed="1": build
+    {{netlab}} up --nodes {{nodes}} --sites 2 --wan-delay {{delay}} --wan-jitter {{jitter}} --wan-loss {{loss}} --wan-rate {{rate}} --wan-seed {{seed}}
+
+# The WAN of a two-site lab: `stats`, `cut`, `heal`, or `set --wan-delay 80ms --wan-loss 0.05 ...`.
+netlab-wan +args="stats":
+    {{netlab}} wan {{args}}
 
 # Stop every process of the lab and delete its namespaces.
 netlab-down:
     if [ -x target/release/netlab ]; then {{netlab}} down; else cargo run -q --release --bin netlab -- --prefix {{prefix}} down; fi
 
-# Run a command on a lab host: client, router, n1, n2, ...
+# Run a command on a lab host: client, router, n1, n2, ... (two sites: also client2, router2, wan)
 netlab-exec node +cmd:
     {{netlab}} exec {{node}} {{cmd}}
 

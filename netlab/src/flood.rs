@@ -19,15 +19,20 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use rustix::net::{AddressFamily, SendAncillaryBuffer, SendFlags, SocketAddrAny, SocketType};
 
+use crate::sites::ROUTER2_UNDERLAY;
 use crate::{Lab, ROUTER_UNDERLAY, VIP};
 
 /// Packets per `sendmmsg` call.
 const BATCH: usize = 64;
 /// Far more than any test needs; a mistyped count should not run for hours.
 const MAX_COUNT: u64 = 100_000_000;
-/// The lab's own subnets: the nodes' underlay (with the router) and the client's leg.
-const LAB_NETS: [Net; 2] =
-    [Net { base: Ipv4Addr::new(10, 77, 0, 0), len: 24 }, Net { base: Ipv4Addr::new(10, 78, 0, 0), len: 24 }];
+/// The lab's own subnets: the nodes' underlay (with the routers) and the clients' legs (site b's
+/// with `--sites 2`).
+const LAB_NETS: [Net; 3] = [
+    Net { base: Ipv4Addr::new(10, 77, 0, 0), len: 24 },
+    Net { base: Ipv4Addr::new(10, 78, 0, 0), len: 24 },
+    Net { base: Ipv4Addr::new(10, 79, 0, 0), len: 24 },
+];
 const PRIVATE: [Net; 3] = [
     Net { base: Ipv4Addr::new(10, 0, 0, 0), len: 8 },
     Net { base: Ipv4Addr::new(172, 16, 0, 0), len: 12 },
@@ -113,7 +118,7 @@ impl Flood {
     pub fn check(&self) -> Result<()> {
         let lab_address = self.to == VIP || LAB_NETS.iter().any(|n| n.contains(self.to));
         ensure!(lab_address, "destination {} is not a lab address ({VIP} or {})", self.to, LAB_NETS[0]);
-        ensure!(self.to != ROUTER_UNDERLAY, "destination {} is the lab's router", self.to);
+        ensure!(self.to != ROUTER_UNDERLAY && self.to != ROUTER2_UNDERLAY, "destination {} is a lab router", self.to);
         ensure!(
             PRIVATE.iter().any(|&p| self.sources.within(p)),
             "sources {} are not private address space (10/8, 172.16/12, 192.168/16)",
@@ -158,7 +163,8 @@ impl Lab {
     }
 
     /// Runs `f` on a thread of its own inside lab host `host`'s network namespace (`client`,
-    /// `router` or `nN`): every socket it opens is that host's.
+    /// `router` or `nN`; with two sites also `client2`, `router2` and `wan`): every socket it
+    /// opens is that host's.
     pub fn in_host<T: Send + 'static>(
         &self,
         host: &str,
@@ -167,6 +173,9 @@ impl Lab {
         let ns = match host {
             "client" => self.client(),
             "router" => self.router(),
+            "client2" if self.spec.sites > 1 => self.client_of_site(2),
+            "router2" if self.spec.sites > 1 => self.router_of_site(2),
+            "wan" if self.spec.sites > 1 => self.wan_ns(),
             n if n.strip_prefix('n').and_then(|i| i.parse::<usize>().ok()).is_some_and(|i| i >= 1) => {
                 format!("{}-{n}", self.spec.prefix)
             }

@@ -19,6 +19,10 @@
 //! unmodified nginx that answers `/` with the node's name, serves `/blob/…` files and `/1k`,
 //! plus a small upload sink on port 9000 that answers with the sha256 of what it received.
 //!
+//! With `--sites 2` the nodes are split over two sites, each with its own router, client and
+//! entry, joined by an emulated WAN that delays, jitters, drops and rate-limits frames (see
+//! [`sites`] and [`wan`]).
+//!
 //! Everything a lab creates lives in its namespaces and in its state directory, so [`down`]
 //! (also run when a [`Lab`] is dropped) leaves nothing behind.
 
@@ -26,6 +30,8 @@
 
 pub mod adversary;
 pub mod flood;
+pub mod sites;
+pub mod wan;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -116,6 +122,15 @@ pub struct Spec {
     /// Run `ringlb node` as uid [`UNPRIVILEGED_UID`] with no capabilities (`tun.owner`): `setup`
     /// (root) makes the TUN, the daemon only attaches to it.
     pub unprivileged: bool,
+    /// 1, or 2 for two sites joined by an emulated WAN (see [`sites`]): nodes 1 to ⌈N/2⌉ in
+    /// site `a`, the others in site `b`, each site with its own router, client and entry.
+    pub sites: usize,
+    /// The WAN between the sites (both directions).
+    pub wan: wan::Impairment,
+    /// Run the WAN bridge as `<this> wan-bridge` (the `netlab` binary) in the WAN namespace, so
+    /// it outlives this process (`netlab up`); `None` runs it on a thread of this process,
+    /// which stops when the [`Lab`] is dropped, or when the process exits after [`Lab::keep`].
+    pub wan_bridge_bin: Option<PathBuf>,
 }
 
 /// The uid an unprivileged lab daemon runs as (`nobody`).
@@ -137,6 +152,9 @@ impl Spec {
             control: true,
             stop_timeout: None,
             unprivileged: false,
+            sites: 1,
+            wan: wan::Impairment::default(),
+            wan_bridge_bin: None,
         }
     }
 }
@@ -147,6 +165,8 @@ pub struct Lab {
     pub spec: Spec,
     pub dir: PathBuf,
     keep: bool,
+    /// The WAN bridge, when it runs on a thread of this process.
+    wan: Option<wan::bridge::BridgeThread>,
 }
 
 /// A unique prefix for a test's lab: short (namespace names show in `ip netns`), and unique
@@ -239,7 +259,14 @@ impl Lab {
         if let Some(entry) = fs::read_to_string(dir.join("entry")).ok().and_then(|e| Entry::parse(e.trim())) {
             spec.entry = entry;
         }
-        Ok(Lab { spec, dir, keep: true })
+        if let Ok(sites) = fs::read_to_string(dir.join("sites")) {
+            spec.sites = sites.trim().parse()?;
+        }
+        let mut lab = Lab { spec, dir, keep: true, wan: None };
+        if let Some(wan) = lab.read_wan_params() {
+            lab.spec.wan = wan;
+        }
+        Ok(lab)
     }
 
     /// Builds and starts a lab. On failure everything built so far is torn down.
@@ -251,7 +278,10 @@ impl Lab {
         fs::write(dir.join("nodes"), spec.nodes.to_string())?;
         fs::write(dir.join("bin"), spec.bin.to_string_lossy().as_bytes())?;
         fs::write(dir.join("entry"), spec.entry.name())?;
-        let mut lab = Lab { spec, dir, keep: false };
+        if spec.sites != 1 {
+            fs::write(dir.join("sites"), spec.sites.to_string())?;
+        }
+        let mut lab = Lab { spec, dir, keep: false, wan: None };
         if let Err(e) = lab.build() {
             lab.keep = keep_failed;
             return Err(e.context("building the lab"));
@@ -329,7 +359,7 @@ impl Lab {
         Ok(())
     }
 
-    fn build(&self) -> Result<()> {
+    fn build(&mut self) -> Result<()> {
         let s = &self.spec;
         let (r, c) = (self.router(), self.client());
         for ns in [r.clone(), c.clone()] {
@@ -356,20 +386,31 @@ impl Lab {
             self.exec(&c, &["ip", "link", "set", "eth0", "up"])?;
             self.exec(&c, &["ip", "route", "add", "default", "via", "10.78.0.1"])?;
         }
+        if s.sites != 1 {
+            self.build_site_b()?;
+        }
+        let s = &self.spec;
         for i in 1..=s.nodes {
             self.wire_node(i)?;
         }
-        match s.entry {
-            Entry::Single => drop(self.exec(&r, &["ip", "route", "add", &vip, "via", &node_addr(1).to_string()])?),
-            Entry::Ecmp => {
-                let mut args = vec!["ip".to_owned(), "route".into(), "add".into(), vip];
-                for i in 1..=s.nodes {
-                    args.extend(["nexthop".into(), "via".into(), node_addr(i).to_string()]);
+        for site in 1..=s.sites {
+            // Each site's router sends the VIP to its own site's nodes.
+            let (r, nodes) = (self.router_of_site(site), self.site_nodes(site));
+            match s.entry {
+                Entry::Single => drop(self.exec(
+                    &r,
+                    &["ip", "route", "add", &vip, "via", &node_addr(nodes.first().copied().unwrap_or(1)).to_string()],
+                )?),
+                Entry::Ecmp => {
+                    let mut args = vec!["ip".to_owned(), "route".into(), "add".into(), vip.clone()];
+                    for i in nodes {
+                        args.extend(["nexthop".into(), "via".into(), node_addr(i).to_string()]);
+                    }
+                    self.exec(&r, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
                 }
-                self.exec(&r, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+                Entry::Bgp => self.start_router_bird(site)?,
+                Entry::L2 => {}
             }
-            Entry::Bgp => self.start_router_bird()?,
-            Entry::L2 => {}
         }
         fs::write(self.dir.join("blob-small"), vec![b'x'; 1024])?;
         if s.control {
@@ -394,7 +435,9 @@ impl Lab {
         }
         match s.entry {
             Entry::Bgp if s.start_ringlb => {
-                self.wait_entries(s.nodes, Duration::from_secs(20))?;
+                for site in 1..=s.sites {
+                    self.wait_site_entries(site, self.site_nodes(site).len(), Duration::from_secs(20))?;
+                }
             }
             Entry::L2 if s.start_ringlb => {
                 // A starting node listens for an owner for 3 s before it takes the VIP.
@@ -426,39 +469,53 @@ impl Lab {
     /// installed as one multipath route (`merge paths`), hashed on the L4 header by the kernel
     /// (`fib_multipath_hash_policy=1`). No graceful restart: a router that kept a dead node's
     /// route while it "restarts" would send it traffic for minutes.
-    fn start_router_bird(&self) -> Result<()> {
+    fn start_router_bird(&self, site: usize) -> Result<()> {
+        let me = Lab::router_addr(site);
         let mut conf = format!(
-            "router id {ROUTER_UNDERLAY};\nlog stderr all;\nprotocol device {{}}\n\
+            "router id {me};\nlog stderr all;\nprotocol device {{}}\n\
              protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
              protocol bfd {{ interface \"br0\" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }}; }}\n\
-             template bgp ringlb {{ local {ROUTER_UNDERLAY} as {ROUTER_AS}; bfd on; graceful restart off;\n  \
+             template bgp ringlb {{ local {me} as {ROUTER_AS}; bfd on; graceful restart off;\n  \
              connect delay time 1; connect retry time 2; error wait time 1, 4;\n  \
              ipv4 {{ import where net = {VIP}/32; export none; }};\n}}\n"
         );
-        for i in 1..=self.spec.nodes {
+        for i in self.site_nodes(site) {
             let _ = writeln!(conf, "protocol bgp n{i} from ringlb {{ neighbor {} as {NODES_AS}; }}", node_addr(i));
         }
-        self.start_bird(&self.router(), "router", &conf)
+        self.start_bird(&self.router_of_site(site), &Lab::bird_router_host(site), &conf)
     }
 
     /// Node `i`'s BIRD: learns the VIP's route from the table ringlb holds it in (while ringlb
     /// is ready) and announces it to the router, with BFD.
     fn start_node_bird(&self, i: usize) -> Result<()> {
-        let me = node_addr(i);
+        let (me, router) = (node_addr(i), Lab::router_addr(self.site_of(i)));
         let conf = format!(
             "router id {me};\nlog stderr all;\nprotocol device {{}}\n\
              protocol kernel ringlb {{ kernel table {ENTRY_TABLE}; learn; ipv4 {{ import where net = {VIP}/32; export none; }}; }}\n\
              protocol bfd {{ interface \"eth0\" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }}; }}\n\
-             protocol bgp uplink {{ local {me} as {NODES_AS}; neighbor {ROUTER_UNDERLAY} as {ROUTER_AS}; bfd on;\n  \
+             protocol bgp uplink {{ local {me} as {NODES_AS}; neighbor {router} as {ROUTER_AS}; bfd on;\n  \
              graceful restart off; connect delay time 1; connect retry time 2; error wait time 1, 4;\n  \
              ipv4 {{ import none; export where net = {VIP}/32; }};\n}}\n"
         );
         self.start_bird(&self.node(i), &format!("n{i}"), &conf)
     }
 
+    /// BIRD's host name (its files' directory) for site `site`'s router.
+    fn bird_router_host(site: usize) -> String {
+        match site {
+            1 => "router".into(),
+            _ => format!("router{site}"),
+        }
+    }
+
     /// The next hops of the router's route to the VIP (`--entry bgp`), as node numbers.
     pub fn entries(&self) -> Result<Vec<usize>> {
-        let json = self.exec(&self.router(), &["ip", "-j", "route", "show", &format!("{VIP}/32")])?;
+        self.site_entries(1)
+    }
+
+    /// The next hops of site `site`'s router's route to the VIP, as node numbers.
+    pub fn site_entries(&self, site: usize) -> Result<Vec<usize>> {
+        let json = self.exec(&self.router_of_site(site), &["ip", "-j", "route", "show", &format!("{VIP}/32")])?;
         let routes: serde_json::Value = serde_json::from_str(&json).context("ip -j route")?;
         let mut hops = Vec::new();
         for route in routes.as_array().into_iter().flatten() {
@@ -477,16 +534,21 @@ impl Lab {
 
     /// Waits until the router's VIP route has `n` next hops (`--entry bgp`).
     pub fn wait_entries(&self, n: usize, within: Duration) -> Result<Vec<usize>> {
+        self.wait_site_entries(1, n, within)
+    }
+
+    /// Waits until site `site`'s router's VIP route has `n` next hops (`--entry bgp`).
+    pub fn wait_site_entries(&self, site: usize, n: usize, within: Duration) -> Result<Vec<usize>> {
         let deadline = Instant::now() + within;
         loop {
-            let hops = self.entries()?;
+            let hops = self.site_entries(site)?;
             if hops.len() == n {
                 return Ok(hops);
             }
             if Instant::now() > deadline {
-                let (_, ctl) = self.bird_paths("router");
+                let (_, ctl) = self.bird_paths(&Lab::bird_router_host(site));
                 let protocols = self
-                    .exec(&self.router(), &["birdc", "-s", &ctl.to_string_lossy(), "show", "protocols"])
+                    .exec(&self.router_of_site(site), &["birdc", "-s", &ctl.to_string_lossy(), "show", "protocols"])
                     .unwrap_or_default();
                 bail!("the router's VIP route has next hops {hops:?}, not {n}; its BGP sessions:\n{protocols}");
             }
@@ -521,7 +583,7 @@ impl Lab {
 
     /// Creates node `i`'s namespace and plugs it into the router's bridge as 10.77.0.i.
     fn wire_node(&self, i: usize) -> Result<()> {
-        let (r, n) = (self.router(), self.node(i));
+        let (r, n) = (self.router_of_site(self.site_of(i)), self.node(i));
         sh(None, &["ip", "netns", "add", &n])?;
         self.exec(&n, &["ip", "link", "set", "lo", "up"])?;
         // No IPv6 duplicate address detection on the node's link: an address that turns from
@@ -532,7 +594,7 @@ impl Lab {
         self.exec(&r, &["ip", "link", "set", &leg, "master", "br0", "up"])?;
         self.exec(&n, &["ip", "addr", "add", &format!("{}/24", node_addr(i)), "dev", "eth0"])?;
         self.exec(&n, &["ip", "link", "set", "eth0", "up"])?;
-        self.exec(&n, &["ip", "route", "add", "default", "via", &ROUTER_UNDERLAY.to_string()])?;
+        self.exec(&n, &["ip", "route", "add", "default", "via", &Lab::router_addr(self.site_of(i)).to_string()])?;
         Ok(())
     }
 
@@ -549,7 +611,11 @@ impl Lab {
     pub fn config_toml(&self, i: usize) -> String {
         let s = &self.spec;
         let weight = |j: usize| s.weights.get(j - 1).copied().unwrap_or(1.0);
-        let stop_timeout = s.stop_timeout.map(|t| format!("stop_timeout = \"{}ms\"\n", t.as_millis()));
+        let mut stop_timeout = s.stop_timeout.map(|t| format!("stop_timeout = \"{}ms\"\n", t.as_millis()));
+        if s.sites > 1 {
+            let site = format!("site = \"{}\"\n", Lab::site_name(self.site_of(i)));
+            stop_timeout = Some(stop_timeout.unwrap_or_default() + &site);
+        }
         let mut t = format!(
             "[node]\nname = \"n{i}\"\nvip = \"{VIP}\"\nunderlay_interface = \"eth0\"\naddress = \"{}\"\nweight = {:?}\n{}\n\
              [carrier]\nkind = \"{}\"\nport = {CARRIER_PORT}\n{}\n\
@@ -1040,6 +1106,13 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if let Some(wan) = self.wan.take() {
+            match self.keep {
+                true => wan.detach(),
+                // Stopped before the teardown: its TAPs go with it.
+                false => drop(wan),
+            }
+        }
         if !self.keep {
             if let Err(e) = down(&self.spec.prefix) {
                 eprintln!("netlab: tearing down {}: {e:#}", self.spec.prefix);

@@ -9,6 +9,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
+use ringlb_netlab::wan::{self, bridge, Impairment};
 use ringlb_netlab::{adversary, down, Entry, Lab, Spec, VIP};
 
 #[derive(Debug, Parser)]
@@ -36,6 +37,35 @@ enum Cmd {
         /// Run every `ringlb node` as uid 65534 with no capabilities (`tun.owner`).
         #[arg(long)]
         unprivileged: bool,
+        /// 2: two sites (nodes 1 to ⌈N/2⌉ in site a, the others in site b), each with its own
+        /// router, client and entry, joined by an emulated WAN.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        sites: u8,
+        #[command(flatten)]
+        wan: WanArgs,
+    },
+    /// Change the WAN between the sites of a running two-site lab, cut it, heal it, or show
+    /// what it did.
+    Wan {
+        #[command(subcommand)]
+        action: WanAction,
+    },
+    /// The WAN bridge itself (the lab starts it in its WAN namespace): carries Ethernet frames
+    /// between two TAP devices it creates, delayed, jittered, dropped and rate-limited.
+    WanBridge {
+        /// The TAP devices to create.
+        #[arg(long)]
+        a: String,
+        #[arg(long)]
+        b: String,
+        /// A parameter file (`delay 40ms` … one per line), reread when it changes.
+        #[arg(long)]
+        params: Option<PathBuf>,
+        /// Where to write counters (JSON), every 200 ms while they change.
+        #[arg(long)]
+        stats: Option<PathBuf>,
+        #[command(flatten)]
+        wan: WanArgs,
     },
     /// Stop everything and delete the namespaces.
     Down,
@@ -142,6 +172,59 @@ enum Cmd {
     },
 }
 
+/// The WAN's parameters (both directions).
+#[derive(Debug, clap::Args)]
+struct WanArgs {
+    /// One-way delay.
+    #[arg(long = "wan-delay", default_value = "40ms", value_parser = wan::parse_duration)]
+    delay: std::time::Duration,
+    /// Each frame's delay is uniform in delay ± jitter.
+    #[arg(long = "wan-jitter", default_value = "5ms", value_parser = wan::parse_duration)]
+    jitter: std::time::Duration,
+    /// Probability that a frame is lost (0 to 1).
+    #[arg(long = "wan-loss", default_value_t = 0.01)]
+    loss: f64,
+    /// Link rate, e.g. 10mbit, or none.
+    #[arg(long = "wan-rate", default_value = "none")]
+    rate: String,
+    /// With a rate: the longest a frame waits in the link's queue before it is dropped.
+    #[arg(long = "wan-queue", default_value = "100ms", value_parser = wan::parse_duration)]
+    queue: std::time::Duration,
+    /// Seed of the loss and jitter draws: the same seed, the same decisions.
+    #[arg(long = "wan-seed", default_value_t = 1)]
+    seed: u64,
+}
+
+impl WanArgs {
+    fn impairment(&self) -> Result<Impairment> {
+        let imp = Impairment {
+            delay: self.delay,
+            jitter: self.jitter,
+            loss: self.loss,
+            rate_bps: wan::parse_rate(&self.rate)?,
+            queue: self.queue,
+            seed: self.seed,
+        };
+        imp.check()?;
+        Ok(imp)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum WanAction {
+    /// New parameters, applied at once.
+    Set {
+        #[command(flatten)]
+        wan: WanArgs,
+    },
+    /// Nothing crosses between the sites.
+    Cut,
+    /// Frames cross again.
+    Heal,
+    /// The parameters and each direction's counters.
+    Stats,
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -156,8 +239,13 @@ fn namespace(prefix: &str, node: &str) -> Result<String> {
     Ok(match node {
         "client" | "c" => format!("{prefix}-c"),
         "router" | "r" => format!("{prefix}-r"),
+        "client2" | "c2" => format!("{prefix}-c2"),
+        "router2" | "r2" => format!("{prefix}-r2"),
+        "wan" | "w" => format!("{prefix}-w"),
         n if n.starts_with('n') && n[1..].parse::<usize>().is_ok() => format!("{prefix}-{n}"),
-        other => bail!("unknown lab host {other:?}: use client, router or n1, n2, ..."),
+        other => {
+            bail!("unknown lab host {other:?}: use client, router, n1, n2, ... (two sites: client2, router2, wan)")
+        }
     })
 }
 
@@ -167,19 +255,53 @@ fn node_index(node: &str) -> Option<usize> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Up { nodes, entry, carrier, bin, unprivileged } => {
+        Cmd::Up { nodes, entry, carrier, bin, unprivileged, sites, wan } => {
             let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
             let mut spec = Spec::new(&cli.prefix, bin);
             spec.nodes = nodes;
             spec.entry = entry;
             spec.carrier = carrier;
             spec.unprivileged = unprivileged;
+            spec.sites = usize::from(sites);
+            spec.wan = wan.impairment()?;
+            // The bridge must outlive this command: it runs as this binary's `wan-bridge`.
+            spec.wan_bridge_bin = Some(std::env::current_exe()?);
             let lab = Lab::up(spec)?;
             println!("lab {:?} is up: {nodes} nodes, entry {entry:?}, carrier {}", cli.prefix, lab.spec.carrier);
+            if lab.spec.sites > 1 {
+                let w = &lab.spec.wan;
+                println!(
+                    "sites: a = n{:?} (client, router), b = n{:?} (client2, router2); WAN {:?} ± {:?}, loss {}, rate {}",
+                    lab.site_nodes(1),
+                    lab.site_nodes(2),
+                    w.delay,
+                    w.jitter,
+                    w.loss,
+                    w.rate_bps.map_or_else(|| "unlimited".to_owned(), |r| format!("{r} bit/s"))
+                );
+                println!("try:  just netlab-exec client2 curl -s http://{VIP}/     just netlab-wan stats");
+            }
             println!("try:  just netlab-exec client curl -s http://{VIP}/");
             println!("      just netlab-status      just netlab-down");
             lab.keep();
             Ok(())
+        }
+        Cmd::Wan { action } => {
+            let mut lab = Lab::attach(&cli.prefix)?;
+            match action {
+                WanAction::Set { wan } => lab.set_wan(&wan.impairment()?)?,
+                WanAction::Cut => lab.wan_cut()?,
+                WanAction::Heal => lab.wan_heal()?,
+                WanAction::Stats => {}
+            }
+            print!("{}", wan_summary(&lab));
+            Ok(())
+        }
+        Cmd::WanBridge { a, b, params, stats, wan } => {
+            let bridge = bridge::Bridge { a, b, impairment: wan.impairment()?, params, stats };
+            let taps = bridge::open_taps(&bridge.a, &bridge.b)?;
+            // Runs until killed (the lab's teardown); its TAP devices go with it.
+            bridge::run(&taps, &bridge, &std::sync::atomic::AtomicBool::new(false))
         }
         Cmd::Down => down(&cli.prefix),
         Cmd::Adversary { pki, name, addr, port, seed, victim, attack, seconds } => {
@@ -224,6 +346,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             print!("{}", edge(&lab));
+            if lab.spec.sites > 1 {
+                print!("{}", wan_summary(&lab));
+            }
             Ok(())
         }
         Cmd::Bench { bin, out, quick, rounds, smoke, scaling } => {
@@ -316,6 +441,25 @@ fn requests(lab: &Lab, n: usize) -> String {
         *tally.entry(who.unwrap_or_else(|_| "failed".into())).or_default() += 1;
     }
     format!("  {n} new connections to the VIP: {tally:?}\n")
+}
+
+/// The WAN's parameters and what each direction did.
+fn wan_summary(lab: &Lab) -> String {
+    let stats = match lab.wan_stats() {
+        Ok(s) => s,
+        Err(e) => return format!("  the WAN: {e:#}\n"),
+    };
+    let w = &stats.impairment;
+    let rate = w.rate_bps.map_or_else(|| "unlimited".to_owned(), |r| format!("{r} bit/s (queue {:?})", w.queue));
+    let mut out =
+        format!("  the WAN: {:?} ± {:?} one way, loss {}, rate {rate}, seed {}\n", w.delay, w.jitter, w.loss, w.seed);
+    for (name, d) in [("a→b", &stats.a_to_b), ("b→a", &stats.b_to_a)] {
+        out += &format!(
+            "    {name}: {} frames, {} forwarded ({} bytes), {} lost, {} queue full, {} not delivered (link down)\n",
+            d.frames, d.forwarded, d.bytes, d.lost, d.queue_full, d.send_errors
+        );
+    }
+    out
 }
 
 /// How the network reaches the cluster right now: the router's next hops for the VIP (bgp) or
