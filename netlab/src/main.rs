@@ -455,7 +455,7 @@ fn wan_summary(lab: &Lab) -> String {
         format!("  the WAN: {:?} ± {:?} one way, loss {}, rate {rate}, seed {}\n", w.delay, w.jitter, w.loss, w.seed);
     for (name, d) in [("a→b", &stats.a_to_b), ("b→a", &stats.b_to_a)] {
         out += &format!(
-            "    {name}: {} frames, {} forwarded ({} bytes), {} lost, {} queue full, {} not delivered (link down)\n",
+            "    {name}: {} frames, {} forwarded ({} bytes), {} lost, {} queue full, {} refused by the other TAP\n",
             d.frames, d.forwarded, d.bytes, d.lost, d.queue_full, d.send_errors
         );
     }

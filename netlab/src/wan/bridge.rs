@@ -68,7 +68,8 @@ pub struct DirectionStats {
     pub lost: u64,
     /// Dropped because the queue was full.
     pub queue_full: u64,
-    /// Writes the other side refused (e.g. its link is down).
+    /// Writes the other side's TAP refused (it is down, or its backlog is full). A cut WAN
+    /// (its veths down) drops frames in the Linux bridge behind the TAP, not here.
     pub send_errors: u64,
     /// The longest frame seen: at most the MTU plus 14 when the kernel segmented everything.
     pub max_frame: u64,
