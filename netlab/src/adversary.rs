@@ -102,6 +102,7 @@ pub async fn run(o: Options, stop: tokio::sync::oneshot::Receiver<()>) -> Result
         control,
         weight: 3e38,
         flow_hash: flow_hash_fingerprint(),
+        site: "default".into(),
     };
     let origin = Instant::now();
     let now = || Timestamp::from_duration(origin.elapsed());
@@ -250,6 +251,7 @@ async fn flood(
         control: victim.control,
         weight: victim.weight,
         flow_hash: me.flow_hash,
+        site: victim.site.clone(),
     };
     if conns.send(name, addr, encode(&Message::Announce { sender: left, reports: vec![] })?).await {
         *sent.entry("victim_leaves").or_default() += 1;

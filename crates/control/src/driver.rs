@@ -75,6 +75,9 @@ pub enum ControlEvent {
     /// A new QUIC session with the peer `name` (its certificate's name): the sealed carrier's
     /// secret for one direction, exported from that session (see [`carrier_secret`]).
     CarrierKey { name: String, direction: Direction, secret: Secret },
+    /// The latest round-trip time to a peer (about twice a second each), for placement across
+    /// sites.
+    Rtt { name: String, rtt: Duration },
 }
 
 /// The TLS exporter label of the sealed carrier's secrets (RFC 8446 §7.5).
@@ -418,9 +421,9 @@ struct Control {
     warned: HashMap<Refusal, Instant>,
     /// When each peer's sender was last replaced for a new incarnation.
     reconnected: HashMap<String, Instant>,
-    /// Sealed-carrier secrets of new sessions, for the data plane (sent, never dropped, by
-    /// [`Control::flush`]).
-    carrier_keys: Vec<ControlEvent>,
+    /// Sealed-carrier secrets of new sessions and round-trip times, for the data plane (sent,
+    /// never dropped, by [`Control::flush`]).
+    pending_events: Vec<ControlEvent>,
 }
 
 /// A data plane silent for this long is taken as hung: its node stops sending load vectors, so
@@ -462,7 +465,7 @@ impl Control {
             cpu: CpuMeter::default(),
             last_new_flows: None,
             dataplane_seen: Instant::now(),
-            carrier_keys: Vec::new(),
+            pending_events: Vec::new(),
             warned: HashMap::new(),
             reconnected: HashMap::new(),
         }
@@ -567,12 +570,15 @@ impl Control {
             }
             Inbound::Unreachable(name) => self.cluster.handle_unreachable(&name),
             Inbound::Rtt(name, rtt) => {
-                self.rtts.insert(name, rtt);
+                self.rtts.insert(name.clone(), rtt);
+                // Sent with the next flush, like the keys; a newer one replaces an older.
+                self.pending_events.retain(|e| !matches!(e, ControlEvent::Rtt { name: n, .. } if *n == name));
+                self.pending_events.push(ControlEvent::Rtt { name, rtt });
             }
             Inbound::CarrierKey { name, direction, secret } => {
                 // The name is the certificate's; the data plane binds it to the member's
                 // underlay address, which the same certificate vouches for.
-                self.carrier_keys.push(ControlEvent::CarrierKey { name, direction, secret });
+                self.pending_events.push(ControlEvent::CarrierKey { name, direction, secret });
             }
             Inbound::Datagram { peer, bytes, conn } => {
                 // (One inbound connection per name is kept by the accept task.)
@@ -707,7 +713,7 @@ impl Control {
     }
 
     async fn flush(&mut self) {
-        for key in std::mem::take(&mut self.carrier_keys) {
+        for key in std::mem::take(&mut self.pending_events) {
             let _ = self.to_dataplane.send(key).await;
         }
         let mut changed = false;

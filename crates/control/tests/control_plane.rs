@@ -47,7 +47,14 @@ struct Node {
 fn start(dir: &Path, name: &str, addr: SocketAddr, seeds: Vec<(String, SocketAddr)>) -> Node {
     certs::issue(dir, name, addr.ip(), Duration::from_secs(86_400)).unwrap();
     let config = ControlConfig {
-        identity: Identity { name: name.into(), underlay: addr.ip(), control: addr, weight: 1.0, flow_hash: 7 },
+        identity: Identity {
+            name: name.into(),
+            underlay: addr.ip(),
+            control: addr,
+            weight: 1.0,
+            flow_hash: 7,
+            site: "default".into(),
+        },
         listen: addr,
         seeds,
         tls: files(dir, name),
@@ -205,6 +212,7 @@ fn false_identity_and_malformed_messages_close_the_connection_and_are_counted() 
             control: loopback(9),
             weight: 1.0,
             flow_hash: 7,
+            site: "default".into(),
         };
 
         // n3 holds a valid certificate (for 127.0.0.1) but claims to be n2.

@@ -103,6 +103,8 @@ pub struct Identity {
     /// Fingerprint of this node's flow hash ([`flow_hash_fingerprint`]): members that disagree
     /// place fallback flows differently.
     pub flow_hash: u64,
+    /// The site this node is in (`node.site`).
+    pub site: String,
 }
 
 /// What the control channel vouches for about the sender of a datagram.
@@ -130,8 +132,8 @@ pub type PeerLoad = LoadVector;
 /// A change for the data plane.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Update {
-    /// A member appeared or changed state, address or weight.
-    Member { name: String, underlay: IpAddr, weight: f64, state: MemberState },
+    /// A member appeared or changed state, address, weight or site.
+    Member { name: String, underlay: IpAddr, weight: f64, state: MemberState, site: String },
     /// A member's latest load vector.
     Load { name: String, load: PeerLoad },
     /// A member is forgotten: its name and address are free.
@@ -253,6 +255,7 @@ pub struct MemberView {
     pub load: Option<(LoadVector, Timestamp)>,
     /// Whether it computes the same flow hash as this node.
     pub flow_hash_agrees: bool,
+    pub site: String,
 }
 
 #[derive(Debug, Clone)]
@@ -376,6 +379,7 @@ impl Cluster {
             control: identity.control,
             weight: identity.weight.clamp(config.min_weight, config.max_weight),
             flow_hash: identity.flow_hash,
+            site: identity.site,
         };
         let seeds = seeds.into_iter().filter(|(n, _)| *n != me.name).collect();
         Cluster {
@@ -448,6 +452,7 @@ impl Cluster {
             weight: m.record.weight,
             load: m.load,
             flow_hash_agrees: m.record.flow_hash == self.me.flow_hash,
+            site: m.record.site.clone(),
         }
     }
 
@@ -1365,6 +1370,7 @@ fn member_update(m: &Member) -> Update {
         underlay: m.record.underlay,
         weight: f64::from(m.record.weight),
         state: m.state,
+        site: m.record.site.clone(),
     }
 }
 

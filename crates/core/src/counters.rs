@@ -120,6 +120,8 @@ pub struct Counters {
     pub placed_local: u64,
     /// New flows placed on a peer.
     pub placed_peer: u64,
+    /// New flows placed in another site than the entry's.
+    pub placed_cross_site: u64,
     /// Flows of unknown origin (non-SYN, e.g. after a restart) placed by consistent hash.
     pub placed_by_hash_fallback: u64,
     /// New flows (SYNs, first datagrams) placed by consistent hash instead of the policy because

@@ -21,6 +21,7 @@ mod node;
 mod placement;
 mod rng;
 pub mod seal;
+pub mod sites;
 mod time;
 
 pub use cluster::{

@@ -72,6 +72,10 @@ pub struct Member {
     /// Forgotten by the cluster: its slot stays (ids are stable) but its name and address are
     /// free.
     pub(crate) removed: bool,
+    /// The site it is in; entries keep new flows in their own site while it has room.
+    pub site: String,
+    /// The control plane's latest round-trip time to it (none for this node itself).
+    pub rtt: Option<std::time::Duration>,
 }
 
 /// This node's own load as its data plane measures it, for its load vector.
@@ -96,7 +100,17 @@ impl Member {
     pub fn new(name: impl Into<String>, addr: IpAddr, weight: f64) -> Self {
         let name = name.into();
         let name_hash = name_hash(&name);
-        Member { name, addr, weight, state: MemberState::Alive, load: None, name_hash, removed: false }
+        Member {
+            name,
+            addr,
+            weight,
+            state: MemberState::Alive,
+            load: None,
+            name_hash,
+            removed: false,
+            site: crate::cluster::message::DEFAULT_SITE.to_owned(),
+            rtt: None,
+        }
     }
 }
 

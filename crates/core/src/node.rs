@@ -13,6 +13,7 @@ use crate::{
 
 mod recovery;
 mod restart;
+mod sites;
 pub use recovery::RecoveryConfig;
 pub use restart::FlowsNeedingDaemon;
 
@@ -89,6 +90,9 @@ pub struct Node {
     /// not place its later datagrams until they would have idled out.
     hash_udp_until: Timestamp,
     recovery: recovery::Recovery,
+    sites: sites::SiteScratch,
+    /// New flows placed, by member (per-site metrics add them up).
+    placed_to: Vec<u64>,
 }
 
 impl Node {
@@ -104,6 +108,8 @@ impl Node {
             recovery,
             served,
             forwarded_to: vec![0; members.len()],
+            placed_to: vec![0; members.len()],
+            sites: sites::SiteScratch::default(),
             candidates: Vec::with_capacity(members.len()),
             homes: Vec::with_capacity(members.len()),
             config,
@@ -129,6 +135,11 @@ impl Node {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// New flows this node placed on `member` so far.
+    pub fn placed_on(&self, member: NodeId) -> u64 {
+        self.placed_to.get(member.index()).copied().unwrap_or(0)
     }
 
     /// Packets forwarded to `peer` so far.
@@ -277,11 +288,13 @@ impl Node {
                     Some(id) => {
                         self.members.reuse(id, member)?;
                         self.forwarded_to[id.index()] = 0;
+                        self.placed_to[id.index()] = 0;
                         id
                     }
                     None => {
                         let id = self.members.add(member)?;
                         self.forwarded_to.resize(self.members.len(), 0);
+                        self.placed_to.resize(self.members.len(), 0);
                         id
                     }
                 }
@@ -307,8 +320,13 @@ impl Node {
     /// Applies a change the cluster state machine made.
     pub fn apply(&mut self, now: Timestamp, update: &crate::Update) -> Result<(), crate::MembersError> {
         match update {
-            crate::Update::Member { name, underlay, weight, state } => {
-                self.upsert_member(name, *underlay, *weight, *state)?;
+            crate::Update::Member { name, underlay, weight, state, site } => {
+                let id = self.upsert_member(name, *underlay, *weight, *state)?;
+                if let Some(m) = self.members.get_mut(id) {
+                    if m.site != *site {
+                        m.site.clone_from(site);
+                    }
+                }
             }
             crate::Update::Removed { name } => {
                 if let Some(id) = self.members.by_name(name).filter(|&id| id != self.config.local) {
@@ -520,7 +538,14 @@ impl Node {
         self.fill_candidates(now);
         let local = self.config.local.index();
         let placement = match how {
-            How::Policy => self.config.policy.place(key, &self.candidates, local, &mut self.rng),
+            How::Policy => match self.restrict_to_site() {
+                sites::SiteChoice::OneSite => self.config.policy.place(key, &self.candidates, local, &mut self.rng),
+                sites::SiteChoice::Restricted { cross_site } => {
+                    self.counters.placed_cross_site += u64::from(cross_site);
+                    self.config.policy.place(key, &self.candidates, local, &mut self.rng)
+                }
+                sites::SiteChoice::Nowhere => Placement::NoCandidate,
+            },
             How::HashFallback => {
                 self.counters.placed_by_hash_fallback += 1;
                 consistent_hash(key, &self.candidates)
@@ -534,6 +559,9 @@ impl Node {
             Placement::Chosen(id) => id,
             Placement::NoCandidate => self.config.local,
         };
+        if let Some(n) = self.placed_to.get_mut(target.index()) {
+            *n += 1;
+        }
         if target == self.config.local {
             self.counters.placed_local += 1;
             self.counters.served_new_flows += 1;
@@ -594,12 +622,17 @@ mod tests {
     const ACK: u8 = 0x10;
     const FIN_ACK: u8 = 0x11;
 
-    fn ip(a: [u8; 4]) -> IpAddr {
+    pub(super) fn ip(a: [u8; 4]) -> IpAddr {
         IpAddr::V4(Ipv4Addr::from(a))
     }
 
     fn node(policy: Policy) -> Node {
-        let members = Members::new((1..=3).map(|i| Member::new(format!("n{i}"), ip([10, 77, 0, i]), 1.0))).unwrap();
+        node_with(policy, (1..=3).map(|i| Member::new(format!("n{i}"), ip([10, 77, 0, i]), 1.0)))
+    }
+
+    /// A node of `members`, the first of them local, placing with `policy`.
+    pub(super) fn node_with(policy: Policy, members: impl IntoIterator<Item = Member>) -> Node {
+        let members = Members::new(members).unwrap();
         Node::new(
             NodeConfig {
                 local: NodeId(0),
@@ -622,7 +655,7 @@ mod tests {
         )
     }
 
-    fn at(ms: u64) -> Timestamp {
+    pub(super) fn at(ms: u64) -> Timestamp {
         Timestamp::from_duration(Duration::from_millis(ms))
     }
 
@@ -630,11 +663,11 @@ mod tests {
         ringlb_wire::classify(&tcp_v4(CLIENT, VIP, port, 80, ACK, &[])).unwrap().key
     }
 
-    fn syn(port: u16) -> Vec<u8> {
+    pub(super) fn syn(port: u16) -> Vec<u8> {
         tcp_v4(CLIENT, VIP, port, 80, SYN, &[2, 4, 0x05, 0xb4])
     }
 
-    fn target(v: Verdict) -> Option<NodeId> {
+    pub(super) fn target(v: Verdict) -> Option<NodeId> {
         match v {
             Verdict::Deliver => Some(NodeId(0)),
             Verdict::Forward { peer, .. } => Some(peer),

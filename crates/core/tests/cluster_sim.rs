@@ -72,7 +72,14 @@ impl Sim {
 
     fn start(&mut self, i: usize) {
         self.incarnation += 1;
-        let id = Identity { name: name(i), underlay: addr(i).ip(), control: addr(i), weight: 1.0, flow_hash: 7 };
+        let id = Identity {
+            name: name(i),
+            underlay: addr(i).ip(),
+            control: addr(i),
+            weight: 1.0,
+            flow_hash: 7,
+            site: "default".into(),
+        };
         let seeds = vec![(name(0), addr(0))];
         let seed = self.rng.next_u64();
         self.nodes[i] = Some(Cluster::new(id, self.incarnation, seeds, ClusterConfig::default(), seed, self.now));
@@ -313,6 +320,7 @@ fn record_of(sim: &Sim, i: usize) -> Record {
         control: v.control,
         weight: v.weight,
         flow_hash: 7,
+        site: "default".into(),
     }
 }
 
@@ -424,6 +432,7 @@ fn the_member_table_has_a_cap() {
             control,
             weight: 1.0,
             flow_hash: 7,
+            site: "default".into(),
         };
         if sim.forge(0, &p, &Message::Join { sender: rec }) == Outcome::Refused(ringlb_core::Refusal::TableFull) {
             full += 1;

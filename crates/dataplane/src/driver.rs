@@ -126,6 +126,8 @@ pub struct Snapshot {
     pub seal: SealStats,
     /// Peers this node has a sealing key for.
     pub seal_peers: usize,
+    /// Whether this entry spills new flows to other sites for load.
+    pub spilling: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +141,9 @@ pub struct MemberSnapshot {
     pub flows: u32,
     /// Packets this node has forwarded to the member.
     pub forwarded_packets: u64,
+    /// New flows this node placed on the member.
+    pub placed_flows: u64,
+    pub site: String,
 }
 
 fn snapshot(node: &Node) -> Snapshot {
@@ -160,12 +165,15 @@ fn snapshot(node: &Node) -> Snapshot {
                 is_local: id == local,
                 flows: node.flows().flows_on(id),
                 forwarded_packets: node.forwarded_to(id),
+                placed_flows: node.placed_on(id),
+                site: m.site.clone(),
             })
             .collect(),
         stopping: None,
         directory: node.directory_len(),
         seal: SealStats::default(),
         seal_peers: 0,
+        spilling: node.spilling_to_other_sites(),
     }
 }
 
@@ -212,6 +220,8 @@ pub enum NodeUpdate {
     Weight(f64),
     /// A sealed-carrier secret from a new QUIC session with the member `name`.
     CarrierKey { name: String, direction: Direction, secret: Secret },
+    /// The control plane's latest round trip to the member `name`.
+    Rtt { name: String, rtt: Duration },
 }
 
 /// How the rest of the process talks to a running [`Driver`].
@@ -456,6 +466,7 @@ impl Driver {
                 Event::Update(NodeUpdate::Drain(on)) if !self.stopping => self.node.set_draining(on),
                 Event::Update(NodeUpdate::Drain(_)) => {}
                 Event::Update(NodeUpdate::Weight(w)) => self.node.set_local_weight(w),
+                Event::Update(NodeUpdate::Rtt { name, rtt }) => self.node.set_rtt(&name, rtt),
                 Event::Update(NodeUpdate::CarrierKey { name, direction, secret }) => {
                     let now = self.now();
                     self.keys.install(now, &name, direction, secret);
@@ -536,14 +547,23 @@ impl Driver {
         }
     }
 
-    /// Whether packets to `addr` are sealed.
-    fn seals_to(&self, _addr: IpAddr) -> bool {
-        self.sealing.require
+    /// Whether `addr` is a member in another site than this node's.
+    fn in_another_site(&self, addr: IpAddr) -> bool {
+        let members = self.node.members();
+        let own = members.get(self.node.config().local).map(|m| &m.site);
+        let theirs = members.by_addr(addr).and_then(|id| members.get(id)).map(|m| &m.site);
+        matches!((own, theirs), (Some(a), Some(b)) if a != b)
     }
 
-    /// Whether plaintext carrier packets from `from` are taken.
-    fn takes_plaintext_from(&self, _from: IpAddr) -> bool {
-        !self.sealing.require
+    /// Whether packets to `addr` are sealed: always between sites, everywhere on demand.
+    fn seals_to(&self, addr: IpAddr) -> bool {
+        self.sealing.require || self.in_another_site(addr)
+    }
+
+    /// Whether plaintext carrier packets from `from` are taken (the core still checks that it
+    /// is a member).
+    fn takes_plaintext_from(&self, from: IpAddr) -> bool {
+        !self.sealing.require && !self.in_another_site(from)
     }
 
     async fn forward(&mut self, addr: IpAddr, flow_hash: u64, pkts: &[u8], segment: usize) {

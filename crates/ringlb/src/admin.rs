@@ -242,6 +242,8 @@ fn status_json(s: &Snapshot, control: Option<&ControlHandle>, side: Side<'_>, no
             let load = v.and_then(|v| v.load);
             json!({
                 "name": m.name,
+                "site": m.site,
+                "placed_flows": m.placed_flows,
                 "address": m.addr.to_string(),
                 "local": m.is_local,
                 "state": m.state.name(),
@@ -469,6 +471,7 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
             m.name, m.forwarded_packets
         );
     }
+    out.push_str(&site_metrics(s, node));
     let _ = writeln!(
         out,
         "# HELP ringlb_peer_up Whether the member takes new flows (1) or not (0).\n# TYPE ringlb_peer_up gauge"
@@ -531,6 +534,66 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
 }
 
 /// The member table and the main counters, for `ringlb status`.
+/// Per site, what this entry placed and forwarded there (the pair: this node's site, that
+/// site).
+struct SiteTotals {
+    own: String,
+    /// (site, new flows placed there, packets forwarded there, members there)
+    sites: Vec<(String, u64, u64, usize)>,
+}
+
+fn site_totals(s: &Snapshot) -> SiteTotals {
+    let own = s.members.iter().find(|m| m.is_local).map_or_else(String::new, |m| m.site.clone());
+    let mut sites: Vec<(String, u64, u64, usize)> = Vec::new();
+    for m in &s.members {
+        let i = match sites.iter().position(|(n, ..)| *n == m.site) {
+            Some(i) => i,
+            None => {
+                sites.push((m.site.clone(), 0, 0, 0));
+                sites.len() - 1
+            }
+        };
+        sites[i].1 += m.placed_flows;
+        sites[i].2 += if m.is_local { 0 } else { m.forwarded_packets };
+        sites[i].3 += 1;
+    }
+    sites.sort();
+    SiteTotals { own, sites }
+}
+
+fn site_metrics(s: &Snapshot, node: &str) -> String {
+    let t = site_totals(s);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_site_placed_flows_total New flows this entry placed in each site.\n# TYPE ringlb_site_placed_flows_total counter"
+    );
+    for (site, placed, ..) in &t.sites {
+        let _ = writeln!(
+            out,
+            "ringlb_site_placed_flows_total{{node=\"{node}\",from_site=\"{}\",to_site=\"{site}\"}} {placed}",
+            t.own
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_site_forwarded_packets_total Packets this entry forwarded to each site.\n# TYPE ringlb_site_forwarded_packets_total counter"
+    );
+    for (site, _, fwd, _) in &t.sites {
+        let _ = writeln!(
+            out,
+            "ringlb_site_forwarded_packets_total{{node=\"{node}\",from_site=\"{}\",to_site=\"{site}\"}} {fwd}",
+            t.own
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_site_spilling Whether this entry spills new flows to other sites for load.\n# TYPE ringlb_site_spilling gauge\nringlb_site_spilling{{node=\"{node}\"}} {}",
+        u8::from(s.spilling)
+    );
+    out
+}
+
 pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> String {
     let c = &s.counters;
     let mut out = format!("node {node}: {} flows tracked, {} dropped packets", s.flows, c.total_drops());
@@ -584,6 +647,23 @@ pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Stri
             out,
             "sealed carrier: keys for {} peers; {} packets sealed, {} opened; {} key rotations",
             s.seal_peers, s.seal.sealed, s.seal.opened, s.seal.rotations
+        );
+    }
+    let t = site_totals(s);
+    if t.sites.len() > 1 {
+        let placed: Vec<String> = t
+            .sites
+            .iter()
+            .map(|(site, placed, _, n)| {
+                format!("{site}{} ({n} members) {placed}", if *site == t.own { " [here]" } else { "" })
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "sites: new flows placed: {}; cross-site {}{}",
+            placed.join(", "),
+            c.placed_cross_site,
+            if s.spilling { "; SPILLING for load" } else { "" }
         );
     }
     let drops: Vec<String> =

@@ -39,6 +39,9 @@ pub struct Config {
     pub health: HealthSection,
     #[serde(default)]
     pub log: LogSection,
+    /// How entries share new flows between their own site and the others.
+    #[serde(default)]
+    pub sites: SitesSection,
     /// Members known in advance, this node included. With a control plane, the rest are
     /// learned from the seeds and this may list only this node, or nothing when
     /// `node.address` is set.
@@ -137,6 +140,41 @@ impl Default for FailureSection {
     fn default() -> Self {
         FailureSection { tcp: TcpOnFailure::Reset, load_stale_after: Duration::from_millis(1000) }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SitesSection {
+    /// `failover`: spill to the nearest other site when this one lacks healthy capacity;
+    /// `strict`: never place a new flow outside the entry's site.
+    pub mode: SiteModeKind,
+    /// Envoy's overprovisioning factor: a site keeps all its new flows while this times its
+    /// healthy share of capacity is at least 1.
+    pub overprovisioning: f64,
+    /// Most of the new flows that may leave the site while it has a healthy member (0 to 1).
+    pub max_cross_site_share: f64,
+    /// Flows per unit of weight a site carries before it spills for load; unset: it spills
+    /// only when members drain or fail.
+    pub spill_above: Option<f64>,
+}
+
+impl Default for SitesSection {
+    fn default() -> Self {
+        let d = ringlb_core::sites::SitePolicy::default();
+        SitesSection {
+            mode: SiteModeKind::Failover,
+            overprovisioning: d.overprovisioning,
+            max_cross_site_share: d.max_cross_site_share,
+            spill_above: d.spill_above,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SiteModeKind {
+    Failover,
+    Strict,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -765,6 +803,16 @@ impl Config {
                 p.push(format!("{key} = \"0s\": must be longer than zero"));
             }
         }
+        let sites = &self.sites;
+        if !sites.overprovisioning.is_finite() || !(1.0..=10.0).contains(&sites.overprovisioning) {
+            p.push(format!("sites.overprovisioning = {}: must be 1 to 10", sites.overprovisioning));
+        }
+        if !(0.0..=1.0).contains(&sites.max_cross_site_share) {
+            p.push(format!("sites.max_cross_site_share = {}: must be 0 to 1", sites.max_cross_site_share));
+        }
+        if let Some(s) = sites.spill_above.filter(|s| !s.is_finite() || *s <= 0.0) {
+            p.push(format!("sites.spill_above = {s}: must be a number above 0 (flows per unit of weight)"));
+        }
         if !self.placement.margin.is_finite() || self.placement.margin < 0.0 {
             p.push(format!("placement.margin = {}: must be a finite number >= 0", self.placement.margin));
         }
@@ -877,6 +925,18 @@ impl Config {
         let sealed = self.control.is_some() && self.carrier.kind == CarrierKind::Udp;
         self.carrier.kind.overhead()
             + if sealed { u16::try_from(ringlb_core::seal::OVERHEAD).unwrap_or(u16::MAX) } else { 0 }
+    }
+
+    pub fn site_policy(&self) -> ringlb_core::sites::SitePolicy {
+        ringlb_core::sites::SitePolicy {
+            mode: match self.sites.mode {
+                SiteModeKind::Failover => ringlb_core::sites::SiteMode::Failover,
+                SiteModeKind::Strict => ringlb_core::sites::SiteMode::Strict,
+            },
+            overprovisioning: self.sites.overprovisioning,
+            max_cross_site_share: self.sites.max_cross_site_share,
+            spill_above: self.sites.spill_above,
+        }
     }
 
     pub fn flow_config(&self) -> ringlb_core::FlowConfig {

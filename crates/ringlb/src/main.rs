@@ -303,7 +303,9 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             .context("installing the SIGHUP handler")?
     };
     let local = config.local_member().context("node.name is not among members")?;
-    let mut members = vec![Member::new(&local.name, local.addr, local.weight)];
+    let mut me = Member::new(&local.name, local.addr, local.weight);
+    me.site.clone_from(&config.node.site);
+    let mut members = vec![me];
     members
         .extend(config.members.iter().filter(|m| m.name != local.name).map(|m| Member::new(&m.name, m.addr, m.weight)));
     let members = Members::new(members)?;
@@ -365,6 +367,8 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             ..ringlb_core::seal::SealConfig::default()
         },
     };
+    let mut node = node;
+    node.set_site_policy(config.site_policy());
     let (driver, mut handle) = Driver::new(node, tun, carrier, sealing);
     let (stop_tx, stop_rx) = watch::channel(false);
     // The control plane (QUIC, TLS, membership) and the admin endpoint run on a thread of their
@@ -373,7 +377,7 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     let control = {
         let _on_side = side.runtime.enter();
         match &config.control {
-            Some(c) => Some(start_control(c, &local, &mut handle, stop_rx.clone())?),
+            Some(c) => Some(start_control(c, &local, &config.node.site, &mut handle, stop_rx.clone())?),
             None => None,
         }
     };
@@ -522,6 +526,7 @@ impl Drop for SideThread {
 fn start_control(
     c: &config::ControlSection,
     local: &config::MemberEntry,
+    site: &str,
     handle: &mut ringlb_dataplane::DriverHandle,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(ControlHandle, tokio::task::JoinHandle<()>)> {
@@ -545,6 +550,7 @@ fn start_control(
             control: c.listen,
             weight,
             flow_hash: ringlb_core::cluster::flow_hash_fingerprint(),
+            site: site.to_owned(),
         },
         listen: c.listen,
         seeds: c.seeds.iter().filter_map(|s| config::parse_seed(s)).collect(),
@@ -566,6 +572,7 @@ fn start_control(
                 ControlEvent::CarrierKey { name, direction, secret } => {
                     NodeUpdate::CarrierKey { name, direction, secret }
                 }
+                ControlEvent::Rtt { name, rtt } => NodeUpdate::Rtt { name, rtt },
             };
             if updates.send(update).await.is_err() {
                 return;

@@ -40,6 +40,20 @@ pub struct Record {
     pub weight: f32,
     /// Fingerprint of the flow hash this node computes; members must agree on it.
     pub flow_hash: u64,
+    /// The site it is in ([`DEFAULT_SITE`] from nodes that predate sites).
+    pub site: String,
+}
+
+/// The site of nodes that name none.
+pub const DEFAULT_SITE: &str = "default";
+/// Longest site label.
+pub const MAX_SITE: usize = 32;
+
+/// Whether `site` may be a site label: 1 to 32 of a-z, 0-9, '-'.
+pub fn valid_site(site: &str) -> bool {
+    !site.is_empty()
+        && site.len() <= MAX_SITE
+        && site.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// What one member may say about another: that it did not answer.
@@ -228,6 +242,7 @@ mod id {
     pub const WEIGHT: u8 = 6;
     pub const FLOW_HASH: u8 = 7;
     pub const KIND: u8 = 8;
+    pub const SITE: u8 = 9;
     // Load vectors.
     pub const SERVED: u8 = 2;
     pub const RATE: u8 = 3;
@@ -316,7 +331,11 @@ impl Writer {
             w.addr(id::UNDERLAY, r.underlay)?;
             w.sockaddr(id::CONTROL, r.control)?;
             w.f32(id::WEIGHT, r.weight, "weight")?;
-            w.u64(id::FLOW_HASH, r.flow_hash)
+            w.u64(id::FLOW_HASH, r.flow_hash)?;
+            if !valid_site(&r.site) {
+                return Err(EncodeError::BadField("site"));
+            }
+            w.field(id::SITE, r.site.as_bytes())
         })
     }
     fn flows(&mut self, flows: &[ClientFlow]) -> Result<(), EncodeError> {
@@ -521,6 +540,7 @@ fn sockaddr_of(v: &[u8], what: &'static str) -> Result<SocketAddr, DecodeError> 
 fn record_of(v: &[u8]) -> Result<Record, DecodeError> {
     let (mut name, mut inc, mut state, mut underlay, mut control, mut weight, mut hash) =
         (None, None, None, None, None, None, None);
+    let mut site = None;
     for f in Fields(v) {
         let (fid, v) = f?;
         match fid {
@@ -545,10 +565,15 @@ fn record_of(v: &[u8]) -> Result<Record, DecodeError> {
                 once(&mut weight, w, "weight")?;
             }
             id::FLOW_HASH => once(&mut hash, u64_of(v, "flow hash")?, "flow hash")?,
+            id::SITE => {
+                let s = std::str::from_utf8(v).ok().filter(|s| valid_site(s)).ok_or(DecodeError::BadField("site"))?;
+                once(&mut site, s.to_owned(), "site")?;
+            }
             _ => {}
         }
     }
     Ok(Record {
+        site: site.unwrap_or_else(|| DEFAULT_SITE.to_owned()),
         name: need(name, "name")?,
         incarnation: need(inc, "incarnation")?,
         state: need(state, "state")?,
@@ -736,6 +761,7 @@ mod tests {
             control: "10.0.0.7:6636".parse().unwrap(),
             weight: 1.0,
             flow_hash: 42,
+            site: "a".into(),
         }
     }
 
@@ -748,9 +774,10 @@ mod tests {
             any::<[u8; 16]>(),
             any::<u16>(),
             0.0f32..1e6,
-            any::<u64>(),
+            (any::<u64>(), "[a-z0-9-]{1,32}"),
         )
-            .prop_map(|(name, incarnation, s, v4, v6, port, weight, flow_hash)| Record {
+            .prop_map(|(name, incarnation, s, v4, v6, port, weight, (flow_hash, site))| Record {
+                site,
                 name,
                 incarnation,
                 state: [MemberState::Alive, MemberState::Draining, MemberState::Left][usize::from(s)],
