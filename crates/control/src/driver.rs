@@ -571,6 +571,9 @@ impl Control {
             Inbound::Unreachable(name) => self.cluster.handle_unreachable(&name),
             Inbound::Rtt(name, rtt) => {
                 self.rtts.insert(name.clone(), rtt);
+                // QUIC's estimate seeds the membership's own (a far member's first probes
+                // then already wait long enough).
+                self.cluster.observe_rtt(&name, rtt);
                 // Sent with the next flush, like the keys; a newer one replaces an older.
                 self.pending_events.retain(|e| !matches!(e, ControlEvent::Rtt { name: n, .. } if *n == name));
                 self.pending_events.push(ControlEvent::Rtt { name, rtt });

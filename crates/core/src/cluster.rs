@@ -278,7 +278,37 @@ struct Member {
     last_introduce: Option<Timestamp>,
     last_notice: Option<Timestamp>,
     relays: u8,
+    /// Round trips measured to it (direct probes answered), or seeded by the driver.
+    rtt: Option<RttEstimate>,
 }
+
+/// RFC 6298's smoothed round trip and its variation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct RttEstimate {
+    srtt: Duration,
+    rttvar: Duration,
+}
+
+impl RttEstimate {
+    fn first(sample: Duration) -> Self {
+        RttEstimate { srtt: sample, rttvar: sample / 2 }
+    }
+
+    fn update(&mut self, sample: Duration) {
+        let delta = self.srtt.abs_diff(sample);
+        self.rttvar = self.rttvar.mul_f64(0.75) + delta.mul_f64(0.25);
+        self.srtt = self.srtt.mul_f64(0.875) + sample.mul_f64(0.125);
+    }
+
+    /// How long an answer may take before it is late: the retransmission timeout.
+    fn timeout(&self) -> Duration {
+        self.srtt + 4 * self.rttvar
+    }
+}
+
+/// The longest a direct probe waits, however slow a peer's path: beyond that it is not a WAN
+/// but a broken path, which indirect probes are for.
+const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Member {
     fn live(&self) -> bool {
@@ -291,6 +321,8 @@ struct Probe {
     target: String,
     seq: u64,
     started: Timestamp,
+    /// When to ask helpers (the target's timeout, scaled by local health).
+    timeout: Duration,
     helpers: Vec<String>,
     nacked: Vec<String>,
     indirect_sent: bool,
@@ -501,7 +533,40 @@ impl Cluster {
 
     fn suspicion_deadline(&self, m: &Member) -> Option<Timestamp> {
         let s = m.suspicion.as_ref()?;
-        Some(s.since.saturating_add(self.suspicion_timeout(m.reporters.len())))
+        // A far member's refutation takes longer to come back: at least four of its rounds.
+        let floor = self.scale(self.round_for(&m.record.name) * 4);
+        Some(s.since.saturating_add(self.suspicion_timeout(m.reporters.len()).max(floor)))
+    }
+
+    /// How long a direct probe of `name` waits before asking helpers: `probe_timeout` on a
+    /// fast path, the member's measured retransmission timeout on a slow one (a WAN).
+    fn probe_timeout_for(&self, name: &str) -> Duration {
+        let measured = self.members.get(name).and_then(|m| m.rtt).map_or(Duration::ZERO, |r| r.timeout());
+        self.config.probe_timeout.max(measured.min(MAX_PROBE_TIMEOUT))
+    }
+
+    /// A protocol round with `name` as the target: `probe_interval`, stretched by as much as
+    /// its probe timeout is stretched, so that the helpers' answers have time to come back.
+    fn round_for(&self, name: &str) -> Duration {
+        let base = self.config.probe_timeout.max(Duration::from_millis(1));
+        let stretch = self.probe_timeout_for(name).as_secs_f64() / base.as_secs_f64();
+        self.config.probe_interval.mul_f64(stretch.max(1.0))
+    }
+
+    /// A round trip to `name` measured outside the membership protocol (the driver's QUIC
+    /// connection): it seeds the estimate, so that a far member's first probes already wait
+    /// long enough. Samples from direct probes refine it.
+    pub fn observe_rtt(&mut self, name: &str, rtt: Duration) {
+        if let Some(m) = self.members.get_mut(name) {
+            if m.rtt.is_none() {
+                m.rtt = Some(RttEstimate::first(rtt.min(MAX_PROBE_TIMEOUT)));
+            }
+        }
+    }
+
+    /// The probe timeout this node uses for `name` now (for status).
+    pub fn probe_timeout_of(&self, name: &str) -> Duration {
+        self.scale(self.probe_timeout_for(name))
     }
 
     /// When [`Cluster::handle_timeout`] next has work.
@@ -509,7 +574,7 @@ impl Cluster {
         let mut t = self.next_probe;
         if let Some(p) = &self.probe {
             if !p.indirect_sent {
-                t = t.min(p.started.saturating_add(self.scale(self.config.probe_timeout)));
+                t = t.min(p.started.saturating_add(p.timeout));
             }
         }
         // The join round always runs (a second apart): it is also the clock that local
@@ -559,12 +624,11 @@ impl Cluster {
         self.joins(now);
         self.contact_hints(now);
         // Direct probe unanswered: ask others.
-        let probe_timeout = self.scale(self.config.probe_timeout);
         if let Some(p) = &mut self.probe {
-            if !p.indirect_sent && now >= p.started.saturating_add(probe_timeout) {
+            if !p.indirect_sent && now >= p.started.saturating_add(p.timeout) {
                 p.indirect_sent = true;
                 let (target, seq) = (p.target.clone(), p.seq);
-                let helpers = self.random_live_members(self.config.indirect_probes, &target);
+                let helpers = self.helpers_for(self.config.indirect_probes, &target);
                 for h in &helpers {
                     self.send(h, &Message::PingReq { seq, target: target.clone() });
                 }
@@ -584,8 +648,8 @@ impl Cluster {
                     self.probe_soon(&p.target);
                 }
             }
-            self.start_probe(now);
-            self.next_probe = now.saturating_add(self.scale(self.config.probe_interval));
+            let round = self.start_probe(now);
+            self.next_probe = now.saturating_add(self.scale(round));
         }
         // Helpers whose target stayed silent say so.
         let mut nacks = Vec::new();
@@ -832,7 +896,7 @@ impl Cluster {
                 if let Err(o) = self.hear(now, from, sender) {
                     return o;
                 }
-                self.on_ack(seq, &from.name);
+                self.on_ack(now, seq, &from.name);
                 self.reports(now, from, reports)
             }
             Message::Nack { seq } => {
@@ -978,6 +1042,7 @@ impl Cluster {
             last_introduce: None,
             last_notice: None,
             relays: 0,
+            rtt: None,
         });
         member.record = rec;
         member.state = state;
@@ -1072,9 +1137,20 @@ impl Cluster {
         self.announce(Vec::new());
     }
 
-    fn on_ack(&mut self, seq: u64, from: &str) {
+    fn on_ack(&mut self, now: Timestamp, seq: u64, from: &str) {
         if let Some(p) = &self.probe {
             if p.seq == seq && (p.target == from || p.helpers.iter().any(|h| h == from)) {
+                // Only a direct answer times the path to the target (an indirect one also
+                // times the helper's).
+                if p.target == from {
+                    let sample = now.saturating_since(p.started);
+                    if let Some(m) = self.members.get_mut(from) {
+                        match &mut m.rtt {
+                            Some(r) => r.update(sample),
+                            None => m.rtt = Some(RttEstimate::first(sample)),
+                        }
+                    }
+                }
                 self.probe = None;
                 self.health = self.health.saturating_sub(1);
                 return;
@@ -1108,9 +1184,9 @@ impl Cluster {
             target: target.clone(),
             origin: from.to_owned(),
             origin_seq: seq,
-            nack_at: now.saturating_add(self.config.probe_timeout.mul_f64(0.8)),
+            nack_at: now.saturating_add(self.probe_timeout_for(&target).mul_f64(0.8)),
             nacked: false,
-            end: now.saturating_add(self.config.probe_interval),
+            end: now.saturating_add(self.round_for(&target)),
         });
         let reports = self.take_gossip();
         self.send(&target, &Message::Ping { seq: my_seq, sender: self.me.clone(), reports });
@@ -1238,11 +1314,23 @@ impl Cluster {
         }
     }
 
-    fn random_live_members(&mut self, k: usize, except: &str) -> Vec<String> {
+    /// Up to `k` members to probe `target` for: this node's own site first (near, so their
+    /// answers and nacks come back in time; across a cut WAN they still nack, and this node
+    /// does not take the cut for its own slowness), then members of other sites.
+    fn helpers_for(&mut self, k: usize, target: &str) -> Vec<String> {
+        let mut out = self.random_live_members_where(k, target, true);
+        if out.len() < k {
+            out.extend(self.random_live_members_where(k - out.len(), target, false));
+        }
+        out
+    }
+
+    fn random_live_members_where(&mut self, k: usize, except: &str, own_site: bool) -> Vec<String> {
         let mut c: Vec<String> = self
             .members
             .values()
             .filter(|m| matches!(m.state, MemberState::Alive | MemberState::Draining) && m.record.name != except)
+            .filter(|m| (m.record.site == self.me.site) == own_site)
             .map(|m| m.record.name.clone())
             .collect();
         c.sort_unstable(); // hash-map order must not leak into the seeded choice
@@ -1254,7 +1342,8 @@ impl Cluster {
         out
     }
 
-    fn start_probe(&mut self, now: Timestamp) {
+    /// Probes the next member; returns how long its round lasts (unscaled).
+    fn start_probe(&mut self, now: Timestamp) -> Duration {
         let name = loop {
             if let Some(n) = self.urgent.pop_front() {
                 self.probe_order.retain(|o| *o != n);
@@ -1266,7 +1355,7 @@ impl Cluster {
             let mut order: Vec<String> =
                 self.members.values().filter(|m| m.live()).map(|m| m.record.name.clone()).collect();
             if order.is_empty() {
-                return;
+                return self.config.probe_interval;
             }
             order.sort_unstable();
             for i in (1..order.len()).rev() {
@@ -1289,7 +1378,9 @@ impl Cluster {
             }
         }
         self.send(&name, &Message::Ping { seq, sender: self.me.clone(), reports });
+        let round = self.round_for(&name);
         self.probe = Some(Probe {
+            timeout: self.scale(self.probe_timeout_for(&name)),
             target: name,
             seq,
             started: now,
@@ -1297,6 +1388,7 @@ impl Cluster {
             nacked: Vec::new(),
             indirect_sent: false,
         });
+        round
     }
 
     /// Makes a member suspect; whether it was not already.

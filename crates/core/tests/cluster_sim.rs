@@ -47,6 +47,24 @@ struct Sim {
     /// Stalled nodes: no timers run, messages to them wait (as in a socket buffer).
     frozen: HashSet<usize>,
     held: Vec<(usize, usize, Vec<u8>)>,
+    /// Each node's site; messages between sites cross the WAN.
+    site: Vec<u8>,
+    wan: Wan,
+    /// (observer, subject) → since when the observer suspects the subject.
+    suspected: BTreeMap<(usize, usize), Timestamp>,
+    /// The longest suspicion that ended (refuted or not) or is still open, as last seen.
+    longest_suspicion: Duration,
+    /// Suspicions raised, counted per observer and subject.
+    suspicions: usize,
+}
+
+/// The link between sites: one-way delay ± jitter (uniform) and loss.
+#[derive(Clone, Copy, Default)]
+struct Wan {
+    delay: Duration,
+    jitter: Duration,
+    loss: f64,
+    cut: bool,
 }
 
 impl Sim {
@@ -63,6 +81,11 @@ impl Sim {
             incarnation: 1,
             frozen: HashSet::new(),
             held: Vec::new(),
+            site: vec![0; n],
+            wan: Wan::default(),
+            suspected: BTreeMap::new(),
+            longest_suspicion: Duration::ZERO,
+            suspicions: 0,
         };
         for i in 0..n {
             sim.start(i);
@@ -78,7 +101,7 @@ impl Sim {
             control: addr(i),
             weight: 1.0,
             flow_hash: 7,
-            site: "default".into(),
+            site: format!("s{}", self.site.get(i).copied().unwrap_or(0)),
         };
         let seeds = vec![(name(0), addr(0))];
         let seed = self.rng.next_u64();
@@ -137,9 +160,24 @@ impl Sim {
             out.push(t);
         }
         let mut died = Vec::new();
+        let mut states = Vec::new();
         while let Some(u) = node.poll_update() {
-            if let Update::Member { name, state: MemberState::Dead, .. } = u {
-                died.push(name);
+            if let Update::Member { name, state, .. } = u {
+                if state == MemberState::Dead {
+                    died.push(name.clone());
+                }
+                states.push((name, state));
+            }
+        }
+        for (name, state) in states {
+            let Some(j) = self.index(&name) else { continue };
+            if state == MemberState::Suspect {
+                if !self.suspected.contains_key(&(i, j)) {
+                    self.suspicions += 1;
+                }
+                self.suspected.entry((i, j)).or_insert(self.now);
+            } else if let Some(since) = self.suspected.remove(&(i, j)) {
+                self.longest_suspicion = self.longest_suspicion.max(self.now.saturating_since(since));
             }
         }
         for name in died {
@@ -152,11 +190,17 @@ impl Sim {
             let Some(to) = self.index(&t.to) else { continue };
             assert_eq!(t.addr, addr(to), "transmit to {} at the wrong address", t.to);
             let bytes = t.bytes;
-            let lost = (self.rng.next_u64() as f64 / u64::MAX as f64) < self.loss;
-            if lost || self.cut.contains(&(i.min(to), i.max(to))) {
+            let across = self.site[i] != self.site[to];
+            let loss = if across { self.wan.loss } else { self.loss };
+            let lost = (self.rng.next_u64() as f64 / u64::MAX as f64) < loss;
+            if lost || self.cut.contains(&(i.min(to), i.max(to))) || (across && self.wan.cut) {
                 continue;
             }
-            let delay = Duration::from_micros(500 + self.rng.next_u64() % 4_500);
+            let mut delay = Duration::from_micros(500 + self.rng.next_u64() % 4_500);
+            if across {
+                let spread = 2 * u64::try_from(self.wan.jitter.as_micros()).unwrap_or(0) + 1;
+                delay += self.wan.delay - self.wan.jitter + Duration::from_micros(self.rng.next_u64() % spread);
+            }
             self.n_sent += 1;
             self.queue.push(Reverse((self.now.saturating_add(delay), self.n_sent, i, to, bytes)));
         }
@@ -263,6 +307,74 @@ fn a_dead_node_is_detected_by_all_and_a_restarted_one_rejoins() {
         sim.loss = 0.0;
         sim.run_for(Duration::from_secs(3));
         assert!(sim.all_alive(), "seed {seed}: restarted n7 did not rejoin everywhere: {:?}", sim.views());
+    });
+}
+
+/// Two sites of three, joined by a WAN of 150 ms ± 30 ms round trip and 3 % loss.
+fn two_sites(seed: u64) -> Sim {
+    let mut sim = Sim::new(6, seed, 0.0);
+    sim.site = vec![0, 0, 0, 1, 1, 1];
+    for i in 0..6 {
+        sim.start(i); // again, now that it has its site
+    }
+    sim.wan = Wan { delay: Duration::from_millis(75), jitter: Duration::from_millis(15), loss: 0.03, cut: false };
+    sim
+}
+
+#[test]
+fn a_lossy_wan_between_sites_declares_nobody_dead_and_suspects_only_briefly() {
+    with_seed(|seed| {
+        let mut sim = two_sites(seed);
+        sim.run_for(Duration::from_secs(10));
+        assert!(sim.all_alive(), "seed {seed}: not converged over the WAN: {:?}", sim.views());
+        sim.run_for(Duration::from_secs(60));
+        let open = sim.suspected.values().map(|since| sim.now.saturating_since(*since)).max().unwrap_or_default();
+        let longest = sim.longest_suspicion.max(open);
+        println!("seed {seed}: {} suspicions, longest {longest:?}, deaths {:?}", sim.suspicions, sim.deaths);
+        assert!(sim.deaths.is_empty(), "seed {seed}: live members declared dead over the WAN: {:?}", sim.deaths);
+        // Timers from each peer's measured round trip: a far member is rarely even suspected
+        // (with the LAN's fixed 80 ms probe timeout, 50 to 70 suspicions in this minute).
+        assert!(sim.suspicions <= 10, "seed {seed}: {} suspicions", sim.suspicions);
+        // Shorter than one suspicion period (the 2 s minimum): every suspicion was refuted.
+        assert!(longest < Duration::from_secs(2), "seed {seed}: a suspicion lasted {longest:?}");
+    });
+}
+
+#[test]
+fn a_cut_wan_splits_the_sites_and_they_reconverge_within_10_s_of_healing() {
+    with_seed(|seed| {
+        let mut sim = two_sites(seed);
+        sim.run_for(Duration::from_secs(10));
+        assert!(sim.all_alive());
+        sim.wan.cut = true;
+        sim.run_for(Duration::from_secs(20));
+        // Each site sees itself alive and takes the other for suspect or dead (neither takes
+        // new flows); nobody within a site died.
+        for (&(i, j), s) in &sim.views() {
+            if sim.site[i] == sim.site[j] {
+                assert_eq!(*s, Some(MemberState::Alive), "seed {seed}: n{i} sees n{j} as {s:?} while the WAN is cut");
+            } else {
+                assert!(
+                    matches!(s, Some(MemberState::Suspect | MemberState::Dead)),
+                    "seed {seed}: n{i} sees n{j} as {s:?}"
+                );
+            }
+        }
+        let died = sim.deaths.iter().filter(|d| sim.site[d.0] != sim.site[d.1]).count();
+        println!("seed {seed}: {died} deaths across the cut WAN, {} within a site", sim.deaths.len() - died);
+        assert_eq!(died, sim.deaths.len(), "seed {seed}: a member died within its site: {:?}", sim.deaths);
+        sim.wan.cut = false;
+        let healed = sim.now;
+        while !sim.all_alive() {
+            sim.run_for(Duration::from_millis(100));
+            let took = sim.now.saturating_since(healed);
+            assert!(
+                took < Duration::from_secs(10),
+                "seed {seed}: not reconverged 10 s after healing: {:?}",
+                sim.views()
+            );
+        }
+        println!("seed {seed}: reconverged {:?} after healing", sim.now.saturating_since(healed));
     });
 }
 
