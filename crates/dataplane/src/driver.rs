@@ -206,6 +206,9 @@ pub struct Driver {
 pub struct Sealing {
     /// Seal every packet and refuse plaintext ones (`carrier.require_authenticated`).
     pub require: bool,
+    /// Seal packets to members of other sites and refuse plaintext from them
+    /// (`carrier.seal_between_sites`).
+    pub between_sites: bool,
     pub config: seal::SealConfig,
 }
 
@@ -557,13 +560,13 @@ impl Driver {
 
     /// Whether packets to `addr` are sealed: always between sites, everywhere on demand.
     fn seals_to(&self, addr: IpAddr) -> bool {
-        self.sealing.require || self.in_another_site(addr)
+        self.sealing.require || (self.sealing.between_sites && self.in_another_site(addr))
     }
 
     /// Whether plaintext carrier packets from `from` are taken (the core still checks that it
     /// is a member).
     fn takes_plaintext_from(&self, from: IpAddr) -> bool {
-        !self.sealing.require && !self.in_another_site(from)
+        !self.sealing.require && !(self.sealing.between_sites && self.in_another_site(from))
     }
 
     async fn forward(&mut self, addr: IpAddr, flow_hash: u64, pkts: &[u8], segment: usize) {

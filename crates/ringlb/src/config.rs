@@ -243,6 +243,9 @@ pub struct CarrierSection {
     /// Seal every carrier packet (AEAD, keys from the QUIC sessions) and refuse plaintext ones,
     /// not only those between sites.
     pub require_authenticated: bool,
+    /// Seal carrier packets to and from members of other sites (the default). Off only where
+    /// the links between sites are already private.
+    pub seal_between_sites: bool,
     /// How long one carrier key is used before the next takes over.
     #[serde(with = "humantime_serde")]
     pub key_lifetime: Duration,
@@ -255,6 +258,7 @@ impl Default for CarrierSection {
             port: 6635,
             source_ports: 8,
             require_authenticated: false,
+            seal_between_sites: true,
             key_lifetime: Duration::from_secs(120),
         }
     }

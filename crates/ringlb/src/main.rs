@@ -360,6 +360,7 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     );
     let sealing = ringlb_dataplane::Sealing {
         require: config.carrier.require_authenticated,
+        between_sites: config.carrier.seal_between_sites,
         config: ringlb_core::seal::SealConfig {
             key_lifetime: config.carrier.key_lifetime,
             // A replaced key is kept for late packets, never longer than keys live.
