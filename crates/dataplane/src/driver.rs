@@ -566,7 +566,8 @@ impl Driver {
     /// Whether plaintext carrier packets from `from` are taken (the core still checks that it
     /// is a member).
     fn takes_plaintext_from(&self, from: IpAddr) -> bool {
-        !self.sealing.require && !(self.sealing.between_sites && self.in_another_site(from))
+        // Exactly what this node would seal towards it must come sealed from it.
+        !self.seals_to(from)
     }
 
     async fn forward(&mut self, addr: IpAddr, flow_hash: u64, pkts: &[u8], segment: usize) {
