@@ -124,13 +124,13 @@ fn a_lossy_slow_wan_declares_nobody_dead_for_a_minute() {
     let mut longest = Duration::ZERO;
     let mut samples = 0;
     while start.elapsed() < Duration::from_secs(60) {
-        for i in 1..=4 {
+        for (i, since) in since.iter_mut().enumerate().skip(1) {
             let suspect = suspect_now(&lab, i) > 0;
-            match (suspect, since[i]) {
-                (true, None) => since[i] = Some(Instant::now()),
+            match (suspect, *since) {
+                (true, None) => *since = Some(Instant::now()),
                 (false, Some(t)) => {
                     longest = longest.max(t.elapsed());
-                    since[i] = None;
+                    *since = None;
                 }
                 _ => {}
             }
