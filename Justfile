@@ -56,22 +56,53 @@ fuzz runs="10000000":
     done
     [ ${#failed[@]} -eq 0 ] || { echo "fuzz: findings in ${failed[*]}"; exit 1; }
 
-# SITES 2 splits the nodes over two sites (own router, client and entry each) joined by an emulated
-# WAN, 40 ms ± 5 ms one way with 1 % loss (netlab-up-wan sets it).
 # Bring up the lab: NODES nodes; ENTRY single (VIP via n1), ecmp (static multipath), bgp (BIRD on
 # the router and every node, BFD) or l2 (client on the nodes' segment, ARP owner); CARRIER udp or ipip.
+# SITES 2 splits the nodes over two sites (own router, client and entry each) joined by an emulated
+# WAN, 40 ms ± 5 ms one way with 1 % loss (netlab-up-wan sets it).
 netlab-up nodes="3" entry="single" carrier="udp" sites="1": build
     {{netlab}} up --nodes {{nodes}} --entry {{entry}} --carrier {{carrier}} --sites {{sites}}
 
-# The WAN: one-way DELAY ± JITTER, LOSS (0 to 1), RATE (e.g. 10mbit, or none), SEED (the same seed,
-# the same losses and delays). Entry single, carrier udp.
-# Bring up two sites of NODES/2 nodes joined by an emulated WAN.
+# Bring up two sites of NODES/2 nodes joined by an emulated WAN: one-way DELAY ± JITTER, LOSS (0 to
+# 1), RATE (e.g. 10mbit, or none), SEED (the same seed, the same losses and delays). Entry single per
+# site, carrier udp (sealed between the sites).
 netlab-up-wan nodes="4" delay="40ms" jitter="5ms" loss="0.01" rate="none" seed="1": build
     {{netlab}} up --nodes {{nodes}} --sites 2 --wan-delay {{delay}} --wan-jitter {{jitter}} --wan-loss {{loss}} --wan-rate {{rate}} --wan-seed {{seed}}
 
 # The WAN of a two-site lab: `stats`, `cut`, `heal`, or `set --wan-delay 80ms --wan-loss 0.05 ...`.
 netlab-wan +args="stats":
     {{netlab}} wan {{args}}
+
+# Two sites, each serving its own clients; a drained site's clients served by the other and back;
+# a cut WAN leaving each site serving its own, and the cluster whole again after healing.
+netlab-wan-demo: (netlab-up-wan)
+    @echo; echo "== 8 new connections from site a's client (entry n1): served in site a =="
+    {{netlab}} demo --requests 8
+    @echo; echo "== 8 from site b's client (entry n3): served in site b =="
+    {{netlab}} demo --requests 8 --site 2
+    @echo; echo "== drain site a (n1 and n2): site a's clients are served in site b, over the sealed carrier =="
+    {{netlab}} drain n1
+    {{netlab}} drain n2
+    sleep 1
+    {{netlab}} demo --requests 8
+    {{netlab}} status | grep -E "^node|^sites|^sealed"
+    @echo; echo "== undrain site a: its clients come home =="
+    {{netlab}} drain n1 --undo
+    {{netlab}} drain n2 --undo
+    sleep 1
+    {{netlab}} demo --requests 8
+    @echo; echo "== cut the WAN: each site serves its own clients =="
+    {{netlab}} wan cut
+    {{netlab}} demo --requests 4
+    {{netlab}} demo --requests 4 --site 2
+    sleep 8
+    {{netlab}} status | grep -E "^node|^n[0-9] "
+    @echo; echo "== heal the WAN: within seconds every node sees every other alive again =="
+    {{netlab}} wan heal
+    sleep 6
+    {{netlab}} status | grep -E "^node|^n[0-9] "
+    {{netlab}} wan stats
+    @echo; echo "The lab is still up: just netlab-status ; just netlab-down"
 
 # Stop every process of the lab and delete its namespaces.
 netlab-down:

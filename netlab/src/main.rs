@@ -7,7 +7,7 @@ mod bench;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
 use ringlb_netlab::wan::{self, bridge, Impairment};
 use ringlb_netlab::{adversary, down, Entry, Lab, Spec, VIP};
@@ -146,6 +146,15 @@ enum Cmd {
     Demo {
         #[arg(long, default_value_t = 12)]
         requests: usize,
+        /// With two sites: the site (1 or 2) whose client sends them.
+        #[arg(long, default_value_t = 1)]
+        site: usize,
+    },
+    /// Drain ringlb on a node (it takes no new flows), or undrain it.
+    Drain {
+        node: String,
+        #[arg(long)]
+        undo: bool,
     },
     /// Send TCP SYNs (or bare ACKs) from spoofed sources, each its own flow, from a lab host
     /// (not a test). Only to lab addresses, only from private sources outside the lab.
@@ -381,6 +390,12 @@ fn run(cli: Cli) -> Result<()> {
             println!("started ringlb on {node}");
             Ok(())
         }
+        Cmd::Drain { node, undo } => {
+            let i = node_index(&node).with_context(|| format!("unknown node {node:?}: use n1, n2, ..."))?;
+            let out = Lab::attach(&cli.prefix)?.ringlb(i, if undo { "undrain" } else { "drain" })?;
+            println!("{}", out.trim());
+            Ok(())
+        }
         Cmd::Chaos => chaos(&Lab::attach(&cli.prefix)?),
         Cmd::Flood { count, from, to, port, sources, pps, ack } => {
             let lab = Lab::attach(&cli.prefix)?;
@@ -394,13 +409,23 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Demo { requests } => {
+        Cmd::Demo { requests, site } => {
             let lab = Lab::attach(&cli.prefix)?;
+            ensure!((1..=lab.spec.sites).contains(&site), "site {site}: this lab has {} site(s)", lab.spec.sites);
+            let client = lab.client_of_site(site);
             let mut tally = std::collections::BTreeMap::<String, usize>::new();
             for k in 1..=requests {
+                let url = format!("http://{VIP}/");
                 let who = lab
-                    .curl(&[&format!("http://{VIP}/")])
-                    .map(|s| s.trim().to_owned())
+                    .exec(&client, &["curl", "-sS", "--max-time", "10", &url])
+                    .map(|s| {
+                        let who = s.trim().to_owned();
+                        if lab.spec.sites > 1 {
+                            format!("{who} (site {})", Lab::site_name(lab.site_of(node_index(&who).unwrap_or(0))))
+                        } else {
+                            who
+                        }
+                    })
                     .unwrap_or_else(|e| format!("error: {e:#}"));
                 println!("request {k:>2} to {VIP} answered by {who}");
                 *tally.entry(who).or_default() += 1;
