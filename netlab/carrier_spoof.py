@@ -45,18 +45,22 @@ def syn(client, vip, sport):
 
 
 def captured(path, dst, port):
-    """UDP payloads to dst:port in a pcap of Ethernet frames."""
+    """UDP payloads to dst:port in a pcap of Ethernet frames (tcpdump -i eth0) or Linux cooked
+    v2 ones (tcpdump -i any)."""
     data = open(path, "rb").read()
     magic = struct.unpack("<I", data[:4])[0]
     endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
+    linktype = struct.unpack(endian + "I", data[20:24])[0]
+    # (bytes before the IP header, where the EtherType sits)
+    head, proto_at = {1: (14, 12), 276: (20, 0)}[linktype]
     at, out = 24, []
     while at + 16 <= len(data):
         _, _, incl, _ = struct.unpack(endian + "IIII", data[at:at + 16])
         frame = data[at + 16:at + 16 + incl]
         at += 16 + incl
-        if len(frame) < 14 + 28 or frame[12:14] != b"\x08\x00":
+        if len(frame) < head + 28 or frame[proto_at:proto_at + 2] != b"\x08\x00":
             continue
-        ip = frame[14:]
+        ip = frame[head:]
         ihl = (ip[0] & 0x0F) * 4
         if ip[9] != 17 or socket.inet_ntoa(ip[16:20]) != dst:
             continue

@@ -44,6 +44,9 @@ pub const REPLAY_WINDOW: u64 = (BLOCKS as u64 - 1) * 64;
 const BLOCKS: usize = 256;
 /// Retired key ids remembered per peer, so that late packets under them count as stale.
 const RETIRED_REMEMBERED: usize = 8;
+/// Epochs a receiver derives ahead of the newest it has seen: a sender that moved on while all
+/// its packets of an epoch were lost (a cut link) is still understood.
+const LOOKAHEAD: u32 = 3;
 
 /// Whether a carrier payload is sealed (its first nibble is no IP version).
 pub fn is_sealed(payload: &[u8]) -> bool {
@@ -216,14 +219,15 @@ struct ReceiveEpoch {
 
 struct Receiver {
     secret: Secret,
-    /// The current epoch, the one before it while it overlaps, and the next, derived ahead.
+    /// The current epoch, the ones before it while they overlap, and [`LOOKAHEAD`] next ones,
+    /// derived ahead.
     epochs: Vec<ReceiveEpoch>,
     retire_at: Option<Timestamp>,
 }
 
 impl Receiver {
     fn new(secret: Secret) -> Self {
-        let epochs = (0..2)
+        let epochs = (0..=LOOKAHEAD)
             .map(|e| ReceiveEpoch { key: derive(&secret, e), window: ReplayWindow::new(), retire_at: None })
             .collect();
         Receiver { secret, epochs, retire_at: None }
@@ -435,17 +439,20 @@ impl CarrierKeys {
             return Err(OpenError::Forged);
         }
         epoch.window.mark(counter);
-        // The first packet under the next epoch: the sender moved on. Retire what came before
-        // after the overlap, and derive the epoch after.
-        let newest = session.epochs.iter().map(|e| e.key.epoch).max().unwrap_or(0);
+        // The first packet under a later epoch: the sender moved on. Retire what came before
+        // after the overlap, and derive ahead again.
         let this = session.epochs[e].key.epoch;
-        if this == newest {
+        let current = session.epochs.iter().filter(|o| o.retire_at.is_none()).map(|o| o.key.epoch).min();
+        if current.is_some_and(|c| this > c) {
             let retire = now.saturating_add(overlap);
             for old in session.epochs.iter_mut().filter(|o| o.key.epoch < this) {
                 old.retire_at.get_or_insert(retire);
             }
-            let next = derive(&session.secret, this.wrapping_add(1));
-            session.epochs.push(ReceiveEpoch { key: next, window: ReplayWindow::new(), retire_at: None });
+            let newest = session.epochs.iter().map(|o| o.key.epoch).max().unwrap_or(this);
+            for epoch in newest + 1..=this + LOOKAHEAD {
+                let key = derive(&session.secret, epoch);
+                session.epochs.push(ReceiveEpoch { key, window: ReplayWindow::new(), retire_at: None });
+            }
         }
         self.stats.opened += 1;
         Ok(len)
@@ -552,6 +559,24 @@ mod tests {
             seal_one(&mut a, t(10_003), b"\x45x");
         }
         assert_eq!(a.stats().rotations, 2);
+    }
+
+    #[test]
+    fn a_receiver_follows_a_sender_whose_packets_of_whole_epochs_were_lost() {
+        let config = SealConfig { key_lifetime: Duration::from_secs(1), ..SealConfig::default() };
+        let (mut a, mut b) = pair(config, 9);
+        assert!(b.open(t(0), A, &mut seal_one(&mut a, t(0), b"\x45e0")).is_ok());
+        // Epochs 1 and 2 go nowhere (a cut link); epoch 3 arrives.
+        seal_one(&mut a, t(1000), b"\x45e1 lost");
+        seal_one(&mut a, t(2000), b"\x45e2 lost");
+        let e3 = seal_one(&mut a, t(3000), b"\x45e3");
+        assert_eq!(a.stats().rotations, 3);
+        assert!(b.open(t(3001), A, &mut e3.clone()).is_ok());
+        // And it keeps up from there, three epochs ahead again.
+        for (i, at) in [4000, 5000, 6000, 7000].into_iter().enumerate() {
+            let pkt = seal_one(&mut a, t(at), b"\x45later");
+            assert!(b.open(t(at + 1), A, &mut pkt.clone()).is_ok(), "epoch {}", 4 + i);
+        }
     }
 
     #[test]

@@ -457,8 +457,9 @@ impl Driver {
                 Event::Update(NodeUpdate::Cluster(update)) => {
                     let now = self.now();
                     match &update {
+                        // Keys stay when a member is forgotten: its sessions may outlive that, and
+                        // an address taken over by another member is bound anew.
                         ringlb_core::Update::Member { name, underlay, .. } => self.keys.bind(name, *underlay),
-                        ringlb_core::Update::Removed { name } => self.keys.remove(name),
                         _ => {}
                     }
                     if let Err(e) = self.node.apply(now, &update) {

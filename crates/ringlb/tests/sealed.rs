@@ -32,19 +32,33 @@ fn spoof() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netlab/carrier_spoof.py").to_string_lossy().into_owned()
 }
 
-/// Captures carrier packets arriving at n2 into `<lab>/<name>.pcap` until the child is killed.
+/// Captures carrier packets to n2 on the nodes' segment (the router's bridge, where the
+/// attacker sits) into `<lab>/<name>.pcap` until the child is killed.
 fn capture(lab: &Lab, name: &str) -> (Child, std::path::PathBuf) {
     let file = lab.dir.join(format!("{name}.pcap"));
+    let log = lab.dir.join(format!("{name}.tcpdump.log"));
     let child = Command::new("ip")
-        .args(["netns", "exec", &lab.node(2), "tcpdump", "-i", "eth0", "-U", "-s", "0", "-w"])
+        // --immediate-mode: otherwise packets wait in the capture ring's current block (up to a
+        // second), and those still there when tcpdump is stopped are never written.
+        .args(["netns", "exec", &lab.router(), "tcpdump", "-i", "br0", "--immediate-mode", "-U", "-s", "0", "-w"])
         .arg(&file)
-        .args(["udp", "dst", "port", "6635"])
+        .args(["udp", "dst", "port", "6635", "and", "dst", "host", "10.77.0.2"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("tcpdump log"))
         .spawn()
         .expect("tcpdump starts");
-    sleep(Duration::from_millis(800)); // tcpdump opens its socket
+    wait_listening(&log);
     (child, file)
+}
+
+/// Waits until tcpdump says it listens (it captures from then on).
+pub fn wait_listening(log: &Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(log).unwrap_or_default().contains("listening on") {
+        assert!(std::time::Instant::now() < deadline, "tcpdump did not start: {}", log.display());
+        sleep(Duration::from_millis(20));
+    }
+    sleep(Duration::from_millis(100));
 }
 
 fn stop_capture(mut child: Child) {
