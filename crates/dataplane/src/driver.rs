@@ -456,11 +456,10 @@ impl Driver {
                 }
                 Event::Update(NodeUpdate::Cluster(update)) => {
                     let now = self.now();
-                    match &update {
-                        // Keys stay when a member is forgotten: its sessions may outlive that, and
-                        // an address taken over by another member is bound anew.
-                        ringlb_core::Update::Member { name, underlay, .. } => self.keys.bind(name, *underlay),
-                        _ => {}
+                    // Keys stay when a member is forgotten: its sessions may outlive that, and an
+                    // address taken over by another member is bound anew.
+                    if let ringlb_core::Update::Member { name, underlay, .. } = &update {
+                        self.keys.bind(name, *underlay);
                     }
                     if let Err(e) = self.node.apply(now, &update) {
                         tracing::warn!(?update, error = %e, "member update refused by the data plane");
