@@ -566,6 +566,22 @@ fn bad_config_is_refused_naming_key_and_value() {
             vec!["entry.mode = \"bgp\" with tun.owner"],
         ),
         (format!("{good}\n[entry]\nmode = \"ospf\"\n"), vec!["check"], vec!["entry.mode", "ospf"]),
+        (good.replace("\"lo\"", "\"lo\"\nsite = \"Frankfurt 1\""), vec!["check"], vec!["node.site = \"Frankfurt 1\""]),
+        (
+            format!("{good}\n[sites]\nmode = \"nearest\"\nmax_cross_site_share = 1.5\n"),
+            vec!["check"],
+            vec!["sites.mode", "nearest"],
+        ),
+        (
+            format!("{good}\n[sites]\nmax_cross_site_share = 1.5\n"),
+            vec!["check"],
+            vec!["sites.max_cross_site_share = 1.5"],
+        ),
+        (
+            format!("{good}\n[carrier]\nrequire_authenticated = true\n"),
+            vec!["check"],
+            vec!["carrier.require_authenticated = true: needs [control]"],
+        ),
         // Every bad section at once, in plain words, with the file named.
         (
             format!("{good}\n[carrier]\nkind = \"gre\"\n\n[flows]\nmax = -5\n"),

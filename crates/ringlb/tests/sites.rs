@@ -215,3 +215,48 @@ fn the_wan_carries_the_marker_only_when_sealing_between_sites_is_off() {
         }
     }
 }
+
+/// `n` requests from site `s`'s client: (who answered, failures).
+fn requests_from(lab: &Lab, s: usize, n: usize) -> (Vec<String>, usize) {
+    let (mut who, mut failed) = (Vec::new(), 0);
+    for _ in 0..n {
+        let url = format!("http://{VIP}/");
+        match lab.exec(&lab.client_of_site(s), &["curl", "-sS", "--max-time", "5", &url]) {
+            Ok(out) => who.push(out.trim().to_owned()),
+            Err(_) => failed += 1,
+        }
+    }
+    (who, failed)
+}
+
+#[test]
+fn a_cut_wan_leaves_each_site_serving_its_own_clients_and_heals_within_10_s() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab("cut", 4, |_| {});
+    lab.wan_cut().unwrap();
+    let cut_at = Instant::now();
+    // Right after the cut and while the other site turns suspect, then dead: every request is
+    // answered, by the client's own site.
+    let mut rounds = 0;
+    while cut_at.elapsed() < Duration::from_secs(12) {
+        for (s, home) in [(1, ["n1", "n2"]), (2, ["n3", "n4"])] {
+            let (who, failed) = requests_from(&lab, s, 5);
+            assert_eq!(failed, 0, "site {s}'s client lost requests while the WAN was cut");
+            assert!(who.iter().all(|w| home.contains(&w.as_str())), "site {s}'s client served by {who:?}");
+        }
+        rounds += 1;
+    }
+    let views: Vec<String> = (1..=4).map(|i| lab.ringlb(i, "status").unwrap()).collect();
+    let dead_or_suspect =
+        views.iter().map(|v| v.matches(" dead ").count() + v.matches(" suspect ").count()).sum::<usize>();
+    println!("cut: {rounds} rounds of 10 requests all served at home; {dead_or_suspect} remote views suspect or dead");
+    assert_eq!(dead_or_suspect, 8, "each node should see the other site's two members gone:\n{}", views.join("\n"));
+    lab.wan_heal().unwrap();
+    let healed = Instant::now();
+    let all: Vec<usize> = (1..=4).collect();
+    lab.wait_converged(&all, 4, Duration::from_secs(10)).expect("whole again within 10 s of healing");
+    println!("healed: every node sees 4 alive with fresh loads {:?} after healing", healed.elapsed());
+    let (who, failed) = requests_from(&lab, 1, 10);
+    assert_eq!(failed, 0);
+    assert!(who.iter().all(|w| w == "n1" || w == "n2"), "{who:?}");
+}
