@@ -48,7 +48,7 @@ impl Default for SitePolicy {
 }
 
 /// One site as an entry sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SiteView {
     /// Weight of its members that take new flows.
     pub healthy_weight: f64,
@@ -58,6 +58,15 @@ pub struct SiteView {
     pub load: f64,
     /// Round trip to its nearest member; `None` for the own site or when unmeasured.
     pub rtt: Option<Duration>,
+    /// The operator's weight for the site (`sites.weights`, default 1): it scales the share
+    /// the site takes before the next one is asked; 0 takes none while another site can.
+    pub weight: f64,
+}
+
+impl Default for SiteView {
+    fn default() -> Self {
+        SiteView { healthy_weight: 0.0, total_weight: 0.0, load: 0.0, rtt: None, weight: 1.0 }
+    }
 }
 
 impl SiteView {
@@ -87,7 +96,7 @@ pub fn shares(policy: &SitePolicy, sites: &[SiteView], spilling: &mut bool, out:
     }
     let mut left = 1.0;
     for (share, site) in out.iter_mut().zip(sites) {
-        *share = (site.health() * policy.overprovisioning).min(left);
+        *share = (site.health() * policy.overprovisioning * site.weight.max(0.0)).min(left);
         left -= *share;
     }
     if left > 1e-9 {
@@ -140,7 +149,7 @@ mod tests {
     use super::*;
 
     fn site(healthy: f64, total: f64, load: f64) -> SiteView {
-        SiteView { healthy_weight: healthy, total_weight: total, load, rtt: None }
+        SiteView { healthy_weight: healthy, total_weight: total, load, rtt: None, weight: 1.0 }
     }
 
     fn run(policy: &SitePolicy, sites: &[SiteView]) -> Vec<f64> {
@@ -165,6 +174,28 @@ mod tests {
         assert!(close(&run(&p, &[site(0.0, 2.0, 0.0), site(1.0, 2.0, 0.0), site(2.0, 2.0, 0.0)]), &[0.0, 0.7, 0.3]));
         // Nobody healthy anywhere: no share at all.
         assert!(close(&run(&p, &[site(0.0, 2.0, 0.0), site(0.0, 2.0, 0.0)]), &[0.0, 0.0]));
+    }
+
+    #[test]
+    fn site_weights_scale_what_a_site_takes_before_the_next() {
+        let p = SitePolicy::default();
+        let weighted = |w: [f64; 3]| {
+            let mut sites = [site(2.0, 2.0, 0.0), site(2.0, 2.0, 0.0), site(2.0, 2.0, 0.0)];
+            for (s, w) in sites.iter_mut().zip(w) {
+                s.weight = w;
+            }
+            run(&p, &sites)
+        };
+        // The own site at half weight keeps 0.7 and sends 0.3 to the nearest.
+        assert!(close(&weighted([0.5, 1.0, 1.0]), &[0.7, 0.3, 0.0]));
+        // A drained home with a nearest site at weight 0: everything goes to the next one.
+        let mut sites = [site(0.0, 2.0, 0.0), site(2.0, 2.0, 0.0), site(2.0, 2.0, 0.0)];
+        sites[1].weight = 0.0;
+        assert!(close(&run(&p, &sites), &[0.0, 0.0, 1.0]));
+        // If only weight-0 sites are left, they still serve rather than nobody.
+        let mut sites = [site(0.0, 2.0, 0.0), site(2.0, 2.0, 0.0)];
+        sites[1].weight = 0.0;
+        assert!(close(&run(&p, &sites), &[0.0, 1.0]));
     }
 
     #[test]

@@ -156,6 +156,9 @@ pub struct SitesSection {
     /// Flows per unit of weight a site carries before it spills for load; unset: it spills
     /// only when members drain or fail.
     pub spill_above: Option<f64>,
+    /// Per site, a factor on the share of new flows it takes before the next site is asked
+    /// (default 1; 0: only when no other site can).
+    pub weights: std::collections::BTreeMap<String, f64>,
 }
 
 impl Default for SitesSection {
@@ -166,6 +169,7 @@ impl Default for SitesSection {
             overprovisioning: d.overprovisioning,
             max_cross_site_share: d.max_cross_site_share,
             spill_above: d.spill_above,
+            weights: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -813,6 +817,13 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&sites.max_cross_site_share) {
             p.push(format!("sites.max_cross_site_share = {}: must be 0 to 1", sites.max_cross_site_share));
+        }
+        for (site, w) in &sites.weights {
+            if !ringlb_core::cluster::message::valid_site(site) {
+                p.push(format!("sites.weights.{site} = {w}: not a site name (a-z, 0-9, '-')"));
+            } else if !w.is_finite() || !(0.0..=100.0).contains(w) {
+                p.push(format!("sites.weights.{site} = {w}: must be a number from 0 to 100"));
+            }
         }
         if let Some(s) = sites.spill_above.filter(|s| !s.is_finite() || *s <= 0.0) {
             p.push(format!("sites.spill_above = {s}: must be a number above 0 (flows per unit of weight)"));

@@ -370,6 +370,7 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     };
     let mut node = node;
     node.set_site_policy(config.site_policy());
+    node.set_site_weights(config.sites.weights.iter().map(|(s, w)| (s.clone(), *w)).collect());
     let (driver, mut handle) = Driver::new(node, tun, carrier, sealing);
     let (stop_tx, stop_rx) = watch::channel(false);
     // The control plane (QUIC, TLS, membership) and the admin endpoint run on a thread of their

@@ -11,6 +11,8 @@ use crate::sites::{shares, SitePolicy, SiteView};
 #[derive(Debug, Default)]
 pub(super) struct SiteScratch {
     pub(super) policy: SitePolicy,
+    /// The operator's site weights (`sites.weights`); sites not named weigh 1.
+    weights: Vec<(String, f64)>,
     /// Load-spill state ([`crate::sites::shares`]'s hysteresis).
     spilling: bool,
     /// Per candidate: the index of its site in `names`.
@@ -38,6 +40,11 @@ impl Node {
     /// How entries share new flows between sites (`[sites]` in the configuration).
     pub fn set_site_policy(&mut self, policy: SitePolicy) {
         self.sites.policy = policy;
+    }
+
+    /// The operator's weight per site (see [`crate::sites::SiteView::weight`]).
+    pub fn set_site_weights(&mut self, weights: Vec<(String, f64)>) {
+        self.sites.weights = weights;
     }
 
     /// The control plane's latest round trip to the member `name`.
@@ -104,6 +111,9 @@ impl Node {
             return SiteChoice::OneSite;
         }
         s.views[0].rtt = None;
+        for (view, name) in s.views.iter_mut().zip(&s.names) {
+            view.weight = s.weights.iter().find(|(n, _)| n == name).map_or(1.0, |(_, w)| *w);
+        }
         // Own site first, the others nearest first (unmeasured last, then by name).
         s.order.clear();
         s.order.extend(0..count);
