@@ -577,6 +577,7 @@ fn bad_config_is_refused_naming_key_and_value() {
             vec!["check"],
             vec!["sites.max_cross_site_share = 1.5"],
         ),
+        (format!("{good}\n[sites]\nweights = {{ b = -1.0 }}\n"), vec!["check"], vec!["sites.weights.b = -1"]),
         (
             format!("{good}\n[carrier]\nrequire_authenticated = true\n"),
             vec!["check"],
