@@ -1,6 +1,9 @@
 //! `netlab bench`: see `Cmd::Bench`. A benchmark, not a test: it measures and writes a report.
 //! Every case runs in a lab of the same topology (client → router → n1..n3); one lab per ringlb
-//! configuration, built one after the other and torn down when done.
+//! configuration, built one after the other and torn down when done. The cases across an
+//! emulated WAN (two sites) are in [`wan`].
+
+mod wan;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -13,14 +16,17 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use ringlb_netlab::{node_addr, Lab, Spec, CAPACITY, VIP};
 
-const CASES: [(char, &str); 6] = [
+const CASES: [(char, &str); 7] = [
     ('a', "direct, client → n2, no balancer"),
     ('b', "ringlb, entry n1 serves locally"),
     ('c', "ringlb, n1 forwards over udp"),
     ('d', "ringlb, n1 forwards over ipip"),
     ('e', "HAProxy TCP mode on n1"),
     ('f', "nftables DNAT + masquerade on n1"),
+    ('g', "ringlb, n1 forwards over udp, sealed"),
 ];
+/// `[carrier]` of the sealed cases: every carrier packet sealed (AES-256-GCM), plaintext refused.
+const SEALED: &str = "require_authenticated = true";
 const IPERF_PORT: u16 = 5201;
 
 const HAPROXY: &str = "\
@@ -123,22 +129,41 @@ struct Bench {
     secs: u32,
     rounds: usize,
     samples: BTreeMap<char, Samples>,
+    /// Carrier packets the entry n1 sealed in each round of a forwarding case: the proof that a
+    /// sealed case sealed and a plain one did not.
+    sealed: BTreeMap<char, Vec<u64>>,
+    /// Packets ringlb dropped in each round of a forwarding case, summed over the lab's nodes,
+    /// by reason (`ringlb_dropped_packets_total`): a forwarding case should drop none.
+    drops: BTreeMap<char, Vec<BTreeMap<String, u64>>>,
+    /// The cases across the WAN: CPU shares while iperf3 ran, and the WAN bridge's counters.
+    wan: wan::Observed,
     problems: Vec<String>,
 }
 
 /// Everything after this line in the report is written by hand from other benches.
-const KEEP_MARKER: &str = "<!-- measured by other commands: kept by netlab bench -->";
+pub(crate) const KEEP_MARKER: &str = "<!-- measured by other commands: kept by netlab bench -->";
 
 pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool, rounds: usize) -> Result<()> {
     let (started, load_before) = (Instant::now(), load());
     let rounds = rounds.max(1);
-    let mut b = Bench { secs: if quick { 2 } else { 5 }, rounds, samples: BTreeMap::new(), problems: Vec::new() };
+    let mut b = Bench {
+        secs: if quick { 2 } else { 5 },
+        rounds,
+        samples: BTreeMap::new(),
+        sealed: BTreeMap::new(),
+        drops: BTreeMap::new(),
+        wan: wan::Observed::default(),
+        problems: Vec::new(),
+    };
     type Stage = fn(&mut Bench, &str, &Path) -> Result<()>;
-    let stages: [(&str, Stage); 4] = [
+    // (g) right after (c): the sealed-over-plain ratio is taken between neighbours in time.
+    let stages: [(&str, Stage); 6] = [
         ("a, e, f", baselines),
         ("b", local),
-        ("c", |b, p, bin| forwarded(b, p, bin, 'c', "udp")),
-        ("d", |b, p, bin| forwarded(b, p, bin, 'd', "ipip")),
+        ("c", |b, p, bin| forwarded(b, p, bin, 'c', "udp", "")),
+        ("g", |b, p, bin| forwarded(b, p, bin, 'g', "udp", SEALED)),
+        ("d", |b, p, bin| forwarded(b, p, bin, 'd', "ipip", "")),
+        (wan::KEYS, wan::stage),
     ];
     // Every round runs every case, so a slow spell of the machine hits all cases alike.
     for round in 1..=rounds {
@@ -169,28 +194,51 @@ pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool, rounds: usize) -> 
     Ok(())
 }
 
-/// The CI smoke check: forwarded upload (UDP carrier) against the direct path in one lab; fails
-/// when it falls below `floor` times direct in every one of three tries (the machine is shared
-/// and noisy; a real regression fails all three).
+/// The CI smoke check: forwarded upload (UDP carrier) against the direct path in one lab, then
+/// the sealed carrier's forwarded upload against that plain one in a second lab; each fails
+/// when it falls below `floor` in every one of three tries (the machine is shared and noisy; a
+/// real regression fails all three).
 pub fn smoke(prefix: &str, bin: &Path, floor: f64) -> Result<()> {
     let started = Instant::now();
-    let lab = lab(prefix, bin, |s| s.weights = vec![0.0, 1.0, 1.0])?;
-    drain_n3(&lab)?; // iperf3's two connections must meet on one server: n2
+    let plain = {
+        let lab = lab(prefix, bin, |s| s.weights = vec![0.0, 1.0, 1.0])?;
+        drain_n3(&lab)?; // iperf3's two connections must meet on one server: n2
+        let try_once = |_| {
+            let direct = iperf(&lab, &node_addr(2).to_string(), IPERF_PORT, false, 3)?;
+            let forwarded = iperf(&lab, &VIP.to_string(), IPERF_PORT, false, 3)?;
+            eprintln!("bench smoke: upload direct {direct:.2} Gbit/s, forwarded over udp {forwarded:.2} Gbit/s");
+            Ok((forwarded, forwarded / direct))
+        };
+        smoke_tries("forwarded upload / direct", floor, try_once)?
+    };
+    let lab = lab(&format!("{prefix}g"), bin, |s| {
+        s.weights = vec![0.0, 1.0, 1.0];
+        s.carrier_options = SEALED.into();
+    })?;
+    wait_sealing(&lab, 1, 2)?;
+    drain_n3(&lab)?;
+    smoke_tries("sealed forwarded upload / plain", floor, |_| {
+        let sealed = iperf(&lab, &VIP.to_string(), IPERF_PORT, false, 3)?;
+        eprintln!("bench smoke: upload forwarded over the sealed udp carrier {sealed:.2} Gbit/s (plain {plain:.2})");
+        Ok((sealed, sealed / plain))
+    })?;
+    eprintln!("bench smoke: passed in {} s", started.elapsed().as_secs());
+    Ok(())
+}
+
+/// Up to three tries of `once`, which gives a figure and its ratio; the figure of the first
+/// try whose ratio reaches `floor`.
+fn smoke_tries(what: &str, floor: f64, mut once: impl FnMut(u32) -> Result<(f64, f64)>) -> Result<f64> {
     let mut ratios = Vec::new();
     for attempt in 1..=3 {
-        let direct = iperf(&lab, &node_addr(2).to_string(), IPERF_PORT, false, 3)?;
-        let forwarded = iperf(&lab, &VIP.to_string(), IPERF_PORT, false, 3)?;
-        let ratio = forwarded / direct;
-        eprintln!(
-            "bench smoke {attempt}: upload direct {direct:.2} Gbit/s, forwarded over udp {forwarded:.2} Gbit/s: {ratio:.2}x (floor {floor}x)"
-        );
+        let (figure, ratio) = once(attempt)?;
+        eprintln!("bench smoke {attempt}: {what} {ratio:.2}x (floor {floor}x)");
         ratios.push(ratio);
         if ratio >= floor {
-            eprintln!("bench smoke: passed in {} s", started.elapsed().as_secs());
-            return Ok(());
+            return Ok(figure);
         }
     }
-    bail!("forwarded upload below {floor}x direct in all three tries: {ratios:.2?}")
+    bail!("{what} below {floor}x in all three tries: {ratios:.2?}")
 }
 
 /// Aggregate requests/s of 1, 2, 4 and 8 serving nodes behind one forward-only entry, each
@@ -321,18 +369,38 @@ fn local(b: &mut Bench, prefix: &str, bin: &Path) -> Result<()> {
     Ok(())
 }
 
-/// (c), (d): n1 has weight 0 (forward-only), so every flow is forwarded to n2 or n3.
-fn forwarded(b: &mut Bench, prefix: &str, bin: &Path, key: char, carrier: &str) -> Result<()> {
+/// (c), (d), (g): n1 has weight 0 (forward-only), so every flow is forwarded to n2 or n3, over
+/// `carrier` with `carrier_options` in every node's `[carrier]`.
+fn forwarded(b: &mut Bench, prefix: &str, bin: &Path, key: char, carrier: &str, carrier_options: &str) -> Result<()> {
     let lab = lab(prefix, bin, |s| {
         s.carrier = carrier.into();
+        s.carrier_options = carrier_options.into();
         s.weights = vec![0.0, 1.0, 1.0];
     })?;
+    if carrier_options.contains("require_authenticated = true") {
+        wait_sealing(&lab, 1, 2)?;
+    }
     b.http(key, &lab, &VIP.to_string(), 80);
     // iperf3 opens a control and a data connection and both must reach the same server, but
     // placement spreads them over n2 and n3: drain n3, so every flow goes to n2 (still over
     // the carrier), once the entry has heard of it.
     drain_n3(&lab)?;
     b.iperf(key, &lab, &VIP.to_string(), IPERF_PORT);
+    b.count_carrier(key, &lab)
+}
+
+/// Waits until node `i` holds sealing keys for `peers` peers (a key comes with each QUIC
+/// session, which may open a little after the members converge): packets before it are dropped.
+fn wait_sealing(lab: &Lab, i: usize, peers: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let needle = format!("ringlb_carrier_sessions_total{{node=\"n{i}\"}}");
+    // One secret per session and direction: `peers` to send with, `peers` to open with.
+    while lab.metric(i, &needle)? < 2 * peers {
+        if Instant::now() > deadline {
+            bail!("n{i} has no sealing keys for {peers} peers after 10 s ({needle} = {})", lab.metric(i, &needle)?);
+        }
+        sleep(Duration::from_millis(50));
+    }
     Ok(())
 }
 
@@ -340,6 +408,45 @@ impl Bench {
     fn problem(&mut self, p: String) {
         eprintln!("bench: {p}");
         self.problems.push(p);
+    }
+
+    /// Records how many carrier packets n1 sealed (a sealed case that sealed nothing, or a plain
+    /// one that sealed anything, measured the wrong thing) and what ringlb dropped.
+    fn count_carrier(&mut self, key: char, lab: &Lab) -> Result<()> {
+        let sealed = lab.metric(1, "ringlb_carrier_sealed_packets_total")?;
+        let expected = CASES.iter().chain(wan::CASES.iter()).any(|&(k, name)| k == key && name.ends_with("sealed"));
+        if expected != (sealed > 0) {
+            self.problem(format!("({key}) the entry n1 sealed {sealed} carrier packets"));
+        }
+        self.sealed.entry(key).or_default().push(sealed);
+        let mut drops = BTreeMap::new();
+        for i in 1..=lab.spec.nodes {
+            for line in lab.metrics(i)?.lines().filter(|l| l.starts_with("ringlb_dropped_packets_total{")) {
+                let reason = line.split("reason=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
+                let n: u64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                if n > 0 {
+                    *drops.entry(reason.to_owned()).or_default() += n;
+                }
+            }
+        }
+        self.drops.entry(key).or_default().push(drops);
+        Ok(())
+    }
+
+    /// Each forwarding case's drops: every reason seen, its median over the rounds.
+    fn drops_line(&self) -> String {
+        let cases = self.drops.iter().map(|(k, rounds)| {
+            let reasons: std::collections::BTreeSet<&String> = rounds.iter().flat_map(|r| r.keys()).collect();
+            let each: Vec<String> = reasons
+                .into_iter()
+                .map(|reason| {
+                    let v = rounds.iter().map(|r| r.get(reason).copied().unwrap_or(0) as f64).collect();
+                    format!("{reason} {}", num(median(v), 0))
+                })
+                .collect();
+            format!("({k}) {}", if each.is_empty() { "none".to_owned() } else { each.join(", ") })
+        });
+        cases.collect::<Vec<_>>().join("; ")
     }
 
     fn keep<T>(&mut self, key: char, what: &str, r: Result<T>) -> Option<T> {
@@ -436,33 +543,46 @@ impl Bench {
             |r| r.close.map(|w| w.rps),
             |r| r.close.map(|w| w.p99),
         ];
-        for x in ['b', 'c', 'd'] {
-            for y in ['a', 'e', 'f'] {
-                let ratios = metrics.map(|f| num(f(row(x)).zip(f(row(y))).map(|(a, b)| a / b), 2));
-                let _ = writeln!(s, "| ({x}) / ({y}) | {} |", ratios.join(" | "));
-            }
+        let pairs = ['b', 'c', 'd', 'g'].into_iter().flat_map(|x| ['a', 'e', 'f'].map(|y| (x, y)));
+        for (x, y) in pairs.chain([('g', 'c')]) {
+            let ratios = metrics.map(|f| num(f(row(x)).zip(f(row(y))).map(|(a, b)| a / b), 2));
+            let _ = writeln!(s, "| ({x}) / ({y}) | {} |", ratios.join(" | "));
         }
         s.push_str(&targets(row));
+        s.push_str(&sealed_targets(row));
+        s.push_str(&wan::report(self, row));
         if self.rounds > 1 {
             s.push_str(
                 "\n## Spread between rounds\n\nLargest over smallest of each throughput figure across the rounds.\n\n\
                  | case | upload | download | keep-alive req/s | close req/s |\n|---|--:|--:|--:|--:|\n",
             );
-            for (k, name) in CASES {
+            for (k, name) in CASES.into_iter().chain(wan::CASES) {
                 let sp = self.samples.get(&k).map(Samples::spreads).unwrap_or_default();
                 let _ = writeln!(s, "| ({k}) {name} | {} |", sp.map(|v| num(v, 2)).join(" | "));
             }
         }
-        s.push_str(
+        let sealed = |k: char| {
+            let v = self.sealed.get(&k).map(|v| v.iter().map(|&n| n as f64).collect()).unwrap_or_default();
+            num(median(v), 0)
+        };
+        let _ = write!(
+            s,
             "\n## Notes\n\nTimings on this shared 2-core VM are noisy: load generator, router, balancer and \
              servers all share the same two cores, so absolute figures move from run to run and only the ratios \
              within one run count. Download (`iperf3 -R`) in the ringlb cases is direct server return: the replies \
              bypass the balancer and go from the serving node through the router straight to the client; only the \
              client's packets (upload data, requests, and the ACKs of a download) cross ringlb. ringlb runs on every \
-             node in (b)-(d), HAProxy and nftables on n1 only. In (c) and (d) wrk's connections are spread over n2 \
+             node in (b)-(d) and (g), HAProxy and nftables on n1 only. In (c), (d) and (g) wrk's connections are spread over n2 \
              and n3; iperf3 needs its control and data connections on the same server, so for it n3 is drained \
-             (`ringlb drain`) and the entry forwards everything to n2. HAProxy balances HTTP round-robin over n2 \
-             and n3 and iperf3 by source (one backend); nftables sends everything to n2.\n",
+             (`ringlb drain`) and the entry forwards everything to n2 (the same in (g)). HAProxy balances HTTP round-robin over n2 \
+             and n3 and iperf3 by source (one backend); nftables sends everything to n2. (g) is (c) with \
+             `carrier.require_authenticated = true`: every carrier packet is sealed with AES-256-GCM \
+             (32 bytes more per packet) and plaintext is refused; the entry n1 sealed {} carrier packets \
+             per round in (g) (median) and {} in (c). Packets ringlb dropped per round (median, all nodes \
+             of the lab, by reason of `ringlb_dropped_packets_total`; the counters include wrk's run): {}.\n",
+            sealed('g'),
+            sealed('c'),
+            self.drops_line(),
         );
         if !self.problems.is_empty() {
             s.push_str("\nProblems in this run:\n\n");
@@ -516,19 +636,52 @@ fn targets<'a>(row: impl Fn(char) -> &'a Row) -> String {
          |---|--:|--:|--:|\n",
     );
     for (name, case, figure, goals) in lines {
-        let cells = ['a', 'e', 'f'].iter().zip(goals).map(|(&base, goal)| {
-            let Some(r) = figure(row(case)).zip(figure(row(base))).map(|(x, y)| x / y) else {
-                return "–".to_owned();
-            };
-            match goal {
-                AtLeast(t) if r >= t => format!("{r:.2} (≥ {t}: yes)"),
-                AtLeast(t) => format!("{r:.2} (≥ {t}: no, {:.0} % short)", (1.0 - r / t) * 100.0),
-                AtMost(t) if r <= t => format!("{r:.2} (≤ {t}: yes)"),
-                AtMost(t) => format!("{r:.2} (≤ {t}: no, {:.0} % over)", (r / t - 1.0) * 100.0),
-                Report => format!("{r:.2}"),
-            }
-        });
+        let cells = ['a', 'e', 'f']
+            .iter()
+            .zip(goals)
+            .map(|(&base, goal)| against(figure(row(case)).zip(figure(row(base))).map(|(x, y)| x / y), goal));
         let _ = writeln!(s, "| {name} ({case}) | {} |", cells.collect::<Vec<_>>().join(" | "));
+    }
+    s
+}
+
+/// A ratio beside its goal: met (yes) or not (no, with the shortfall).
+fn against(r: Option<f64>, goal: Goal) -> String {
+    use Goal::{AtLeast, AtMost, Report};
+    let Some(r) = r else {
+        return "–".to_owned();
+    };
+    match goal {
+        AtLeast(t) if r >= t => format!("{r:.2} (≥ {t}: yes)"),
+        AtLeast(t) => format!("{r:.2} (≥ {t}: no, {:.0} % short)", (1.0 - r / t) * 100.0),
+        AtMost(t) if r <= t => format!("{r:.2} (≤ {t}: yes)"),
+        AtMost(t) => format!("{r:.2} (≤ {t}: no, {:.0} % over)", (r / t - 1.0) * 100.0),
+        Report => format!("{r:.2}"),
+    }
+}
+
+/// The sealed carrier's goal: forwarded upload sealed at least 0.7 times the plain udp carrier
+/// in the same run, on the LAN ((g) / (c)) and across the WAN ((j) / (i)); the other figures
+/// beside it.
+fn sealed_targets<'a>(row: impl Fn(char) -> &'a Row) -> String {
+    use Goal::{AtLeast, Report};
+    type Figure = fn(&Row) -> Option<f64>;
+    let lines: [(&str, Figure, Goal, bool); 5] = [
+        ("upload (iperf3), forwarded", |r| r.up, AtLeast(0.7), true),
+        ("download (iperf3 -R), forwarded", |r| r.down, Report, true),
+        ("keep-alive requests/s, forwarded", |r| r.keep_alive.map(|w| w.rps), Report, false),
+        ("new connections/s (Connection: close), forwarded", |r| r.close.map(|w| w.rps), Report, false),
+        ("p99 latency, keep-alive, forwarded", |r| r.keep_alive.map(|w| w.p99), Report, false),
+    ];
+    let mut s = String::from(
+        "\n## Targets: the sealed carrier\n\nThe sealed carrier against the plain udp carrier in the same run, \
+         on the LAN ((g) / (c)) and across the WAN ((j) / (i), below).\n\n\
+         | figure | LAN: sealed (g) / plain (c) | WAN: sealed (j) / plain (i) |\n|---|--:|--:|\n",
+    );
+    for (name, figure, goal, wan) in lines {
+        let ratio = |x: char, y: char| figure(row(x)).zip(figure(row(y))).map(|(a, b)| a / b);
+        let across = if wan { against(ratio('j', 'i'), goal) } else { "–".to_owned() };
+        let _ = writeln!(s, "| {name} | {} | {across} |", against(ratio('g', 'c'), goal));
     }
     s
 }

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod soak;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -111,12 +112,24 @@ enum Cmd {
         /// How many times every case runs; the report gives medians.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Only the CI check: forwarded upload against direct, fails below this ratio.
+        /// Only the CI check: forwarded upload against direct, and sealed forwarded upload
+        /// against plain, each fails below this ratio.
         #[arg(long)]
         smoke: Option<f64>,
         /// Only the scaling bench (1, 2, 4, 8 nodes behind one entry); writes this PNG.
         #[arg(long)]
         scaling: Option<PathBuf>,
+    },
+    /// A long run across a slow, lossy WAN (not a test): two sites of two nodes, 150 ms ± 30 ms
+    /// round trip, 3 % loss, light traffic from both sites; reports how long members stayed
+    /// suspected and whether any was declared dead, and writes its section of `--out`.
+    SoakWan {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        #[arg(long, default_value = "target/release/ringlb")]
+        bin: PathBuf,
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
     },
     /// Profile the forwarded path under one load with `perf record -a -g` (not a test):
     /// writes `<out>/<load>.perf.data` and a text summary.
@@ -367,6 +380,10 @@ fn run(cli: Cli) -> Result<()> {
                 (None, Some(png)) => bench::scaling(&format!("{}x", cli.prefix), &bin, &png, if quick { 3 } else { 8 }),
                 (None, None) => bench::run(&format!("{}b", cli.prefix), &bin, &out, quick, rounds),
             }
+        }
+        Cmd::SoakWan { minutes, bin, out } => {
+            let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
+            soak::run(&format!("{}soak", cli.prefix), &bin, minutes, &out)
         }
         Cmd::Profile { load, bin, out, carrier, secs } => {
             let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
