@@ -364,6 +364,12 @@ async fn peer_sender(
             };
             match tokio::time::timeout(Duration::from_secs(1), connecting).await {
                 Ok(Ok(c)) => {
+                    // A sender replaced while it connected (the peer restarted) must not hand
+                    // over its key after its successor's: the newest key would lose.
+                    if rx.is_closed() {
+                        c.close(6u32.into(), b"replaced");
+                        return;
+                    }
                     if let Some(secret) = carrier_secret(&c) {
                         let key = Inbound::CarrierKey { name: name.clone(), direction: Direction::Send, secret };
                         let _ = tx.send(key).await;

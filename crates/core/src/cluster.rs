@@ -306,9 +306,11 @@ impl RttEstimate {
     }
 }
 
-/// The longest a direct probe waits, however slow a peer's path: beyond that it is not a WAN
-/// but a broken path, which indirect probes are for.
-const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest a direct probe waits, however slow a peer's path (a round trip of a few hundred
+/// milliseconds, as across continents, fits): beyond that it is not a WAN but a broken path,
+/// which indirect probes are for. It also bounds how long one slow member can hold up a
+/// round, in which nobody else is probed.
+const MAX_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Member {
     fn live(&self) -> bool {
@@ -545,12 +547,12 @@ impl Cluster {
         self.config.probe_timeout.max(measured.min(MAX_PROBE_TIMEOUT))
     }
 
-    /// A protocol round with `name` as the target: `probe_interval`, stretched by as much as
-    /// its probe timeout is stretched, so that the helpers' answers have time to come back.
+    /// A protocol round with `name` as the target: `probe_interval`, plus twice what its probe
+    /// timeout adds to the LAN's (the direct probe waits that much longer, and the helpers'
+    /// answers travel as far): at most about 2 s more, with [`MAX_PROBE_TIMEOUT`].
     fn round_for(&self, name: &str) -> Duration {
-        let base = self.config.probe_timeout.max(Duration::from_millis(1));
-        let stretch = self.probe_timeout_for(name).as_secs_f64() / base.as_secs_f64();
-        self.config.probe_interval.mul_f64(stretch.max(1.0))
+        let extra = self.probe_timeout_for(name).saturating_sub(self.config.probe_timeout);
+        self.config.probe_interval + 2 * extra
     }
 
     /// A round trip to `name` measured outside the membership protocol (the driver's QUIC
@@ -1141,8 +1143,9 @@ impl Cluster {
         if let Some(p) = &self.probe {
             if p.seq == seq && (p.target == from || p.helpers.iter().any(|h| h == from)) {
                 // Only a direct answer times the path to the target (an indirect one also
-                // times the helper's).
-                if p.target == from {
+                // times the helper's), and only while this node is not starved itself (its
+                // own lateness would count against the target).
+                if p.target == from && self.health == 0 {
                     let sample = now.saturating_since(p.started);
                     if let Some(m) = self.members.get_mut(from) {
                         match &mut m.rtt {

@@ -175,7 +175,12 @@ pub struct Counters {
 
 impl Counters {
     pub fn count_drop(&mut self, reason: DropReason) {
-        self.drops[reason.index()] += 1;
+        self.count_drops(reason, 1);
+    }
+
+    /// Counts `n` packets dropped for one reason (a batch that failed as a whole).
+    pub fn count_drops(&mut self, reason: DropReason, n: u64) {
+        self.drops[reason.index()] += n;
     }
 
     pub fn drops(&self, reason: DropReason) -> u64 {

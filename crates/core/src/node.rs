@@ -152,6 +152,11 @@ impl Node {
         self.counters.count_drop(reason);
     }
 
+    /// Counts a batch of `n` packets the IO layer lost as a whole.
+    pub fn count_drops(&mut self, reason: DropReason, n: u64) {
+        self.counters.count_drops(reason, n);
+    }
+
     fn drop(&mut self, reason: DropReason) -> Verdict {
         self.counters.count_drop(reason);
         Verdict::Drop(reason)
@@ -552,6 +557,8 @@ impl Node {
             }
             How::HashUnderPressure => {
                 self.counters.placed_by_hash_under_pressure += 1;
+                // A flood that pushes the table into hashing must not be spread over the WAN.
+                self.restrict_to_own_site_if_it_takes_flows();
                 consistent_hash(key, &self.candidates)
             }
         };

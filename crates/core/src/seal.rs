@@ -42,6 +42,9 @@ pub const SWITCH_DELAY: Duration = Duration::from_secs(1);
 /// Packets a receiver may see out of order per key before an old counter counts as a replay.
 pub const REPLAY_WINDOW: u64 = (BLOCKS as u64 - 1) * 64;
 const BLOCKS: usize = 256;
+/// Sessions a receiver holds per peer: the one in use and newer ones not yet used (both ends
+/// may finish a reconnection's handshakes in either order).
+const MAX_SESSIONS: usize = 3;
 /// Retired key ids remembered per peer, so that late packets under them count as stale.
 const RETIRED_REMEMBERED: usize = 8;
 /// Epochs a receiver derives ahead of the newest it has seen: a sender that moved on while all
@@ -219,6 +222,8 @@ struct ReceiveEpoch {
 
 struct Receiver {
     secret: Secret,
+    /// Whether a packet authenticated under it yet: only then does it replace older sessions.
+    used: bool,
     /// The current epoch, the ones before it while they overlap, and [`LOOKAHEAD`] next ones,
     /// derived ahead.
     epochs: Vec<ReceiveEpoch>,
@@ -230,7 +235,7 @@ impl Receiver {
         let epochs = (0..=LOOKAHEAD)
             .map(|e| ReceiveEpoch { key: derive(&secret, e), window: ReplayWindow::new(), retire_at: None })
             .collect();
-        Receiver { secret, epochs, retire_at: None }
+        Receiver { secret, epochs, retire_at: None, used: false }
     }
 }
 
@@ -240,7 +245,7 @@ struct Peer {
     /// The secret in use and, for [`SWITCH_DELAY`] after a new session, the one that replaces it.
     send: Option<Sender>,
     next_send: Option<(Sender, Timestamp)>,
-    /// Newest session last; at most two.
+    /// Newest session last; at most [`MAX_SESSIONS`].
     receive: Vec<Receiver>,
     retired: Vec<u32>,
 }
@@ -276,8 +281,10 @@ impl CarrierKeys {
     /// A new session's secret for one direction with the peer named `name` (its certificate's
     /// name).
     pub fn install(&mut self, now: Timestamp, name: &str, direction: Direction, secret: Secret) {
+        // Bounded: one entry per certificate name that opened a session (the driver hands the
+        // keys of every authenticated connection, member or not), a few hundred bytes each.
         if self.peers.len() >= 65_536 && !self.peers.contains_key(name) {
-            return; // more than control.max_members allows: nobody real
+            return;
         }
         self.stats.sessions += 1;
         let peer = self.peers.entry_ref(name).or_default();
@@ -288,12 +295,12 @@ impl CarrierKeys {
                 Some(_) => peer.next_send = Some((Sender::new(secret, now), now.saturating_add(SWITCH_DELAY))),
             },
             Direction::Receive => {
-                let retire = now.saturating_add(self.config.overlap);
-                for old in &mut peer.receive {
-                    old.retire_at.get_or_insert(retire);
-                }
-                if peer.receive.len() >= 2 {
-                    let gone = peer.receive.remove(0);
+                // Older sessions stay until a packet authenticates under a newer one (see
+                // `open`): the sender may still be on one of them. Beyond the bound, a session
+                // never used goes first, else the oldest.
+                if peer.receive.len() >= MAX_SESSIONS {
+                    let victim = peer.receive.iter().position(|r| !r.used).unwrap_or(0);
+                    let gone = peer.receive.remove(victim);
                     peer.retired.extend(gone.epochs.iter().map(|e| e.key.id));
                 }
                 peer.receive.push(Receiver::new(secret));
@@ -439,6 +446,16 @@ impl CarrierKeys {
             return Err(OpenError::Forged);
         }
         epoch.window.mark(counter);
+        // The first packet under a session: the sender switched to it, and the sessions
+        // before it retire after the overlap.
+        if !session.used {
+            session.used = true;
+            let retire = now.saturating_add(overlap);
+            for older in &mut peer.receive[..s] {
+                older.retire_at.get_or_insert(retire);
+            }
+        }
+        let session = &mut peer.receive[s];
         // The first packet under a later epoch: the sender moved on. Retire what came before
         // after the overlap, and derive ahead again.
         let this = session.epochs[e].key.epoch;
@@ -590,8 +607,27 @@ mod tests {
         assert_ne!(before[4..8], after[4..8]);
         assert!(b.open(t(1300), A, &mut before.clone()).is_ok());
         assert!(b.open(t(1300), A, &mut after.clone()).is_ok());
+        // The old session retires 10 s after the new one's first packet (at 1.3 s), not after
+        // its install: before, a late old packet still opens (here: a replayed counter).
         let mut old_again = seal_one(&mut pair(config, 5).0, t(0), b"\x45old");
-        assert_eq!(b.open(t(10_200), A, &mut old_again), Err(OpenError::StaleKey));
+        assert_eq!(b.open(t(11_200), A, &mut old_again.clone()), Err(OpenError::Replayed));
+        assert_eq!(b.open(t(11_400), A, &mut old_again), Err(OpenError::StaleKey));
+    }
+
+    #[test]
+    fn a_session_installed_but_never_used_does_not_retire_the_one_in_use() {
+        let config = SealConfig::default();
+        let (mut a, mut b) = pair(config, 10);
+        // b hears of two newer sessions (a reconnection whose handshakes finished in another
+        // order than a's), but a keeps sealing with the first one.
+        b.install(t(100), "a", Direction::Receive, Secret([11; 32]));
+        b.install(t(200), "a", Direction::Receive, Secret([12; 32]));
+        for at in [1_000, 20_000, 60_000] {
+            assert!(b.open(t(at), A, &mut seal_one(&mut a, t(at), b"\x45still")).is_ok(), "at {at} ms");
+        }
+        // A fourth session evicts one never used, not the one in use.
+        b.install(t(61_000), "a", Direction::Receive, Secret([13; 32]));
+        assert!(b.open(t(61_001), A, &mut seal_one(&mut a, t(61_001), b"\x45still")).is_ok());
     }
 
     #[test]

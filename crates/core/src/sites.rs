@@ -8,8 +8,9 @@
 //!
 //! Load spills too, when the operator says what a site can carry (`spill_above`, flows per unit
 //! of healthy weight; off by default, since weights are relative and an idle remote site must
-//! not draw flows across the WAN): above it, the share that would exceed it goes to the
-//! nearest other site that is less loaded, until the site is back below 90 % of it
+//! not draw flows across the WAN): above it, and while the other sites together are less
+//! loaded, the share that would exceed it goes to the nearest other site with a healthy
+//! member (whatever that one's own load), until the site is back below 90 % of it
 //! (hysteresis: a site at the threshold does not flap). `max_cross_site_share` caps what
 //! leaves the site while it has any healthy member; `Strict` never leaves it.
 //!

@@ -105,6 +105,13 @@ fn split_joined(pkt: &mut [u8], mut hdr: VirtioNetHdr, s: &mut Segments) -> std:
     Ok((n, stride, (n - 1) * stride + s.sizes[n - 1]))
 }
 
+/// Most segments of `stride` bytes (as sent: sealed ones included) that one UDP GSO send may
+/// carry: the carrier's limit, and 65,000 bytes of payload (the kernel refuses more than 65,507
+/// with EMSGSIZE, and the whole batch would be lost).
+fn batch_for(max_batch: usize, stride: usize) -> usize {
+    max_batch.min(65_000 / stride.max(1)).max(1)
+}
+
 /// How often idle flows are expired and flow-recovery messages go out (an entry that asked
 /// a home learns the server within a tick and a round trip).
 const TICK: Duration = Duration::from_millis(100);
@@ -537,8 +544,9 @@ impl Driver {
                         return;
                     }
                 };
-                // One UDP GSO send carries at most 64 KiB of payload.
-                let batch = self.carrier.max_batch().min(65_000 / stride).max(1);
+                // One UDP GSO send carries at most 64 KiB of payload, sealed segments included.
+                let sent_stride = stride + if self.seals_to(addr) { seal::OVERHEAD } else { 0 };
+                let batch = batch_for(self.carrier.max_batch(), sent_stride);
                 let joined = std::mem::take(&mut segments.joined);
                 for first in (0..n).step_by(batch) {
                     let end = ((first + batch) * stride).min(total);
@@ -570,17 +578,21 @@ impl Driver {
         !self.seals_to(from)
     }
 
+    /// Sends `pkts`, inner packets of `segment` bytes back to back (the last may be shorter),
+    /// sealed when `addr` needs it; a failure loses (and counts) every packet of the batch.
     async fn forward(&mut self, addr: IpAddr, flow_hash: u64, pkts: &[u8], segment: usize) {
+        let count = u64::try_from(pkts.len().div_ceil(segment.max(1))).unwrap_or(1);
         let result = if self.seals_to(addr) {
             let now = self.now();
             match self.keys.seal(now, addr, pkts, segment, &mut self.sealed) {
                 Ok(n) => self.carrier.send(addr, flow_hash, &self.sealed[..n], segment + seal::OVERHEAD).await,
                 Err(e) => {
                     tracing::trace!(error = ?e, %addr, "cannot seal");
-                    self.node.count_drop(match e {
+                    let reason = match e {
                         SealError::NoKey => DropReason::CarrierNoKey,
                         SealError::TooBig => DropReason::TooBig,
-                    });
+                    };
+                    self.node.count_drops(reason, count);
                     return;
                 }
             }
@@ -594,7 +606,7 @@ impl Driver {
                 DropReason::CarrierSendError
             };
             tracing::trace!(error = %e, %addr, "carrier send failed");
-            self.node.count_drop(reason);
+            self.node.count_drops(reason, count);
         }
     }
 
@@ -670,5 +682,23 @@ impl Driver {
             tracing::trace!(error = %e, "tun write failed");
             self.node.count_drop(DropReason::TunWriteError);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_batch_fits_one_udp_send_sealed_or_not() {
+        // The TUN MTU with [control] on a 1500-byte underlay: 1500 − 28 − 32.
+        for stride in [1440, 1440 + seal::OVERHEAD, 576, 9000, 9000 + seal::OVERHEAD] {
+            let batch = batch_for(64, stride);
+            assert!(batch * stride <= 65_507 - 8, "{batch} × {stride} exceeds one UDP datagram");
+            assert!(batch >= 1);
+        }
+        // Sealing 45 plaintext segments of 1440 (the old sizing) would not fit.
+        const { assert!(45 * (1440 + seal::OVERHEAD) > 65_507) };
+        assert_eq!(batch_for(64, 1440 + seal::OVERHEAD), 44);
     }
 }

@@ -767,8 +767,16 @@ impl Config {
         if self.carrier.port == 0 {
             p.push("carrier.port = 0: must be a port number".into());
         }
-        if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&self.carrier.key_lifetime) {
-            p.push(format!("carrier.key_lifetime = {:?}: must be 1 s to 1 day", self.carrier.key_lifetime));
+        // A receiver derives 3 epochs ahead; a link cut for 3 lifetimes (15 s at the least)
+        // also ends the QUIC session (10 s idle), and the next one brings new keys.
+        if !(Duration::from_secs(5)..=Duration::from_secs(86_400)).contains(&self.carrier.key_lifetime) {
+            p.push(format!("carrier.key_lifetime = {:?}: must be 5 s to 1 day", self.carrier.key_lifetime));
+        }
+        if self.control.is_none() && self.node.site != default_site() {
+            p.push(format!(
+                "node.site = {:?}: needs [control]: members learn each other's sites from their records",
+                self.node.site
+            ));
         }
         if self.carrier.require_authenticated && self.control.is_none() {
             p.push(
@@ -937,7 +945,8 @@ impl Config {
     /// Bytes a carrier packet adds at most: with a control plane, the udp carrier may be sealed
     /// (to other sites, or everywhere), and the TUN leaves room for that.
     pub fn carrier_overhead(&self) -> u16 {
-        let sealed = self.control.is_some() && self.carrier.kind == CarrierKind::Udp;
+        // (Over ipip, a sealed packet rides the raw socket like any inner packet.)
+        let sealed = self.control.is_some();
         self.carrier.kind.overhead()
             + if sealed { u16::try_from(ringlb_core::seal::OVERHEAD).unwrap_or(u16::MAX) } else { 0 }
     }

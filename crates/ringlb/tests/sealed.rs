@@ -136,7 +136,7 @@ fn the_sealed_carrier_hides_the_marker_that_the_plain_carrier_shows() {
 #[test]
 fn spoofed_replayed_and_retired_key_packets_are_refused_and_counted() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = lab("spoof", "require_authenticated = true\nkey_lifetime = \"3s\"");
+    let lab = lab("spoof", "require_authenticated = true\nkey_lifetime = \"5s\"");
     let (n1, n2) = (node_addr(1).to_string(), node_addr(2).to_string());
     let (tcpdump, file) = capture(&lab, "real");
     marked_requests(&lab, 10);
@@ -173,9 +173,9 @@ fn spoofed_replayed_and_retired_key_packets_are_refused_and_counted() {
     println!("replayed: sent {sent}, refused as replayed {replayed}, as stale {stale}");
     assert!(replayed > 0 && replayed + stale == sent, "replayed {replayed} + stale {stale} != {sent}");
 
-    // Keys move on while traffic flows (3 s each, the old one kept 3 s more): the captured ones
+    // Keys move on while traffic flows (5 s each, the old one kept 5 s more): the captured ones
     // are retired, and replaying them now counts as stale.
-    for _ in 0..8 {
+    for _ in 0..13 {
         marked_requests(&lab, 2);
         sleep(Duration::from_millis(1000));
     }

@@ -182,10 +182,12 @@ fn capture_wan(lab: &Lab, name: &str) -> (Child, std::path::PathBuf) {
 fn the_wan_carries_the_marker_only_when_sealing_between_sites_is_off() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     const MARKER: &str = "RINGLB-WAN-MARKER-9f3c";
-    for sealed in [true, false] {
+    // The sealed packets also ride the ipip carrier's raw socket.
+    for (sealed, carrier) in [(true, "udp"), (false, "udp"), (true, "ipip")] {
         // n1 alone in site a, with weight 0: every request it enters crosses to n2 in site b.
         let lab = lab(if sealed { "wseal" } else { "wplain" }, 2, |s| {
             s.weights = vec![0.0, 1.0];
+            s.carrier = carrier.into();
             if !sealed {
                 s.carrier_options = "seal_between_sites = false".into();
             }
@@ -202,7 +204,7 @@ fn the_wan_carries_the_marker_only_when_sealing_between_sites_is_off() {
         let markers = pcap.windows(MARKER.len()).filter(|w| *w == MARKER.as_bytes()).count();
         let sealed_packets = lab.metric(1, "ringlb_carrier_sealed_packets_total").unwrap();
         println!(
-            "seal_between_sites = {sealed}: the WAN capture ({} bytes) holds the marker {markers} times; n1 sealed {sealed_packets}",
+            "{carrier}, seal_between_sites = {sealed}: the WAN capture ({} bytes) holds the marker {markers} times; n1 sealed {sealed_packets}",
             pcap.len()
         );
         assert!(pcap.len() > 20 * 300, "the capture saw the traffic");

@@ -59,6 +59,21 @@ impl Node {
         self.sites.spilling
     }
 
+    /// Leaves eligible only the members of this node's own site, if any of them takes new
+    /// flows (for placement by hash under pressure, which looks at no shares).
+    pub(super) fn restrict_to_own_site_if_it_takes_flows(&mut self) {
+        let Some(own) = self.members.get(self.config.local).map(|m| m.site.as_str()) else { return };
+        let members = &self.members;
+        let home = |c: &crate::Candidate| members.get(c.id).is_some_and(|m| m.site == own);
+        if self.candidates.iter().any(|c| c.takes_flows() && home(c)) {
+            for c in &mut self.candidates {
+                if !home(c) {
+                    c.eligible = false;
+                }
+            }
+        }
+    }
+
     /// Picks the site for a new flow from the candidates `fill_candidates` made, and leaves
     /// eligible only that site's members.
     pub(super) fn restrict_to_site(&mut self) -> SiteChoice {
@@ -209,6 +224,21 @@ mod tests {
         set_state(&mut n, 2, MemberState::Alive);
         let got = place(&mut n, 6000, 300);
         assert_eq!(got[0] + got[1], 300, "{got:?}");
+    }
+
+    #[test]
+    fn flows_placed_by_hash_under_pressure_stay_in_a_site_that_takes_flows() {
+        let mut n = cluster();
+        let key = |port: u16| ringlb_wire::classify(&syn(port)).unwrap().key;
+        let placed: Vec<NodeId> =
+            (0..300).map(|p| n.place(at(0), &key(p), super::super::How::HashUnderPressure)).collect();
+        assert!(placed.iter().all(|id| id.index() <= 1), "hashed out of the site: {placed:?}");
+        // With all of site a drained, hashing spreads over the others.
+        set_state(&mut n, 2, MemberState::Draining);
+        n.set_draining(true);
+        let placed: Vec<NodeId> =
+            (0..300).map(|p| n.place(at(0), &key(p), super::super::How::HashUnderPressure)).collect();
+        assert!(placed.iter().all(|id| id.index() >= 2), "{placed:?}");
     }
 
     #[test]
