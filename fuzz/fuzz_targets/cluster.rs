@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
         control: SocketAddr::new(addr(100), 6636),
         weight: 1.0,
         flow_hash: 7,
+        site: "default".into(),
     };
     let mut now = Timestamp::ZERO;
     let mut c = Cluster::new(me, 1, vec![("n1".into(), SocketAddr::new(addr(1), 6636))], config.clone(), 1, now);
