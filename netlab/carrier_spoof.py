@@ -15,33 +15,20 @@ import socket
 import struct
 import sys
 
-
-def csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s > 0xFFFF:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def ipv4(src, dst, proto, payload):
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0x1234, 0x4000, 64, proto, 0,
-                      socket.inet_aton(src), socket.inet_aton(dst))
-    return hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:]
+from inject import csum, ipv4  # the packet writers the robustness tests share
 
 
 def carrier(src, dst, port, payload):
     """Outer IPv4 + UDP (checksum 0: allowed over IPv4) around `payload`."""
     udp = struct.pack("!HHHH", 40000 + len(payload) % 1000, port, 8 + len(payload), 0) + payload
-    return ipv4(src, dst, 17, udp) + udp
+    return ipv4(src, dst, 17, udp)
 
 
 def syn(client, vip, sport):
     tcp = struct.pack("!HHIIBBHHH", sport, 80, 1000 + sport, 0, 5 << 4, 0x02, 64240, 0, 0)
     pseudo = socket.inet_aton(client) + socket.inet_aton(vip) + struct.pack("!BBH", 0, 6, len(tcp))
     tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
-    return ipv4(client, vip, 6, tcp) + tcp
+    return ipv4(client, vip, 6, tcp)
 
 
 def captured(path, dst, port):

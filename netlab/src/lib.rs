@@ -919,6 +919,34 @@ impl Lab {
     }
 
     /// Reads one counter from node `i`'s metrics (summing all label sets matching `needle`).
+    /// Starts tcpdump on `iface` in namespace `ns`, writing what `filter` matches to
+    /// `<lab>/<name>.pcap`, and returns once it listens. `--immediate-mode`: otherwise packets
+    /// wait in the capture ring's current block (up to a second), and those still there when
+    /// tcpdump stops are never written.
+    pub fn capture(&self, ns: &str, iface: &str, filter: &[&str], name: &str) -> Result<Capture> {
+        let file = self.dir.join(format!("{name}.pcap"));
+        let log = self.dir.join(format!("{name}.tcpdump.log"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "tcpdump", "-i", iface, "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .args(filter)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .context("starting tcpdump")?;
+        let mut capture = Capture { child, file };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fs::read_to_string(&log).unwrap_or_default().contains("listening on") {
+            if Instant::now() > deadline {
+                capture.stop();
+                bail!("tcpdump did not start: {}", log.display());
+            }
+            sleep(Duration::from_millis(20));
+        }
+        sleep(Duration::from_millis(100));
+        Ok(capture)
+    }
+
     pub fn metric(&self, i: usize, needle: &str) -> Result<u64> {
         Ok(sum_metric(&self.metrics(i)?, needle))
     }
@@ -951,6 +979,22 @@ pub struct Attempt {
     pub ok: bool,
     /// The node that answered, or the error.
     pub node: String,
+}
+
+/// A running tcpdump ([`Lab::capture`]).
+#[derive(Debug)]
+pub struct Capture {
+    child: std::process::Child,
+    pub file: PathBuf,
+}
+
+impl Capture {
+    /// Stops tcpdump (SIGINT: it writes what it holds) and returns the pcap's bytes.
+    pub fn stop(&mut self) -> Vec<u8> {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        fs::read(&self.file).unwrap_or_default()
+    }
 }
 
 /// The attempts a finished connection loop printed.

@@ -615,6 +615,8 @@ impl Driver {
     fn accept_carrier(&mut self, buf: &mut [u8], rx: &Received, c: &mut Coalesce, mut accepted: usize) -> usize {
         let (mut at, end) = (rx.inner.start, rx.inner.end);
         let now = self.now(); // one clock read per carrier read, not per inner packet
+                              // One sender per read: whether it may send plaintext is looked up once, not per packet.
+        let plaintext_ok = self.takes_plaintext_from(rx.from);
         while at < end {
             let mut inner = at..(at + rx.stride).min(end);
             at = inner.end;
@@ -633,7 +635,7 @@ impl Driver {
                         continue;
                     }
                 }
-            } else if !self.takes_plaintext_from(rx.from) {
+            } else if !plaintext_ok {
                 self.node.count_drop(DropReason::CarrierPlaintextRefused);
                 continue;
             }

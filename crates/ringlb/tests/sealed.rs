@@ -4,12 +4,12 @@
 //! Needs root (network namespaces, TUN devices, raw sockets). Labs run one at a time.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::thread::sleep;
 use std::time::Duration;
 
-use ringlb_netlab::{node_addr, unique_prefix, Lab, Spec, VIP};
+use ringlb_netlab::{node_addr, unique_prefix, Capture, Lab, Spec, VIP};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -33,37 +33,10 @@ fn spoof() -> String {
 }
 
 /// Captures carrier packets to n2 on the nodes' segment (the router's bridge, where the
-/// attacker sits) into `<lab>/<name>.pcap` until the child is killed.
-fn capture(lab: &Lab, name: &str) -> (Child, std::path::PathBuf) {
-    let file = lab.dir.join(format!("{name}.pcap"));
-    let log = lab.dir.join(format!("{name}.tcpdump.log"));
-    let child = Command::new("ip")
-        // --immediate-mode: otherwise packets wait in the capture ring's current block (up to a
-        // second), and those still there when tcpdump is stopped are never written.
-        .args(["netns", "exec", &lab.router(), "tcpdump", "-i", "br0", "--immediate-mode", "-U", "-s", "0", "-w"])
-        .arg(&file)
-        .args(["udp", "dst", "port", "6635", "and", "dst", "host", "10.77.0.2"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("tcpdump log"))
-        .spawn()
-        .expect("tcpdump starts");
-    wait_listening(&log);
-    (child, file)
-}
-
-/// Waits until tcpdump says it listens (it captures from then on).
-pub fn wait_listening(log: &Path) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(log).unwrap_or_default().contains("listening on") {
-        assert!(std::time::Instant::now() < deadline, "tcpdump did not start: {}", log.display());
-        sleep(Duration::from_millis(20));
-    }
-    sleep(Duration::from_millis(100));
-}
-
-fn stop_capture(mut child: Child) {
-    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
-    let _ = child.wait();
+/// attacker sits) into `<lab>/<name>.pcap`.
+fn capture(lab: &Lab, name: &str) -> Capture {
+    let filter = ["udp", "dst", "port", "6635", "and", "dst", "host", "10.77.0.2"];
+    lab.capture(&lab.router(), "br0", &filter, name).expect("tcpdump starts")
 }
 
 /// `n` requests to the VIP carrying the marker in a header; each must be answered by n2.
@@ -108,11 +81,10 @@ fn the_sealed_carrier_hides_the_marker_that_the_plain_carrier_shows() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for (options, sealed) in [("require_authenticated = true", true), ("", false)] {
         let lab = lab(if sealed { "seal" } else { "plain" }, options);
-        let (tcpdump, file) = capture(&lab, "marker");
+        let mut tcpdump = capture(&lab, "marker");
         marked_requests(&lab, 20);
         sleep(Duration::from_millis(300));
-        stop_capture(tcpdump);
-        let pcap = std::fs::read(&file).expect("capture written");
+        let pcap = tcpdump.stop();
         let markers = count(&pcap, MARKER.as_bytes());
         let sealed_packets = lab.metric(1, "ringlb_carrier_sealed_packets_total").unwrap();
         let opened = lab.metric(2, "ringlb_carrier_opened_packets_total").unwrap();
@@ -138,11 +110,11 @@ fn spoofed_replayed_and_retired_key_packets_are_refused_and_counted() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = lab("spoof", "require_authenticated = true\nkey_lifetime = \"5s\"");
     let (n1, n2) = (node_addr(1).to_string(), node_addr(2).to_string());
-    let (tcpdump, file) = capture(&lab, "real");
+    let mut tcpdump = capture(&lab, "real");
     marked_requests(&lab, 10);
     sleep(Duration::from_millis(300));
-    stop_capture(tcpdump);
-    let pcap = file.to_string_lossy().into_owned();
+    tcpdump.stop();
+    let pcap = tcpdump.file.to_string_lossy().into_owned();
     let syn_recv_before = syn_recv(&lab);
 
     // Plaintext IP-in-UDP SYNs from n1's address: refused, none becomes a half-open socket.

@@ -3,7 +3,7 @@
 //!
 //! Needs root. Labs run one at a time (the WAN bridge shares the two cores).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Mutex;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -157,27 +157,6 @@ fn a_lossy_slow_wan_declares_nobody_dead_for_a_minute() {
     lab.wait_converged(&all, 4, Duration::from_secs(5)).expect("all alive after the minute");
 }
 
-/// Captures the WAN on site a's side (`bra` in the WAN namespace) until killed.
-fn capture_wan(lab: &Lab, name: &str) -> (Child, std::path::PathBuf) {
-    let file = lab.dir.join(format!("{name}.pcap"));
-    let log = lab.dir.join(format!("{name}.tcpdump.log"));
-    let child = Command::new("ip")
-        // (--immediate-mode: see the same capture in sealed.rs)
-        .args(["netns", "exec", &lab.wan_ns(), "tcpdump", "-i", "bra", "--immediate-mode", "-U", "-s", "0", "-w"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("tcpdump log"))
-        .spawn()
-        .expect("tcpdump starts");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("listening on") {
-        assert!(Instant::now() < deadline, "tcpdump did not start");
-        sleep(Duration::from_millis(20));
-    }
-    sleep(Duration::from_millis(100));
-    (child, file)
-}
-
 #[test]
 fn the_wan_carries_the_marker_only_when_sealing_between_sites_is_off() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -192,15 +171,14 @@ fn the_wan_carries_the_marker_only_when_sealing_between_sites_is_off() {
                 s.carrier_options = "seal_between_sites = false".into();
             }
         });
-        let (tcpdump, file) = capture_wan(&lab, "wan");
+        // On the WAN, site a's side (`bra` in the WAN namespace).
+        let mut tcpdump = lab.capture(&lab.wan_ns(), "bra", &[], "wan").expect("tcpdump starts");
         for _ in 0..20 {
             let who = lab.curl(&["-H", &format!("X-Marker: {MARKER}"), &format!("http://{VIP}/")]).unwrap();
             assert_eq!(who.trim(), "n2");
         }
         sleep(Duration::from_millis(300));
-        let _ = Command::new("kill").args(["-INT", &tcpdump.id().to_string()]).status();
-        let _ = tcpdump.wait_with_output();
-        let pcap = std::fs::read(&file).unwrap();
+        let pcap = tcpdump.stop();
         let markers = pcap.windows(MARKER.len()).filter(|w| *w == MARKER.as_bytes()).count();
         let sealed_packets = lab.metric(1, "ringlb_carrier_sealed_packets_total").unwrap();
         println!(
