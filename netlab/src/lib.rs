@@ -133,6 +133,9 @@ pub struct Spec {
     pub wan_bridge_bin: Option<PathBuf>,
 }
 
+/// Appended to a node's config ([`Spec::extra_config`]) to run the kernel fast path.
+pub const FAST_PATH_CONFIG: &str = "\n[fast_path]\nenabled = true\n";
+
 /// The uid an unprivileged lab daemon runs as (`nobody`).
 pub const UNPRIVILEGED_UID: u32 = 65534;
 

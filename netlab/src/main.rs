@@ -38,6 +38,9 @@ enum Cmd {
         /// Run every `ringlb node` as uid 65534 with no capabilities (`tun.owner`).
         #[arg(long)]
         unprivileged: bool,
+        /// Run the kernel fast path (eBPF) beside the TUN path on every node.
+        #[arg(long)]
+        fast_path: bool,
         /// 2: two sites (nodes 1 to ⌈N/2⌉ in site a, the others in site b), each with its own
         /// router, client and entry, joined by an emulated WAN.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
@@ -277,7 +280,7 @@ fn node_index(node: &str) -> Option<usize> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Up { nodes, entry, carrier, bin, unprivileged, sites, wan } => {
+        Cmd::Up { nodes, entry, carrier, bin, unprivileged, fast_path, sites, wan } => {
             let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
             let mut spec = Spec::new(&cli.prefix, bin);
             spec.nodes = nodes;
@@ -285,6 +288,9 @@ fn run(cli: Cli) -> Result<()> {
             spec.carrier = carrier;
             spec.unprivileged = unprivileged;
             spec.sites = usize::from(sites);
+            if fast_path {
+                spec.extra_config.push_str(ringlb_netlab::FAST_PATH_CONFIG);
+            }
             spec.wan = wan.impairment()?;
             // The bridge must outlive this command: it runs as this binary's `wan-bridge`.
             spec.wan_bridge_bin = Some(std::env::current_exe()?);

@@ -30,7 +30,10 @@ pub use cluster::{
 pub use counters::{Counters, DropReason};
 pub use flow_table::{FlowConfig, FlowState, FlowTable, Insert, PlacedBy};
 pub use members::{LoadReport, LocalLoad, Member, MemberState, Members, MembersError, NodeId};
-pub use node::{FailurePolicy, FlowsNeedingDaemon, Node, NodeConfig, RecoveryConfig, Verdict};
+pub use node::{
+    FailurePolicy, FlowsNeedingDaemon, Node, NodeConfig, OffloadCounters, OffloadOp, OffloadUsage, Offloaded,
+    RecoveryConfig, Verdict,
+};
 pub use placement::{Candidate, Placement, Policy};
 pub use rng::Rng;
 pub use time::Timestamp;

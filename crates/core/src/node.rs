@@ -11,9 +11,11 @@ use crate::{
     NodeId, PlacedBy, Policy, Rng, Timestamp,
 };
 
+mod offload;
 mod recovery;
 mod restart;
 mod sites;
+pub use offload::{OffloadCounters, OffloadOp, OffloadUsage, Offloaded};
 pub use recovery::RecoveryConfig;
 pub use restart::FlowsNeedingDaemon;
 
@@ -93,6 +95,8 @@ pub struct Node {
     sites: sites::SiteScratch,
     /// New flows placed, by member (per-site metrics add them up).
     placed_to: Vec<u64>,
+    /// Flows a kernel fast path carries, when there is one (see the `offload` module).
+    offload: Option<offload::Offload>,
 }
 
 impl Node {
@@ -118,6 +122,7 @@ impl Node {
             rng,
             counters: Counters::default(),
             hash_udp_until: Timestamp::ZERO,
+            offload: None,
         }
     }
 
@@ -184,6 +189,9 @@ impl Node {
                 Err(reason) => return self.drop(reason),
             },
         };
+        if self.offload.is_some() && !matches!(meta.l4, L4::Icmp { .. }) {
+            self.offer_entry_flow(&meta.key, meta.key.stable_hash());
+        }
         if target == self.config.local {
             self.counters.delivered_local += 1;
             return Verdict::Deliver;
@@ -233,6 +241,9 @@ impl Node {
         }
         self.counters.decapsulated += 1;
         self.track_served(now, &meta, served);
+        if self.offload.is_some() {
+            self.offer_served_flow(&meta.key, from);
+        }
         Verdict::Deliver
     }
 

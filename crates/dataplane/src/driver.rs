@@ -135,6 +135,8 @@ pub struct Snapshot {
     pub seal_peers: usize,
     /// Whether this entry spills new flows to other sites for load.
     pub spilling: bool,
+    /// The kernel fast path, when it runs.
+    pub fast_path: Option<crate::OffloadSnapshot>,
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +183,7 @@ fn snapshot(node: &Node) -> Snapshot {
         seal: SealStats::default(),
         seal_peers: 0,
         spilling: node.spilling_to_other_sites(),
+        fast_path: None,
     }
 }
 
@@ -206,6 +209,9 @@ pub struct Driver {
     sealing: Sealing,
     /// Room for one batch of sealed packets.
     sealed: Vec<u8>,
+    /// The kernel fast path, when it runs, and when it was last reconciled.
+    offload: Option<crate::Offload>,
+    reconciled: Instant,
 }
 
 /// Which carrier packets are sealed (see [`ringlb_core::seal`]).
@@ -326,6 +332,8 @@ impl Driver {
             stop: stop_rx,
             stopping: false,
             remaining: remaining_tx,
+            offload: None,
+            reconciled: Instant::now(),
         };
         let stop = Stop { begin: stop_tx, remaining: remaining_rx };
         (
@@ -338,6 +346,40 @@ impl Driver {
                 flow_messages: flow_rx,
             },
         )
+    }
+
+    /// Runs the kernel fast path beside the TUN path: settled flows are offloaded to it (see
+    /// [`crate::offload`]), at most `max_flows` at once.
+    pub fn with_fast_path(mut self, offload: crate::Offload, max_flows: usize) -> Self {
+        self.node.enable_offload(max_flows);
+        self.offload = Some(offload);
+        self.refresh_offload_eligibility();
+        self
+    }
+
+    /// The fast path carries plaintext only: members the carrier seals to are not eligible.
+    fn refresh_offload_eligibility(&mut self) {
+        if self.offload.is_none() {
+            return;
+        }
+        let peers: Vec<_> = self.node.members().iter().map(|(id, m)| (id, m.addr)).collect();
+        for (id, addr) in peers {
+            let eligible = !self.seals_to(addr);
+            self.node.set_offload_eligible(id, eligible);
+        }
+    }
+
+    /// Carries out the core's offload decisions; reconciles once a second (or at once with
+    /// `now_too`, after a change of members).
+    fn run_offload(&mut self, reconcile_now: bool) {
+        let Some(offload) = &mut self.offload else { return };
+        if reconcile_now || self.reconciled.elapsed() >= crate::offload::RECONCILE_EVERY {
+            self.reconciled = Instant::now();
+            let now = Timestamp::from_duration(self.origin.elapsed());
+            offload.reconcile(&mut self.node, now, &self.carrier);
+        } else {
+            offload.apply(&mut self.node, &self.carrier);
+        }
     }
 
     /// Connections the kernel kept while no daemon ran (fail-open), or that a previous daemon
@@ -399,6 +441,7 @@ impl Driver {
                             Err(_) => break,
                         }
                     }
+                    self.run_offload(false);
                 }
                 Event::Tun(Err(e)) if is_transient(&e) => {}
                 Event::Tun(Err(e)) => return Err(e),
@@ -433,9 +476,12 @@ impl Driver {
                     for (addr, hash, pkt) in std::mem::take(&mut self.second_hop) {
                         self.forward(addr, hash, &pkt, pkt.len()).await;
                     }
+                    self.run_offload(false);
                 }
                 Event::Tick => {
                     let now = self.now();
+                    // Usage first: a flow busy in the kernel must not expire as idle.
+                    self.run_offload(false);
                     self.node.handle_timeout(now);
                     let mut msgs = Vec::new();
                     while let Some(m) = self.node.poll_flow_message() {
@@ -471,6 +517,12 @@ impl Driver {
                     if let Err(e) = self.node.apply(now, &update) {
                         tracing::warn!(?update, error = %e, "member update refused by the data plane");
                     }
+                    if matches!(update, ringlb_core::Update::Member { .. } | ringlb_core::Update::Removed { .. }) {
+                        // A member's site, address or state may have changed: withdraw at once
+                        // what the fast path must no longer carry.
+                        self.refresh_offload_eligibility();
+                        self.run_offload(true);
+                    }
                 }
                 // A stopping node stays drained whatever the control plane says.
                 Event::Update(NodeUpdate::Drain(on)) if !self.stopping => self.node.set_draining(on),
@@ -486,6 +538,7 @@ impl Driver {
                         stopping: *self.remaining.borrow(),
                         seal: self.keys.stats(),
                         seal_peers: self.keys.peers_with_keys(),
+                        fast_path: self.offload.as_ref().map(|o| o.snapshot(&self.node)),
                         ..snapshot(&self.node)
                     });
                 }

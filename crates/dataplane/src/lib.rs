@@ -17,9 +17,11 @@
 pub mod announce;
 pub mod carrier;
 pub mod driver;
+pub mod offload;
 pub mod sockets;
 pub mod steering;
 pub mod tun;
 
 pub use carrier::{Carrier, CarrierKind};
 pub use driver::{Driver, DriverHandle, MemberSnapshot, NodeUpdate, Sealing, Snapshot, SnapshotRequests, Stop};
+pub use offload::{Offload, OffloadSnapshot};

@@ -296,6 +296,20 @@ fn status_json(s: &Snapshot, control: Option<&ControlHandle>, side: Side<'_>, no
             "key_rotations": s.seal.rotations,
             "sessions": s.seal.sessions,
         },
+        "fast_path": s.fast_path.map(|f| json!({
+            "flows": f.core.flows,
+            "flows_installed": f.core.installed,
+            "flows_withdrawn": f.core.withdrawn,
+            "flows_refused_full": f.core.refused_full + f.install_errors,
+            "local_packets": f.program.local,
+            "forwarded_packets": f.program.encapsulated,
+            "decapsulated_packets": f.program.decapsulated,
+            "passed_control": f.program.passed_control,
+            "passed_mtu": f.program.passed_mtu,
+            "passed_gso": f.program.passed_gso,
+            "passed_source": f.program.passed_source,
+            "errors": f.program.errors,
+        })),
         "health": side.health.map(|h| json!({
             "state": h.state.name(),
             "target": h.target.to_string(),
@@ -389,6 +403,20 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
         "Sealed-carrier secrets installed, one per QUIC session and direction.",
         s.seal.sessions,
     );
+    if let Some(f) = &s.fast_path {
+        counter("fast_path_flows_installed_total", "Settled flows handed to the kernel fast path.", f.core.installed);
+        counter(
+            "fast_path_flows_withdrawn_total",
+            "Flows taken back from the fast path (closing, expired, moved, or their member no longer eligible).",
+            f.core.withdrawn,
+        );
+        counter(
+            "fast_path_flows_refused_total",
+            "Settled flows left on the TUN path because the fast path's table was full or refused them.",
+            f.core.refused_full + f.install_errors,
+        );
+        counter("fast_path_errors_total", "Packets on which a fast-path helper failed.", f.program.errors);
+    }
     counter(
         "teach_refused_total",
         "Answers naming a flow's server refused (from a node not asked, or naming no live member).",
@@ -406,6 +434,45 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
         ("invalid", c.claims_refused_invalid),
     ] {
         let _ = writeln!(out, "ringlb_flow_claims_total{{node=\"{node}\",result=\"{result}\"}} {v}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_fast_path_enabled Whether the kernel fast path runs (1) or the TUN path carries everything (0).\n\
+         # TYPE ringlb_fast_path_enabled gauge\nringlb_fast_path_enabled{{node=\"{node}\"}} {}",
+        u8::from(s.fast_path.is_some())
+    );
+    if let Some(f) = &s.fast_path {
+        let _ = writeln!(
+            out,
+            "# HELP ringlb_fast_path_flows Flows the kernel fast path carries now.\n\
+             # TYPE ringlb_fast_path_flows gauge\nringlb_fast_path_flows{{node=\"{node}\"}} {}",
+            f.core.flows
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringlb_fast_path_packets_total Packets the kernel fast path carried without the daemon, by what it did.\n\
+             # TYPE ringlb_fast_path_packets_total counter"
+        );
+        for (action, v) in [
+            ("local", f.program.local),
+            ("forwarded", f.program.encapsulated),
+            ("decapsulated", f.program.decapsulated),
+        ] {
+            let _ = writeln!(out, "ringlb_fast_path_packets_total{{node=\"{node}\",action=\"{action}\"}} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringlb_fast_path_passed_packets_total Packets of offloaded flows the fast path left to the daemon, by why.\n\
+             # TYPE ringlb_fast_path_passed_packets_total counter"
+        );
+        for (reason, v) in [
+            ("syn_fin_rst", f.program.passed_control),
+            ("mtu", f.program.passed_mtu),
+            ("gso", f.program.passed_gso),
+            ("wrong_source", f.program.passed_source),
+        ] {
+            let _ = writeln!(out, "ringlb_fast_path_passed_packets_total{{node=\"{node}\",reason=\"{reason}\"}} {v}");
+        }
     }
     let _ = writeln!(
         out,
@@ -642,6 +709,26 @@ pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Stri
         "recovery: {} connections recovered, {} unrecovered, {} packets passed on as a home; directory holds {} claims",
         c.flows_recovered, c.flows_unrecovered, c.second_hop_packets, s.directory
     );
+    match &s.fast_path {
+        Some(f) => {
+            let _ = writeln!(
+                out,
+                "fast path: on, {} flows offloaded ({} handed over, {} taken back); packets: {} delivered locally, {} \
+                 forwarded, {} received from peers; left to the daemon: {} SYN/FIN/RST, {} too big",
+                f.core.flows,
+                f.core.installed,
+                f.core.withdrawn,
+                f.program.local,
+                f.program.encapsulated,
+                f.program.decapsulated,
+                f.program.passed_control,
+                f.program.passed_mtu + f.program.passed_gso
+            );
+        }
+        None => {
+            let _ = writeln!(out, "fast path: off (the TUN path carries every packet)");
+        }
+    }
     if s.seal.sessions > 0 {
         let _ = writeln!(
             out,

@@ -42,6 +42,9 @@ pub struct Config {
     /// How entries share new flows between their own site and the others.
     #[serde(default)]
     pub sites: SitesSection,
+    /// The optional kernel fast path for established flows (eBPF).
+    #[serde(default)]
+    pub fast_path: FastPathSection,
     /// Members known in advance, this node included. With a control plane, the rest are
     /// learned from the seeds and this may list only this node, or nothing when
     /// `node.address` is set.
@@ -171,6 +174,28 @@ impl Default for SitesSection {
             spill_above: d.spill_above,
             weights: std::collections::BTreeMap::new(),
         }
+    }
+}
+
+/// `[fast_path]`: a tc eBPF program on the underlay interface that carries established flows
+/// past the TUN (see `ringlb_fastpath`). Needs CAP_BPF and CAP_NET_ADMIN and a kernel with TCX
+/// (6.6+); without them the daemon says why and runs the TUN path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FastPathSection {
+    pub enabled: bool,
+    /// Most flows offloaded at once; the rest stay on the TUN path.
+    pub max_flows: u32,
+    /// The packet mark bit(s) the program sets on packets it hands to local delivery, and the
+    /// preference of the rule that routes marked packets to the `local` table (it must come
+    /// before steering.rule_pref).
+    pub mark: u32,
+    pub rule_pref: u32,
+}
+
+impl Default for FastPathSection {
+    fn default() -> Self {
+        FastPathSection { enabled: false, max_flows: 65_536, mark: 0x0100_0000, rule_pref: 99 }
     }
 }
 
@@ -835,6 +860,34 @@ impl Config {
         }
         if let Some(s) = sites.spill_above.filter(|s| !s.is_finite() || *s <= 0.0) {
             p.push(format!("sites.spill_above = {s}: must be a number above 0 (flows per unit of weight)"));
+        }
+        let fp = &self.fast_path;
+        if fp.enabled {
+            if !(1..=(1 << 24)).contains(&fp.max_flows) {
+                p.push(format!("fast_path.max_flows = {}: must be 1 to 16777216", fp.max_flows));
+            }
+            if fp.mark == 0 {
+                p.push("fast_path.mark = 0: must have at least one bit set".into());
+            }
+            if fp.rule_pref == 0 || fp.rule_pref >= self.steering.rule_pref {
+                p.push(format!(
+                    "fast_path.rule_pref = {}: must be above 0 and below steering.rule_pref ({})",
+                    fp.rule_pref, self.steering.rule_pref
+                ));
+            }
+            if !self.node.vip.is_ipv4() {
+                p.push(format!("fast_path.enabled = true: node.vip = {}: only IPv4 VIPs are offloaded", self.node.vip));
+            }
+            // The daemon reads the program's usage back every second; a shorter idle timeout
+            // could expire a flow the kernel keeps busy.
+            for (key, d) in [
+                ("flows.tcp_established_idle", self.flows.tcp_established_idle),
+                ("flows.udp_idle", self.flows.udp_idle),
+            ] {
+                if d < Duration::from_secs(10) {
+                    p.push(format!("{key} = {d:?}: must be at least 10s with fast_path.enabled"));
+                }
+            }
         }
         if !self.placement.margin.is_finite() || self.placement.margin < 0.0 {
             p.push(format!("placement.margin = {}: must be a finite number >= 0", self.placement.margin));

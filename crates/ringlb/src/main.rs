@@ -293,6 +293,41 @@ fn random_seed() -> u64 {
     RandomState::new().hash_one(std::process::id())
 }
 
+/// Loads the kernel fast path when `fast_path.enabled`; on any failure says why and leaves the
+/// TUN path to carry everything.
+fn start_fast_path(config: &Config, local: IpAddr, driver: Driver) -> Driver {
+    let fp = &config.fast_path;
+    if !fp.enabled {
+        return driver;
+    }
+    let (IpAddr::V4(vip), IpAddr::V4(local)) = (config.node.vip, local) else {
+        tracing::warn!("fast path off: only IPv4 is offloaded; the TUN path carries everything");
+        return driver;
+    };
+    let path = ringlb_fastpath::FastPath::load(&ringlb_fastpath::FastPathConfig {
+        interface: config.node.underlay_interface.clone(),
+        vip,
+        carrier_port: config.carrier.port,
+        mark: fp.mark,
+        rule_pref: fp.rule_pref,
+        max_flows: fp.max_flows,
+    });
+    match path {
+        Ok(path) => {
+            tracing::info!(
+                interface = %config.node.underlay_interface,
+                max_flows = fp.max_flows,
+                "fast path on: established flows are carried by the kernel (tc eBPF)"
+            );
+            driver.with_fast_path(ringlb_dataplane::Offload::new(path, local), fp.max_flows as usize)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "fast path off: the TUN path carries everything");
+            driver
+        }
+    }
+}
+
 async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     // SIGHUP's default action ends the process: it is taken over before anything else, so a
     // reload sent while the daemon starts is kept for later rather than fatal.
@@ -372,6 +407,7 @@ async fn run_node(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     node.set_site_policy(config.site_policy());
     node.set_site_weights(config.sites.weights.iter().map(|(s, w)| (s.clone(), *w)).collect());
     let (driver, mut handle) = Driver::new(node, tun, carrier, sealing);
+    let driver = start_fast_path(&config, local.addr, driver);
     let (stop_tx, stop_rx) = watch::channel(false);
     // The control plane (QUIC, TLS, membership) and the admin endpoint run on a thread of their
     // own, so that a flood of packets cannot delay probes (and get a live peer declared dead),

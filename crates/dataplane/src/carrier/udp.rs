@@ -20,6 +20,8 @@ use super::Received;
 pub struct UdpCarrier {
     rx: (UdpSocket, UdpSocketState),
     tx: Vec<(UdpSocket, UdpSocketState)>,
+    /// The local port of each `tx` socket: a flow's outer source port.
+    tx_ports: Vec<u16>,
     port: u16,
 }
 
@@ -36,8 +38,24 @@ fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, UdpSocketState)> {
 impl UdpCarrier {
     pub fn open(listen: SocketAddr, source_ports: usize) -> io::Result<Self> {
         let rx = bind(listen)?;
-        let tx = (0..source_ports.max(1)).map(|_| bind(SocketAddr::new(listen.ip(), 0))).collect::<io::Result<_>>()?;
-        Ok(UdpCarrier { rx, tx, port: listen.port() })
+        let tx: Vec<_> =
+            (0..source_ports.max(1)).map(|_| bind(SocketAddr::new(listen.ip(), 0))).collect::<io::Result<_>>()?;
+        let tx_ports = tx.iter().map(|(s, _)| s.local_addr().map(|a| a.port())).collect::<io::Result<_>>()?;
+        Ok(UdpCarrier { rx, tx, tx_ports, port: listen.port() })
+    }
+
+    fn sender(&self, flow_hash: u64) -> usize {
+        usize::try_from(flow_hash % self.tx.len() as u64).unwrap_or(0)
+    }
+
+    /// The outer source port of a flow's packets (a flow always leaves by the same socket).
+    pub fn source_port_for(&self, flow_hash: u64) -> u16 {
+        self.tx_ports[self.sender(flow_hash)]
+    }
+
+    /// The carrier's port, on every node.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Most inner packets one [`UdpCarrier::send`] may carry.
@@ -63,8 +81,7 @@ impl UdpCarrier {
 
     /// Sends `contents`: inner packets of `segment` bytes each (the last may be shorter).
     pub(super) async fn send(&self, to: IpAddr, flow_hash: u64, contents: &[u8], segment: usize) -> io::Result<()> {
-        let len = self.tx.len() as u64;
-        let (sock, state) = &self.tx[usize::try_from(flow_hash % len).unwrap_or(0)];
+        let (sock, state) = &self.tx[self.sender(flow_hash)];
         let transmit = Transmit {
             destination: SocketAddr::new(to, self.port),
             ecn: None,

@@ -1,0 +1,275 @@
+//! Which flows a kernel fast path carries (the IO layer's `ringlb_fastpath`), and how what it
+//! did flows back into the tables.
+//!
+//! The rules, all here so that the IO layer only carries them out:
+//! - A flow is offered to the fast path once it is *settled*: confirmed, and established TCP
+//!   or UDP. Its first packets (the handshake, a first datagram) always take the daemon's path,
+//!   where placement, MSS clamping, spoofing quotas and flow recovery happen.
+//! - Only to or from members that are alive and marked eligible (the IO layer marks a member
+//!   ineligible while the carrier to it is sealed: the fast path sends plaintext only).
+//! - The fast path never creates a flow and never decides one: it reports, per flow, packets,
+//!   bytes and the time of the last packet. [`Node::reconcile_offload`] adds them to the
+//!   counters and touches the flow, so idle timeouts, load (flows served) and flow recovery stay
+//!   true; then it withdraws every flow the tables no longer back as they were offloaded (gone,
+//!   expired, closing, pinned elsewhere, its member not alive or no longer eligible). A flow
+//!   withdrawn takes the daemon's path again, and is offered again if it still qualifies.
+//! - The fast path leaves SYN, FIN and RST to the daemon, so a closing connection is seen and
+//!   withdrawn at the next reconciliation.
+//!
+//! The IO layer must reconcile well within the shortest idle timeout of a settled flow (the
+//! daemon does every second): a flow whose packets all go through the kernel is otherwise
+//! expired although busy.
+
+use std::net::IpAddr;
+
+use hashbrown::HashMap;
+use ringlb_wire::FlowKey;
+
+use super::Node;
+use crate::{FlowState, MemberState, NodeId, Timestamp};
+
+/// What the fast path does with an offloaded flow's packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offloaded {
+    /// This entry serves the flow itself: deliver locally.
+    Local,
+    /// This entry forwards the flow to `peer` (its underlay address `addr`).
+    Forward { peer: NodeId, addr: IpAddr, flow_hash: u64 },
+    /// This node serves the flow for the entry `entry` (its underlay address `from`).
+    Served { entry: NodeId, from: IpAddr },
+}
+
+/// A change for the IO layer to make in the fast path's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffloadOp {
+    Install(FlowKey, Offloaded),
+    Remove(FlowKey),
+}
+
+/// What the fast path did with one flow since it was installed (running totals).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffloadUsage {
+    pub key: FlowKey,
+    pub packets: u64,
+    pub bytes: u64,
+    /// When its last packet went through (`None`: none yet).
+    pub last_seen: Option<Timestamp>,
+}
+
+/// Packets the fast path carried, by what it did (already in the totals below).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OffloadCounters {
+    /// Flows offloaded now.
+    pub flows: usize,
+    pub installed: u64,
+    pub withdrawn: u64,
+    /// Flows not offloaded because the fast path's table was full.
+    pub refused_full: u64,
+    pub local_packets: u64,
+    pub forwarded_packets: u64,
+    pub decapsulated_packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug)]
+struct Installed {
+    how: Offloaded,
+    packets: u64,
+    bytes: u64,
+}
+
+#[derive(Debug)]
+pub(super) struct Offload {
+    max_flows: usize,
+    /// By member index: may its flows be offloaded?
+    eligible: Vec<bool>,
+    installed: HashMap<FlowKey, Installed>,
+    ops: Vec<OffloadOp>,
+    counters: OffloadCounters,
+}
+
+fn settled(state: FlowState) -> bool {
+    matches!(state, FlowState::TcpEstablished | FlowState::Udp)
+}
+
+impl Node {
+    /// Turns offloading on: from now on settled flows are offered to a fast path that holds at
+    /// most `max_flows`. Every member starts ineligible; see [`Node::set_offload_eligible`].
+    pub fn enable_offload(&mut self, max_flows: usize) {
+        self.offload = Some(Offload {
+            max_flows,
+            eligible: Vec::new(),
+            installed: HashMap::new(),
+            ops: Vec::new(),
+            counters: OffloadCounters::default(),
+        });
+    }
+
+    /// Whether flows to or from `member` may be offloaded (the fast path carries plaintext only:
+    /// the IO layer says no while the carrier to the member is sealed). This node itself is
+    /// always eligible. Withdrawals take effect at the next reconciliation.
+    pub fn set_offload_eligible(&mut self, member: NodeId, eligible: bool) {
+        if let Some(o) = &mut self.offload {
+            let i = member.index();
+            if o.eligible.len() <= i {
+                o.eligible.resize(i + 1, false);
+            }
+            o.eligible[i] = eligible;
+        }
+    }
+
+    /// The changes the fast path's table needs, oldest first (moved into `out`).
+    pub fn drain_offload_ops(&mut self, out: &mut Vec<OffloadOp>) {
+        if let Some(o) = &mut self.offload {
+            out.append(&mut o.ops);
+        }
+    }
+
+    pub fn offload_counters(&self) -> Option<OffloadCounters> {
+        self.offload.as_ref().map(|o| OffloadCounters { flows: o.installed.len(), ..o.counters })
+    }
+
+    /// Whether `member` is alive and may be offloaded to (or from).
+    fn offloadable(&self, member: NodeId) -> bool {
+        let Some(o) = &self.offload else { return false };
+        if member == self.config.local {
+            return true;
+        }
+        o.eligible.get(member.index()).copied().unwrap_or(false)
+            && self.members.get(member).is_some_and(|m| m.state == MemberState::Alive)
+    }
+
+    /// After a TUN packet of `key`'s flow: offers the flow if it has just settled.
+    pub(super) fn offer_entry_flow(&mut self, key: &FlowKey, flow_hash: u64) {
+        let Some(o) = &self.offload else { return };
+        if o.installed.contains_key(key) {
+            return;
+        }
+        let Some(h) = self.flows.find(key) else { return };
+        if !self.flows.is_confirmed(h) || !settled(self.flows.state(h)) {
+            return;
+        }
+        let target = self.flows.target(h);
+        if !self.offloadable(target) {
+            return;
+        }
+        let how = if target == self.config.local {
+            Offloaded::Local
+        } else {
+            match self.members.get(target) {
+                Some(m) => Offloaded::Forward { peer: target, addr: m.addr, flow_hash },
+                None => return,
+            }
+        };
+        self.install(*key, how);
+    }
+
+    /// After a carrier packet of `key`'s flow from the entry `from`: offers the flow if it has
+    /// just settled here.
+    pub(super) fn offer_served_flow(&mut self, key: &FlowKey, from: NodeId) {
+        let Some(o) = &self.offload else { return };
+        if o.installed.contains_key(key) {
+            return;
+        }
+        let Some(h) = self.served.find(key) else { return };
+        if !self.served.is_confirmed(h) || !settled(self.served.state(h)) || !self.offloadable(from) {
+            return;
+        }
+        let Some(addr) = self.members.get(from).map(|m| m.addr) else { return };
+        self.install(*key, Offloaded::Served { entry: from, from: addr });
+    }
+
+    fn install(&mut self, key: FlowKey, how: Offloaded) {
+        let Some(o) = &mut self.offload else { return };
+        if o.installed.len() >= o.max_flows {
+            o.counters.refused_full += 1;
+            return;
+        }
+        o.installed.insert(key, Installed { how, packets: 0, bytes: 0 });
+        o.ops.push(OffloadOp::Install(key, how));
+        o.counters.installed += 1;
+    }
+
+    /// Takes in what the fast path did (`usage`: its running totals per flow, read at `now`),
+    /// then withdraws the flows the tables no longer back. See the module documentation.
+    pub fn reconcile_offload(&mut self, now: Timestamp, usage: &[OffloadUsage]) {
+        let Some(mut o) = self.offload.take() else { return };
+        for u in usage {
+            let Some(inst) = o.installed.get_mut(&u.key) else { continue };
+            let packets = u.packets.saturating_sub(inst.packets);
+            let bytes = u.bytes.saturating_sub(inst.bytes);
+            inst.packets = inst.packets.max(u.packets);
+            inst.bytes = inst.bytes.max(u.bytes);
+            if packets == 0 {
+                continue;
+            }
+            let seen = u.last_seen.unwrap_or(now).min(now);
+            o.counters.bytes += bytes;
+            let table = match inst.how {
+                Offloaded::Local => {
+                    o.counters.local_packets += packets;
+                    &mut self.flows
+                }
+                Offloaded::Forward { peer, .. } => {
+                    o.counters.forwarded_packets += packets;
+                    if let Some(n) = self.forwarded_to.get_mut(peer.index()) {
+                        *n += packets;
+                    }
+                    &mut self.flows
+                }
+                Offloaded::Served { .. } => {
+                    o.counters.decapsulated_packets += packets;
+                    &mut self.served
+                }
+            };
+            if let Some(h) = table.find(&u.key) {
+                let state = table.state(h);
+                table.touch(h, seen, state);
+            }
+        }
+        let mut gone = Vec::new();
+        for (key, inst) in &o.installed {
+            if !self.still_backed(key, inst.how, &o) {
+                gone.push(*key);
+            }
+        }
+        for key in gone {
+            o.installed.remove(&key);
+            o.ops.push(OffloadOp::Remove(key));
+            o.counters.withdrawn += 1;
+        }
+        self.offload = Some(o);
+    }
+
+    /// Whether the tables still back an offloaded flow as it was offloaded.
+    fn still_backed(&self, key: &FlowKey, how: Offloaded, o: &Offload) -> bool {
+        let eligible = |m: NodeId| {
+            m == self.config.local
+                || (o.eligible.get(m.index()).copied().unwrap_or(false)
+                    && self.members.get(m).is_some_and(|x| x.state == MemberState::Alive))
+        };
+        let (table, pinned) = match how {
+            Offloaded::Local => (&self.flows, Some(self.config.local)),
+            Offloaded::Forward { peer, addr, .. } => {
+                if self.members.get(peer).map(|m| m.addr) != Some(addr) {
+                    return false;
+                }
+                (&self.flows, Some(peer))
+            }
+            Offloaded::Served { entry, from } => {
+                if !eligible(entry) || self.members.get(entry).map(|m| m.addr) != Some(from) {
+                    return false;
+                }
+                (&self.served, None)
+            }
+        };
+        let Some(h) = table.find(key) else { return false };
+        if !table.is_confirmed(h) || !settled(table.state(h)) {
+            return false;
+        }
+        match pinned {
+            Some(target) => table.target(h) == target && eligible(target),
+            None => true,
+        }
+    }
+}
