@@ -131,10 +131,14 @@ pub struct Spec {
     /// it outlives this process (`netlab up`); `None` runs it on a thread of this process,
     /// which stops when the [`Lab`] is dropped, or when the process exits after [`Lab::keep`].
     pub wan_bridge_bin: Option<PathBuf>,
+    /// Run the kernel fast path (`[fast_path] enabled = true`) on every node; the default comes
+    /// from [`FAST_PATH_ENV`].
+    pub fast_path: bool,
 }
 
-/// Appended to a node's config ([`Spec::extra_config`]) to run the kernel fast path.
-pub const FAST_PATH_CONFIG: &str = "\n[fast_path]\nenabled = true\n";
+/// Set (to anything) to run every lab with the kernel fast path: `just test` runs the
+/// end-to-end suites once without it and once with it.
+pub const FAST_PATH_ENV: &str = "RINGLB_LAB_FAST_PATH";
 
 /// The uid an unprivileged lab daemon runs as (`nobody`).
 pub const UNPRIVILEGED_UID: u32 = 65534;
@@ -158,6 +162,7 @@ impl Spec {
             sites: 1,
             wan: wan::Impairment::default(),
             wan_bridge_bin: None,
+            fast_path: std::env::var_os(FAST_PATH_ENV).is_some(),
         }
     }
 }
@@ -633,6 +638,9 @@ impl Lab {
         );
         if s.unprivileged {
             let _ = write!(t, "[tun]\nowner = \"{UNPRIVILEGED_UID}\"\n\n");
+        }
+        if s.fast_path {
+            t.push_str("[fast_path]\nenabled = true\n\n");
         }
         match s.entry {
             Entry::Bgp => {

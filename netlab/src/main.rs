@@ -288,9 +288,7 @@ fn run(cli: Cli) -> Result<()> {
             spec.carrier = carrier;
             spec.unprivileged = unprivileged;
             spec.sites = usize::from(sites);
-            if fast_path {
-                spec.extra_config.push_str(ringlb_netlab::FAST_PATH_CONFIG);
-            }
+            spec.fast_path |= fast_path;
             spec.wan = wan.impairment()?;
             // The bridge must outlive this command: it runs as this binary's `wan-bridge`.
             spec.wan_bridge_bin = Some(std::env::current_exe()?);

@@ -35,7 +35,8 @@
 #define KIND_DECAP_UDP 4
 #define KIND_DECAP_IPIP 5
 
-// Indices of `stats`.
+// Indices of `stats`: packets (a GSO super-packet counts as its segments) for the first three,
+// and packets or super-packets for the rest.
 #define STAT_LOCAL 0
 #define STAT_ENCAP 1
 #define STAT_DECAP 2
@@ -100,19 +101,30 @@ volatile const __u32 cfg_ifindex = 0;
 // The underlay interface's MTU.
 volatile const __u32 cfg_mtu = 0;
 
-static __always_inline void count(__u32 index)
+static __always_inline void count_n(__u32 index, __u64 n)
 {
 	__u64 *value = bpf_map_lookup_elem(&stats, &index);
 	if (value)
-		*value += 1;
+		*value += n;
 }
 
-static __always_inline void account(struct flow_entry *entry, struct __sk_buff *skb)
+static __always_inline void count(__u32 index)
 {
-	__u64 segs = skb->gso_segs > 1 ? skb->gso_segs : 1;
+	count_n(index, 1);
+}
+
+// `headers`: the bytes in front of the inner payload (Ethernet, outer and inner headers), so
+// that a GSO super-packet counts as the segments it stands for. (skb->gso_segs is not kept
+// up to date on forwarded super-packets.)
+static __always_inline __u64 account(struct flow_entry *entry, struct __sk_buff *skb, __u32 headers)
+{
+	__u64 segs = 1;
+	if (skb->gso_size && skb->len > headers)
+		segs = (skb->len - headers + skb->gso_size - 1) / skb->gso_size;
 	__sync_fetch_and_add(&entry->packets, segs);
 	__sync_fetch_and_add(&entry->bytes, skb->len);
 	entry->last_seen = bpf_ktime_get_ns();
+	return segs;
 }
 
 static __always_inline __u16 ip_checksum(struct iphdr *ip)
@@ -185,7 +197,7 @@ static __always_inline int encap(struct __sk_buff *skb, struct flow_entry *entry
 
 	// A GSO super-packet's segments, or the packet itself, must still fit once wrapped.
 	// (bpf_check_mtu would do this, but it is for GPL programs only.)
-	__u32 wire = skb->gso_segs > 1 ? sizeof(struct iphdr) + l4_header + skb->gso_size : skb->len - ETH_HLEN;
+	__u32 wire = skb->gso_size ? sizeof(struct iphdr) + l4_header + skb->gso_size : skb->len - ETH_HLEN;
 	if (wire + overhead > cfg_mtu) {
 		count(STAT_PASS_MTU);
 		return TC_ACT_OK;
@@ -231,8 +243,7 @@ static __always_inline int encap(struct __sk_buff *skb, struct flow_entry *entry
 		count(STAT_ERROR);
 		return TC_ACT_SHOT;
 	}
-	account(entry, skb);
-	count(STAT_ENCAP);
+	count_n(STAT_ENCAP, account(entry, skb, ETH_HLEN + overhead + sizeof(struct iphdr) + l4_header));
 	return bpf_redirect_neigh(cfg_ifindex, NULL, 0, 0);
 }
 
@@ -260,8 +271,7 @@ static __always_inline int decap(struct __sk_buff *skb, void *inner, void *data_
 		return TC_ACT_OK;
 	}
 	skb->mark |= cfg_mark;
-	account(entry, skb);
-	count(STAT_DECAP);
+	count_n(STAT_DECAP, account(entry, skb, ETH_HLEN + sizeof(struct iphdr) + l4_header));
 	return TC_ACT_OK;
 }
 
@@ -307,15 +317,14 @@ int ringlb_ingress(struct __sk_buff *skb)
 		count(STAT_PASS_CONTROL);
 		return TC_ACT_OK;
 	}
-	if (key.proto == IPPROTO_UDP && skb->gso_segs > 1) {
+	if (key.proto == IPPROTO_UDP && skb->gso_size) {
 		count(STAT_PASS_GSO);
 		return TC_ACT_OK;
 	}
 	switch (entry->kind) {
 	case KIND_LOCAL:
 		skb->mark |= cfg_mark;
-		account(entry, skb);
-		count(STAT_LOCAL);
+		count_n(STAT_LOCAL, account(entry, skb, ETH_HLEN + sizeof(struct iphdr) + l4_header));
 		return TC_ACT_OK;
 	case KIND_ENCAP_UDP:
 	case KIND_ENCAP_IPIP:

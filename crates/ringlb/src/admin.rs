@@ -530,7 +530,7 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
     for m in &s.members {
         let _ = writeln!(out, "ringlb_peer_flows{{node=\"{node}\",peer=\"{}\"}} {}", m.name, m.flows);
     }
-    let _ = writeln!(out, "# HELP ringlb_peer_forwarded_packets_total Packets forwarded to each peer.\n# TYPE ringlb_peer_forwarded_packets_total counter");
+    let _ = writeln!(out, "# HELP ringlb_peer_forwarded_packets_total Packets forwarded to each peer, by the daemon or the kernel fast path.\n# TYPE ringlb_peer_forwarded_packets_total counter");
     for m in s.members.iter().filter(|m| !m.is_local) {
         let _ = writeln!(
             out,

@@ -1,0 +1,194 @@
+//! The kernel fast path end to end: a tc eBPF program on each node's underlay interface carries
+//! settled flows past the daemon, with real TUN devices, carriers and nginx in namespaces.
+//!
+//! What "past the daemon" means is measured, not assumed: while an upload moves tens of
+//! thousands of segments through the VIP, the daemons' own packet counters (the TUN path's)
+//! move by a handful (handshake, FIN), and the program's counters carry the rest. The rest of
+//! the end-to-end suite also runs with the fast path (`just test` sets
+//! `RINGLB_LAB_FAST_PATH`), so every behaviour it checks holds on both paths.
+//!
+//! Needs root, a kernel with TCX (6.6+) and a ringlb built with clang (the `ebpf` feature); a
+//! build without the program fails here, saying so.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ringlb_netlab::{unique_prefix, Lab, Spec, VIP};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn lab(tag: &str, tweak: impl FnOnce(&mut Spec)) -> Lab {
+    assert!(
+        Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout == b"0\n"),
+        "the end-to-end tests need root (network namespaces, TUN devices, BPF)"
+    );
+    let mut spec = Spec::new(unique_prefix(tag), env!("CARGO_BIN_EXE_ringlb"));
+    spec.fast_path = true;
+    tweak(&mut spec);
+    let lab = Lab::up(spec).expect("lab comes up");
+    for i in 1..=lab.spec.nodes {
+        let status = lab.ringlb(i, "status").expect("status");
+        assert!(
+            status.contains("fast path: on"),
+            "n{i} runs without its fast path (was ringlb built with clang?):\n{status}"
+        );
+    }
+    lab
+}
+
+fn sha256(file: &Path) -> String {
+    let out = Command::new("sha256sum").arg(file).output().expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// Uploads a file through the VIP: (sha256 the server computed, the node that served it).
+fn upload(lab: &Lab, file: &Path) -> (String, String) {
+    let out = lab
+        .curl(&[
+            "--max-time",
+            "120",
+            "--data-binary",
+            &format!("@{}", file.display()),
+            &format!("http://{VIP}:9000/up"),
+        ])
+        .expect("upload");
+    let mut words = out.split_whitespace();
+    (words.next().unwrap_or_default().to_owned(), words.next().unwrap_or_default().to_owned())
+}
+
+/// The packets a node's daemon handled itself (read from the TUN, or from the carrier).
+fn daemon_packets(lab: &Lab, i: usize) -> u64 {
+    let m = lab.metrics(i).expect("metrics");
+    ["ringlb_delivered_local_packets_total{", "ringlb_forwarded_packets_total{", "ringlb_decapsulated_packets_total{"]
+        .iter()
+        .map(|needle| metric(&m, needle))
+        .sum()
+}
+
+/// One of a node's fast-path counters: `local`, `forwarded` or `decapsulated`.
+fn fast_packets(lab: &Lab, i: usize, action: &str) -> u64 {
+    let m = lab.metrics(i).expect("metrics");
+    metric(&m, &format!("ringlb_fast_path_packets_total{{node=\"n{i}\",action=\"{action}\"}}"))
+}
+
+fn metric(text: &str, needle: &str) -> u64 {
+    text.lines().filter(|l| l.starts_with(needle)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+}
+
+/// Uploads through entry n1 until one upload was served by n1 itself and one by a peer; each
+/// must arrive whole and (but for its first and last packets) bypass every daemon.
+fn settled_flows_bypass_the_daemons(carrier: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab(&format!("fp{carrier}"), |s| s.carrier = carrier.into());
+    // 48 MiB: at least 33,000 segments of at most 1,500 bytes, and at least 760 super-packets
+    // of 64 KiB, which is the fewest the daemons could count if they carried it.
+    let blob = lab.make_blob("up48", 48).expect("blob");
+    let want = sha256(&blob);
+    let (mut local, mut forwarded) = (false, false);
+    for attempt in 1..=10 {
+        let daemons_before: Vec<u64> = (1..=3).map(|i| daemon_packets(&lab, i)).collect();
+        let fast_before = (
+            fast_packets(&lab, 1, "local"),
+            fast_packets(&lab, 1, "forwarded"),
+            (2..=3).map(|i| fast_packets(&lab, i, "decapsulated")).sum::<u64>(),
+        );
+        let (sha, server) = upload(&lab, &blob);
+        assert_eq!(sha, want, "upload {attempt} (served by {server}) arrived corrupted");
+        let daemons: Vec<u64> = (1..=3).map(|i| daemon_packets(&lab, i) - daemons_before[i - 1]).collect();
+        let fast = (
+            fast_packets(&lab, 1, "local") - fast_before.0,
+            fast_packets(&lab, 1, "forwarded") - fast_before.1,
+            (2..=3).map(|i| fast_packets(&lab, i, "decapsulated")).sum::<u64>() - fast_before.2,
+        );
+        println!("{carrier} upload {attempt}: served by {server}; daemons handled {daemons:?} packets; fast path (local, forwarded, decapsulated) {fast:?}");
+        // The handshake, the FIN exchange and what was in flight while the flow was handed over.
+        for (i, n) in daemons.iter().enumerate() {
+            assert!(
+                *n < 100,
+                "n{}'s daemon handled {n} packets of a 48 MiB upload: the fast path did not carry it",
+                i + 1
+            );
+        }
+        if server == "n1" {
+            local = true;
+            assert!(fast.0 >= 20_000, "n1 served the upload but its fast path delivered only {} packets", fast.0);
+        } else {
+            forwarded = true;
+            assert!(fast.1 >= 20_000, "n1 forwarded to {server} but its fast path sent only {} packets", fast.1);
+            assert!(
+                fast.2 >= 20_000,
+                "{server} served the upload but its fast path decapsulated only {} packets",
+                fast.2
+            );
+        }
+        if local && forwarded {
+            break;
+        }
+    }
+    assert!(local && forwarded, "ten uploads were not served both by the entry and by a peer");
+    // What the kernel carried flows back into the daemons' figures within a reconciliation.
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = lab.metrics(1).expect("metrics");
+    let to_peers = metric(&m, "ringlb_peer_forwarded_packets_total{");
+    assert!(
+        to_peers >= 20_000,
+        "n1 counts only {to_peers} packets forwarded to peers after a 48 MiB upload went to one"
+    );
+}
+
+#[test]
+fn settled_flows_bypass_the_daemons_over_udp() {
+    settled_flows_bypass_the_daemons("udp");
+}
+
+#[test]
+fn settled_flows_bypass_the_daemons_over_ipip() {
+    settled_flows_bypass_the_daemons("ipip");
+}
+
+/// The program lives and dies with the daemon that loaded it: a killed daemon leaves neither
+/// a program still forwarding nor a black hole.
+#[test]
+fn a_killed_daemon_takes_its_fast_path_with_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // n1 takes no new flows itself: every upload through it is forwarded.
+    let lab = lab("fpkill", |s| s.weights = vec![0.0, 1.0, 1.0]);
+    let blob = lab.make_blob("up32", 32).expect("blob");
+    let log = lab.dir.join("slow-upload.log");
+    let url = format!("http://{VIP}:9000/up");
+    let file = format!("@{}", blob.display());
+    // About 30 s at 1 MiB/s: still sending when n1's daemon is killed.
+    lab.spawn(
+        &lab.client(),
+        &log,
+        &["curl", "-sS", "--max-time", "20", "--limit-rate", "1M", "--data-binary", &file, &url],
+    )
+    .expect("slow upload");
+    let decapsulated = |lab: &Lab| (2..=3).map(|i| fast_packets(lab, i, "decapsulated")).sum::<u64>();
+    let start = decapsulated(&lab);
+    std::thread::sleep(Duration::from_secs(3));
+    let running = decapsulated(&lab);
+    assert!(running >= start + 500, "the slow upload is not on the fast path ({start} then {running} decapsulated)");
+
+    lab.stop_ringlb(1, true).expect("kill -9 n1's daemon");
+    std::thread::sleep(Duration::from_secs(1));
+    let after_kill = decapsulated(&lab);
+    std::thread::sleep(Duration::from_secs(3));
+    let later = decapsulated(&lab);
+    println!("decapsulated by the peers: {start} at start, {running} while running, {after_kill} 1 s after the kill, {later} 3 s later");
+    assert_eq!(later, after_kill, "n1's program still sends the flow's packets after its daemon was killed");
+
+    // No black hole: with no daemon, the entry serves new connections itself (fail-open).
+    let who = lab.curl(&["--max-time", "5", &format!("http://{VIP}/")]).expect("a new connection is answered");
+    assert_eq!(who.trim(), "n1", "with its daemon gone the entry should serve locally");
+
+    // A new daemon loads its own program again.
+    lab.start_ringlb(1).expect("restart n1");
+    lab.wait_converged(&[1, 2, 3], 3, Duration::from_secs(15)).expect("cluster whole again");
+    let status = lab.ringlb(1, "status").expect("status");
+    assert!(status.contains("fast path: on"), "the restarted daemon runs without its fast path:\n{status}");
+    let who = lab.curl(&["--max-time", "5", &format!("http://{VIP}/")]).expect("answered after the restart");
+    assert!(["n2", "n3"].contains(&who.trim()), "after the restart n1 (weight 0) forwards again, got {who}");
+}
