@@ -431,8 +431,9 @@ impl Node {
             }
             let state = self.members.get(target).map(|m| m.state);
             // A SYN on a tracked tuple is a new connection (the client reused its port): it
-            // is placed anew when its node takes no new flows (dead ones included).
-            if meta.is_tcp_syn() && !state.is_some_and(MemberState::takes_new_flows) {
+            // is placed anew when its node would get no new flow now (dead, draining, of
+            // weight 0, or silent), like any new connection.
+            if meta.is_tcp_syn() && !self.takes_new_flows(now, target) {
                 let target = self.place(now, key, How::Policy);
                 self.flows.retarget(h, target);
                 return Ok(target);
@@ -531,23 +532,31 @@ impl Node {
     /// The members as the policy sees them, into `self.candidates`.
     fn fill_candidates(&mut self, now: Timestamp) {
         self.candidates.clear();
-        // A load report is fresh if it arrived at or after this instant.
         let fresh_since = now.saturating_sub(self.config.load_stale_after);
         for (id, m) in self.members.iter() {
             let pinned = f64::from(self.flows.flows_on(id));
-            let (load, fresh) = match (&m.load, id == self.config.local) {
-                (_, true) => (self.served_flows() as f64, true),
-                (Some(r), false) => (pinned.max(f64::from(r.served_flows)), r.received >= fresh_since),
-                (None, false) => (pinned, !self.config.require_load),
+            let load = match (&m.load, id == self.config.local) {
+                (_, true) => self.served_flows() as f64,
+                (Some(r), false) => pinned.max(f64::from(r.served_flows)),
+                (None, false) => pinned,
             };
             self.candidates.push(Candidate {
                 id,
                 weight: m.weight,
                 load,
-                eligible: m.state.takes_new_flows() && fresh,
+                eligible: m.state.takes_new_flows() && load_fresh(&self.config, id, m, fresh_since),
                 name_hash: m.name_hash,
             });
         }
+    }
+
+    /// Whether the policy may place a new flow on `id` at `now` (what [`Candidate::takes_flows`]
+    /// says of it): alive, of a weight above 0, and, a peer, with fresh load reports.
+    fn takes_new_flows(&self, now: Timestamp, id: NodeId) -> bool {
+        let fresh_since = now.saturating_sub(self.config.load_stale_after);
+        self.members.get(id).is_some_and(|m| {
+            m.state.takes_new_flows() && m.weight > 0.0 && load_fresh(&self.config, id, m, fresh_since)
+        })
     }
 
     fn place(&mut self, now: Timestamp, key: &FlowKey, how: How) -> NodeId {
@@ -611,6 +620,16 @@ fn initial_state(l4: L4) -> FlowState {
         L4::Tcp(_) => FlowState::TcpEstablished,
         _ => FlowState::Udp,
     }
+}
+
+/// Whether member `id`'s load reports allow it new flows: this node's own always do; a peer's
+/// latest must have arrived at or after `fresh_since` (without one, only when the configuration
+/// does not require them).
+fn load_fresh(config: &NodeConfig, id: NodeId, m: &Member, fresh_since: Timestamp) -> bool {
+    if id == config.local {
+        return true;
+    }
+    m.load.as_ref().map_or(!config.require_load, |r| r.received >= fresh_since)
 }
 
 /// The TCP state machine as seen from the client's side of the connection only (replies
@@ -858,6 +877,35 @@ mod tests {
         let pinned = n.flows().find(&classify_key(100)).map(|h| n.flows().target(h));
         assert!(pinned.is_some());
         assert_eq!(target(n.on_tun_packet(at(5_500), &mut tcp_v4(CLIENT, VIP, 100, 80, ACK, &[]))), pinned);
+    }
+
+    #[test]
+    fn a_new_connection_on_a_reused_tuple_goes_only_where_new_flows_may() {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.0 });
+        let report = |at_ms| LoadReport { served_flows: 0, new_flows_per_sec: 0.0, cpu: 0.0, received: at(at_ms) };
+        // Connections placed while every member weighs 1, then closed; they linger in the table.
+        let mut pinned = [Vec::new(), Vec::new(), Vec::new()];
+        for port in 1..90 {
+            let t = target(n.on_tun_packet(at(0), &mut syn(port))).unwrap();
+            n.on_tun_packet(at(1), &mut tcp_v4(CLIENT, VIP, port, 80, FIN_ACK, &[]));
+            pinned[t.index()].push(port);
+        }
+        assert!(pinned.iter().all(|p| p.len() >= 3), "too few connections on some member: {pinned:?}");
+        // A client that reuses a port for a new connection to a member that takes new flows
+        // reaches that member again.
+        assert_eq!(target(n.on_tun_packet(at(2), &mut syn(pinned[1][0]))), Some(NodeId(1)));
+        // n3 reloaded with weight 0 (its record says so, alive as before); the entry itself too.
+        n.upsert_member("n3", ip([10, 77, 0, 3]), 0.0, MemberState::Alive).unwrap();
+        n.set_local_weight(0.0);
+        for &port in pinned[2].iter().chain(&pinned[0]) {
+            let t = target(n.on_tun_packet(at(3), &mut syn(port)));
+            assert_eq!(t, Some(NodeId(1)), "port {port}: a new connection for a member of weight 0");
+            assert_eq!(target(n.on_tun_packet(at(3), &mut tcp_v4(CLIENT, VIP, port, 80, ACK, &[]))), t);
+        }
+        // n2's load vectors stop (stale after 1 s): it gets no new connection either, and with
+        // nobody left to take one, the entry serves it itself.
+        n.set_load(NodeId(1), report(3), 1.0, false);
+        assert_eq!(target(n.on_tun_packet(at(5_000), &mut syn(pinned[1][1]))), Some(NodeId(0)));
     }
 
     #[test]

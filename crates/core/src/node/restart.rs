@@ -18,7 +18,7 @@ use ringlb_wire::{classify, FlowKey, L4};
 
 use super::{initial_state, next_state, Node, Verdict};
 use crate::flow_table::PlacedBy;
-use crate::{FlowState, MemberState, Timestamp};
+use crate::{FlowState, Timestamp};
 
 /// A handshake quiet for this long needs nobody: a live one sends again within a SYN's or
 /// SYN-ACK's retransmission (after 1 s, then 2 s more). A quiet one has gone to another node
@@ -94,10 +94,10 @@ impl Node {
                 self.flows.touch(h, now, next);
             }
             Some(h) => {
-                // A SYN on a tuple pinned to a node that takes no new flows starts a new
-                // connection, which the usual path would place on a peer: it is served here.
-                let target = self.members.get(self.flows.target(h)).map(|m| m.state);
-                let new_connection = meta.is_tcp_syn() && !target.is_some_and(MemberState::takes_new_flows);
+                // A SYN on a tuple pinned to a node that takes no new flows (of weight 0
+                // included) starts a new connection, which the usual path would place anew: it
+                // is served here.
+                let new_connection = meta.is_tcp_syn() && !self.takes_new_flows(now, self.flows.target(h));
                 if !new_connection {
                     return self.on_tun_packet(now, pkt);
                 }
@@ -138,7 +138,7 @@ mod tests {
     use ringlb_wire::build::{tcp_v4, udp_v4};
 
     use super::*;
-    use crate::{FailurePolicy, FlowConfig, Member, Members, NodeConfig, NodeId, Policy};
+    use crate::{FailurePolicy, FlowConfig, Member, MemberState, Members, NodeConfig, NodeId, Policy};
 
     const VIP: [u8; 4] = [10, 200, 0, 10];
     const CLIENT: [u8; 4] = [10, 78, 0, 100];
@@ -245,6 +245,20 @@ mod tests {
         n.upsert_member(&m.name, m.addr, 1.0, MemberState::Draining).unwrap();
         assert_eq!(n.on_tun_packet_stopping(at(5), &mut tcp(port, SYN)), Verdict::Deliver);
         assert_eq!(n.counters().delivered_local - delivered, 40 * 3 + 2);
+    }
+
+    #[test]
+    fn a_stopping_node_serves_a_new_connection_on_a_tuple_pinned_to_a_peer_of_weight_zero() {
+        let mut n = node(1.0);
+        let (port, pinned) = (1..40)
+            .find_map(|port| peer(n.on_tun_packet(at(0), &mut tcp(port, SYN))).map(|p| (port, p)))
+            .expect("a flow placed on a peer");
+        n.on_tun_packet(at(1), &mut tcp(port, FIN_ACK));
+        n.set_draining(true);
+        let m = n.members().get(pinned).unwrap().clone();
+        n.upsert_member(&m.name, m.addr, 0.0, MemberState::Alive).unwrap();
+        assert_eq!(n.on_tun_packet_stopping(at(2), &mut tcp(port, SYN)), Verdict::Deliver);
+        assert_eq!(n.on_tun_packet_stopping(at(3), &mut tcp(port, ACK)), Verdict::Deliver);
     }
 
     #[test]
