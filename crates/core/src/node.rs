@@ -330,6 +330,8 @@ impl Node {
     pub fn remove_member(&mut self, name: &str) {
         if let Some(id) = self.members.by_name(name).filter(|&id| id != self.config.local) {
             self.members.remove(id);
+            // A member that later takes this slot starts ineligible for offloading.
+            self.set_offload_eligible(id, false);
         }
     }
 

@@ -22,7 +22,7 @@
 
 use std::net::IpAddr;
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use ringlb_wire::FlowKey;
 
 use super::Node;
@@ -84,9 +84,14 @@ pub(super) struct Offload {
     /// By member index: may its flows be offloaded?
     eligible: Vec<bool>,
     installed: HashMap<FlowKey, Installed>,
+    /// Flows refused since the last reconciliation (the table full), so that each counts once.
+    refused: HashSet<FlowKey>,
     ops: Vec<OffloadOp>,
     counters: OffloadCounters,
 }
+
+/// Most refused flows remembered between two reconciliations (beyond, refusals are not counted).
+const MAX_REFUSED_TRACKED: usize = 65_536;
 
 fn settled(state: FlowState) -> bool {
     matches!(state, FlowState::TcpEstablished | FlowState::Udp)
@@ -100,6 +105,7 @@ impl Node {
             max_flows,
             eligible: Vec::new(),
             installed: HashMap::new(),
+            refused: HashSet::new(),
             ops: Vec::new(),
             counters: OffloadCounters::default(),
         });
@@ -139,10 +145,17 @@ impl Node {
             && self.members.get(member).is_some_and(|m| m.state == MemberState::Alive)
     }
 
-    /// After a TUN packet of `key`'s flow: offers the flow if it has just settled.
+    /// After a TUN packet of `key`'s flow: offers the flow if it has just settled, or withdraws
+    /// it at once if the packet changed what backs it. Packets of an offloaded flow reach the
+    /// daemon only when the fast path leaves them to it (SYN, FIN, RST, too big), and a SYN on
+    /// a reused tuple may have pinned the flow elsewhere: its next packets must not follow the
+    /// old entry until the next reconciliation.
     pub(super) fn offer_entry_flow(&mut self, key: &FlowKey, flow_hash: u64) {
         let Some(o) = &self.offload else { return };
-        if o.installed.contains_key(key) {
+        if let Some(inst) = o.installed.get(key) {
+            if !self.still_backed(key, inst.how, o) {
+                self.withdraw(key);
+            }
             return;
         }
         let Some(h) = self.flows.find(key) else { return };
@@ -165,10 +178,13 @@ impl Node {
     }
 
     /// After a carrier packet of `key`'s flow from the entry `from`: offers the flow if it has
-    /// just settled here.
+    /// just settled here, or withdraws it at once if no longer backed (as for entries).
     pub(super) fn offer_served_flow(&mut self, key: &FlowKey, from: NodeId) {
         let Some(o) = &self.offload else { return };
-        if o.installed.contains_key(key) {
+        if let Some(inst) = o.installed.get(key) {
+            if !self.still_backed(key, inst.how, o) {
+                self.withdraw(key);
+            }
             return;
         }
         let Some(h) = self.served.find(key) else { return };
@@ -182,7 +198,9 @@ impl Node {
     fn install(&mut self, key: FlowKey, how: Offloaded) {
         let Some(o) = &mut self.offload else { return };
         if o.installed.len() >= o.max_flows {
-            o.counters.refused_full += 1;
+            if o.refused.len() < MAX_REFUSED_TRACKED && o.refused.insert(key) {
+                o.counters.refused_full += 1;
+            }
             return;
         }
         o.installed.insert(key, Installed { how, packets: 0, bytes: 0 });
@@ -190,10 +208,19 @@ impl Node {
         o.counters.installed += 1;
     }
 
+    fn withdraw(&mut self, key: &FlowKey) {
+        let Some(o) = &mut self.offload else { return };
+        if o.installed.remove(key).is_some() {
+            o.ops.push(OffloadOp::Remove(*key));
+            o.counters.withdrawn += 1;
+        }
+    }
+
     /// Takes in what the fast path did (`usage`: its running totals per flow, read at `now`),
     /// then withdraws the flows the tables no longer back. See the module documentation.
     pub fn reconcile_offload(&mut self, now: Timestamp, usage: &[OffloadUsage]) {
         let Some(mut o) = self.offload.take() else { return };
+        o.refused.clear();
         for u in usage {
             let Some(inst) = o.installed.get_mut(&u.key) else { continue };
             let packets = u.packets.saturating_sub(inst.packets);
@@ -203,7 +230,6 @@ impl Node {
             if packets == 0 {
                 continue;
             }
-            let seen = u.last_seen.unwrap_or(now).min(now);
             o.counters.bytes += bytes;
             let table = match inst.how {
                 Offloaded::Local => {
@@ -222,9 +248,11 @@ impl Node {
                     &mut self.served
                 }
             };
+            // Touched now, not at the kernel's last packet: the table's lists are ordered by last
+            // touch, and a flow lives at most one reconciliation longer for it.
             if let Some(h) = table.find(&u.key) {
                 let state = table.state(h);
-                table.touch(h, seen, state);
+                table.touch(h, now, state);
             }
         }
         let mut gone = Vec::new();
