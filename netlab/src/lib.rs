@@ -138,7 +138,7 @@ pub struct Spec {
 
 /// Set (to anything) to run every lab with the kernel fast path: `just test` runs the
 /// end-to-end suites once without it and once with it.
-pub const FAST_PATH_ENV: &str = "RINGLB_LAB_FAST_PATH";
+pub const FAST_PATH_ENV: &str = "NETLAB_FAST_PATH";
 
 /// The uid an unprivileged lab daemon runs as (`nobody`).
 pub const UNPRIVILEGED_UID: u32 = 65534;

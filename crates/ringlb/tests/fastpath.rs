@@ -5,7 +5,7 @@
 //! thousands of segments through the VIP, the daemons' own packet counters (the TUN path's)
 //! move by a handful (handshake, FIN), and the program's counters carry the rest. The rest of
 //! the end-to-end suite also runs with the fast path (`just test` sets
-//! `RINGLB_LAB_FAST_PATH`), so every behaviour it checks holds on both paths.
+//! `NETLAB_FAST_PATH`), so every behaviour it checks holds on both paths.
 //!
 //! Needs root, a kernel with TCX (6.6+) and a ringlb built with clang (the `ebpf` feature); a
 //! build without the program fails here, saying so.
