@@ -71,10 +71,11 @@ impl Lab {
     }
 
     /// Counts (and drops) UDP datagrams to `port` arriving at node `i`'s IP input (nftables
-    /// table `rlpps`); read with [`Lab::arrivals`].
+    /// table `rlpps`, from 0 again on every call); read with [`Lab::arrivals`].
     pub fn count_arrivals(&self, i: usize, port: u16) -> Result<()> {
+        // Made anew each time (the counter starts at 0): declared, deleted, then defined.
         let rules = format!(
-            "table ip rlpps {{\n  counter arrived {{ }}\n  chain input {{\n    type filter hook input priority 0;\n    \
+            "table ip rlpps\ndelete table ip rlpps\ntable ip rlpps {{\n  counter arrived {{ }}\n  chain input {{\n    type filter hook input priority 0;\n    \
              udp dport {port} counter name arrived drop\n  }}\n}}\n"
         );
         let path = self.dir.join(format!("rlpps-n{i}.nft"));
