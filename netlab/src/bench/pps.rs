@@ -167,10 +167,15 @@ pub(super) fn report(b: &Bench, name: impl Fn(char) -> &'static str) -> String {
          they arrive: by an nftables counter in n2's input hook, which then drops them (no app competes for the CPU; \
          datagrams coalesced by n2's ringlb are counted one by one). For ringlb (n1 forwarding everything to n2, n3 \
          drained), the entry's side: packets its daemon forwarded (`ringlb_forwarded_packets_total`), the CPU time it \
-         spent per forwarded packet (user + system time from `/proc/PID/stat` over the run, divided by those packets), \
+         spent per forwarded packet (user + system time from `/proc/PID/stat` over the run, divided by those packets; \
+         on this lab's veth pairs it includes the kernel's work of receiving each carrier datagram in n2's \
+         namespace, which runs inside the entry's send and is charged to it (tick-based CPU accounting, no separate \
+         softirq time), so it overstates what the entry alone costs), \
          and what the kernel dropped before a daemon read it (`ringlb_kernel_dropped_packets_total`: n1's TUN queue, \
-         n2's carrier socket). nftables NAT works in the kernel's softirqs, which no process is charged for: no CPU \
-         figure. Medians over the rounds.\n\n\
+         n2's carrier socket). nftables NAT works in the kernel's softirqs, charged to whichever process they interrupt: no CPU \
+         figure. Where arrived / sent is 1.00 the path kept up with the sender, and the figure is the \
+         sender's ceiling: its own system calls carry each datagram through the router (and NAT) into n2. Medians over \
+         the rounds.\n\n\
          | case | sent/s | arrived/s | arrived / sent | / direct (a) | / NAT (f) | entry forwarded/s | entry CPU ns/packet \
          | kernel drops: n1 TUN queue / n2 carrier socket |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
         PAYLOAD + 28,
