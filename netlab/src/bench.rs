@@ -3,11 +3,13 @@
 //! configuration, built one after the other and torn down when done. The cases across an
 //! emulated WAN (two sites) are in [`wan`].
 
+mod pps;
 mod wan;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
+use std::net::SocketAddrV4;
 use std::path::Path;
 use std::process::Command;
 use std::thread::sleep;
@@ -55,6 +57,7 @@ table ip rlbench {
     type nat hook prerouting priority dstnat;
     ip daddr 10.77.0.1 tcp dport 8081 dnat to 10.77.0.2:80
     ip daddr 10.77.0.1 tcp dport 5203 dnat to 10.77.0.2:5201
+    ip daddr 10.77.0.1 udp dport 5204 dnat to 10.77.0.2:5204
   }
   chain post {
     type nat hook postrouting priority srcnat;
@@ -135,6 +138,8 @@ struct Bench {
     /// Packets ringlb dropped in each round of a forwarding case, summed over the lab's nodes,
     /// by reason (`ringlb_dropped_packets_total`): a forwarding case should drop none.
     drops: BTreeMap<char, Vec<BTreeMap<String, u64>>>,
+    /// The packets-per-second case's runs ([`pps::CASES`]).
+    pps: BTreeMap<char, Vec<pps::Pps>>,
     /// The cases across the WAN: CPU shares while iperf3 ran, and the WAN bridge's counters.
     wan: wan::Observed,
     problems: Vec<String>,
@@ -152,6 +157,7 @@ pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool, rounds: usize) -> 
         samples: BTreeMap::new(),
         sealed: BTreeMap::new(),
         drops: BTreeMap::new(),
+        pps: BTreeMap::new(),
         wan: wan::Observed::default(),
         problems: Vec::new(),
     };
@@ -194,7 +200,8 @@ pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool, rounds: usize) -> 
     Ok(())
 }
 
-/// The CI smoke check: forwarded upload (UDP carrier) against the direct path in one lab, then
+/// The CI smoke check: forwarded upload (UDP carrier) against the direct path in one lab, and
+/// forwarded 64-byte datagrams against the direct path (floor [`pps::SMOKE_FLOOR`]), then
 /// the sealed carrier's forwarded upload against that plain one in a second lab; each fails
 /// when it falls below `floor` in every one of three tries (the machine is shared and noisy; a
 /// real regression fails all three).
@@ -209,7 +216,9 @@ pub fn smoke(prefix: &str, bin: &Path, floor: f64) -> Result<()> {
             eprintln!("bench smoke: upload direct {direct:.2} Gbit/s, forwarded over udp {forwarded:.2} Gbit/s");
             Ok((forwarded, forwarded / direct))
         };
-        smoke_tries("forwarded upload / direct", floor, try_once)?
+        let upload = smoke_tries("forwarded upload / direct", floor, try_once)?;
+        pps::smoke(&lab)?;
+        upload
     };
     let lab = lab(&format!("{prefix}g"), bin, |s| {
         s.weights = vec![0.0, 1.0, 1.0];
@@ -341,6 +350,7 @@ fn wait_listening(lab: &Lab, node: usize, port: u16) -> Result<()> {
 fn baselines(b: &mut Bench, prefix: &str, bin: &Path) -> Result<()> {
     let lab = lab(prefix, bin, |s| s.start_ringlb = false)?;
     b.measure('a', &lab, Ok(()), &node_addr(2).to_string(), 80, IPERF_PORT);
+    b.pps('a', &lab, SocketAddrV4::new(node_addr(2), pps::PORT), false);
 
     let haproxy = (|| {
         let cfg = lab.dir.join("haproxy.cfg");
@@ -358,7 +368,11 @@ fn baselines(b: &mut Bench, prefix: &str, bin: &Path) -> Result<()> {
         lab.exec(&lab.node(1), &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         lab.exec(&lab.node(1), &["nft", "-f", &rules.to_string_lossy()]).map(drop)
     })();
+    let nat_ok = nat.is_ok();
     b.measure('f', &lab, nat, &node_addr(1).to_string(), 8081, 5203);
+    if nat_ok {
+        b.pps('f', &lab, SocketAddrV4::new(node_addr(1), pps::PORT), false);
+    }
     Ok(())
 }
 
@@ -386,6 +400,9 @@ fn forwarded(b: &mut Bench, prefix: &str, bin: &Path, key: char, carrier: &str, 
     // the carrier), once the entry has heard of it.
     drain_n3(&lab)?;
     b.iperf(key, &lab, &VIP.to_string(), IPERF_PORT);
+    if pps::CASES.contains(&key) {
+        b.pps(key, &lab, SocketAddrV4::new(VIP, pps::PORT), true);
+    }
     b.count_carrier(key, &lab)
 }
 
@@ -550,6 +567,7 @@ impl Bench {
         }
         s.push_str(&targets(row));
         s.push_str(&sealed_targets(row));
+        s.push_str(&pps::report(self, |k| CASES.iter().find(|c| c.0 == k).map_or("?", |c| c.1)));
         s.push_str(&wan::report(self, row));
         if self.rounds > 1 {
             s.push_str(

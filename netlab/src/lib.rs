@@ -30,6 +30,7 @@
 
 pub mod adversary;
 pub mod flood;
+pub mod pps;
 pub mod sites;
 pub mod wan;
 

@@ -92,6 +92,14 @@ impl Carrier {
         }
     }
 
+    /// The socket carrier packets arrive on (for its drop counter, [`crate::kernel_drops`]).
+    pub fn receive_socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Carrier::Udp(c) => c.receive_socket(),
+            Carrier::Ipip(c) => c.receive_socket(),
+        }
+    }
+
     /// Most inner packets one [`Carrier::send`] should carry.
     pub fn max_batch(&self) -> usize {
         match self {

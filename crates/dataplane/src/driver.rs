@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::AsyncDevice;
 
 use crate::carrier::{Carrier, Received, RecvError};
+use crate::kernel_drops::KernelDropsReader;
 use crate::tun::{is_transient, MAX_PACKET, VIRTIO_NET_HDR_LEN};
 use tun_rs::{VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4};
 
@@ -115,6 +116,8 @@ fn batch_for(max_batch: usize, stride: usize) -> usize {
 /// How often idle flows are expired and flow-recovery messages go out (an entry that asked
 /// a home learns the server within a tick and a round trip).
 const TICK: Duration = Duration::from_millis(100);
+/// Ticks between two samples of the kernel's drop counters (besides one per snapshot).
+const KERNEL_DROPS_EVERY: u64 = 10;
 
 /// A copy of the node's state for the metrics and status endpoints. The packet loop makes one
 /// when asked through a [`SnapshotRequests`] handle, so readers never share state with it.
@@ -137,6 +140,8 @@ pub struct Snapshot {
     pub spilling: bool,
     /// The kernel fast path, when it runs.
     pub fast_path: Option<crate::OffloadSnapshot>,
+    /// Packets the kernel dropped before this daemon read them (overload, not loss).
+    pub kernel_drops: crate::KernelDrops,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +189,7 @@ fn snapshot(node: &Node) -> Snapshot {
         seal_peers: 0,
         spilling: node.spilling_to_other_sites(),
         fast_path: None,
+        kernel_drops: crate::KernelDrops::default(),
     }
 }
 
@@ -212,6 +218,9 @@ pub struct Driver {
     /// The kernel fast path, when it runs, and when it was last reconciled.
     offload: Option<crate::Offload>,
     reconciled: Instant,
+    /// The kernel's drops before the TUN and the carrier socket, sampled once a second.
+    kernel_drops: KernelDropsReader,
+    ticks: u64,
 }
 
 /// Which carrier packets are sealed (see [`ringlb_core::seal`]).
@@ -316,7 +325,14 @@ impl Driver {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (remaining_tx, remaining_rx) = watch::channel(None);
         let (flow_tx, flow_rx) = mpsc::channel(64);
+        let tun_name = tun.name().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot learn the TUN's name; its queue's drops stay unknown");
+            String::new()
+        });
+        let kernel_drops = KernelDropsReader::new(tun_name, carrier.receive_socket());
         let driver = Driver {
+            kernel_drops,
+            ticks: 0,
             flow_out: flow_tx,
             second_hop: Vec::new(),
             keys: CarrierKeys::new(sealing.config),
@@ -499,6 +515,11 @@ impl Driver {
                     if self.stopping {
                         self.count_remaining();
                     }
+                    // Often enough that the socket's 32-bit counter cannot wrap unseen.
+                    self.ticks += 1;
+                    if self.ticks.is_multiple_of(KERNEL_DROPS_EVERY) {
+                        self.kernel_drops.sample(self.carrier.receive_socket());
+                    }
                 }
                 Event::Stop => {
                     if *self.stop.borrow() {
@@ -539,6 +560,7 @@ impl Driver {
                         seal: self.keys.stats(),
                         seal_peers: self.keys.peers_with_keys(),
                         fast_path: self.offload.as_ref().map(|o| o.snapshot(&self.node)),
+                        kernel_drops: self.kernel_drops.sample(self.carrier.receive_socket()),
                         ..snapshot(&self.node)
                     });
                 }

@@ -8,6 +8,8 @@
 //! - [`driver`]: the loop that reads packets, asks the core, and carries out its verdicts.
 //! - [`announce`]: telling the network this node takes VIP traffic: a route for a routing
 //!   daemon to export (BGP), or ARP answers and gratuitous ARP (L2).
+//! - [`kernel_drops`]: packets the kernel dropped before the daemon read them (the TUN's queue,
+//!   the carrier socket's buffer), so overload shows apart from loss.
 //! - [`sockets`]: the TCP connections the kernel already serves on the VIP, which a starting
 //!   daemon pins to this node.
 //!
@@ -17,6 +19,7 @@
 pub mod announce;
 pub mod carrier;
 pub mod driver;
+pub mod kernel_drops;
 pub mod offload;
 pub mod sockets;
 pub mod steering;
@@ -24,4 +27,5 @@ pub mod tun;
 
 pub use carrier::{Carrier, CarrierKind};
 pub use driver::{Driver, DriverHandle, MemberSnapshot, NodeUpdate, Sealing, Snapshot, SnapshotRequests, Stop};
+pub use kernel_drops::KernelDrops;
 pub use offload::{Offload, OffloadSnapshot};

@@ -275,6 +275,10 @@ fn status_json(s: &Snapshot, control: Option<&ControlHandle>, side: Side<'_>, no
             "decapsulated": c.decapsulated,
         },
         "drops": drops,
+        "kernel_drops": {
+            "tun_queue": s.kernel_drops.tun_queue,
+            "carrier_socket": s.kernel_drops.carrier_socket,
+        },
         "recovery": {
             "flows_recovered": c.flows_recovered,
             "flows_unrecovered": c.flows_unrecovered,
@@ -498,6 +502,18 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
     );
     for r in DropReason::ALL {
         let _ = writeln!(out, "ringlb_dropped_packets_total{{node=\"{node}\",reason=\"{}\"}} {}", r.name(), c.drops(r));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP ringlb_kernel_dropped_packets_total Packets the kernel dropped before this daemon read them \
+         (overload): VIP packets the TUN's queue had no room for, carrier packets the carrier socket's receive \
+         buffer had no room for. A dropped GSO or GRO batch counts once. Absent when unreadable.\n\
+         # TYPE ringlb_kernel_dropped_packets_total counter"
+    );
+    for (place, v) in [("tun_queue", s.kernel_drops.tun_queue), ("carrier_socket", s.kernel_drops.carrier_socket)] {
+        if let Some(v) = v {
+            let _ = writeln!(out, "ringlb_kernel_dropped_packets_total{{node=\"{node}\",where=\"{place}\"}} {v}");
+        }
     }
     let _ = writeln!(
         out,
@@ -753,6 +769,7 @@ pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Stri
             if s.spilling { "; SPILLING for load" } else { "" }
         );
     }
+    let _ = writeln!(out, "{}", kernel_drops_line(&s.kernel_drops));
     let drops: Vec<String> =
         DropReason::ALL.iter().filter(|r| c.drops(**r) > 0).map(|r| format!("{}={}", r.name(), c.drops(*r))).collect();
     if !drops.is_empty() {
@@ -777,6 +794,20 @@ pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Stri
         }
     }
     out
+}
+
+/// `ringlb status`'s line on what the kernel dropped before the daemon read it.
+fn kernel_drops_line(k: &ringlb_dataplane::KernelDrops) -> String {
+    let n = |v: Option<u64>| v.map_or("an unknown number of".to_owned(), |v| v.to_string());
+    let mut line = format!(
+        "overload: the kernel dropped {} packets at the TUN's queue and {} at the carrier socket before this daemon read them",
+        n(k.tun_queue),
+        n(k.carrier_socket)
+    );
+    if k.total() > 0 {
+        line.push_str(" (more traffic than this daemon keeps up with)");
+    }
+    line
 }
 
 /// The edge's metrics: whether this node announces the VIP, how, and since when.
@@ -941,5 +972,41 @@ fn cert_status(cert: &LoadedCert) -> String {
         )
     } else {
         format!("certificate: {} has EXPIRED: peers refuse new connections{pending}\n", path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ringlb_dataplane::KernelDrops;
+
+    #[test]
+    fn kernel_drops_in_metrics_status_and_json() {
+        let check = |drops: KernelDrops, metric_lines: &[&str], status_has: &str, json: serde_json::Value| {
+            let s = Snapshot { kernel_drops: drops, ..Snapshot::default() };
+            let m = metrics(&s, None, "n1");
+            let ours: Vec<&str> = m.lines().filter(|l| l.starts_with("ringlb_kernel_dropped_packets_total{")).collect();
+            assert_eq!(ours, metric_lines, "{drops:?}");
+            assert!(m.contains("# TYPE ringlb_kernel_dropped_packets_total counter"));
+            let text = status(&s, None, "n1");
+            assert!(text.lines().any(|l| l.starts_with("overload: ") && l.contains(status_has)), "{text}");
+            let side = Side { edge: None, health: None };
+            assert_eq!(status_json(&s, None, side, "n1")["kernel_drops"], json, "{drops:?}");
+        };
+        check(
+            KernelDrops { tun_queue: Some(41), carrier_socket: Some(0) },
+            &[
+                "ringlb_kernel_dropped_packets_total{node=\"n1\",where=\"tun_queue\"} 41",
+                "ringlb_kernel_dropped_packets_total{node=\"n1\",where=\"carrier_socket\"} 0",
+            ],
+            "41 packets at the TUN's queue and 0 at the carrier socket before this daemon read them (more traffic",
+            serde_json::json!({"tun_queue": 41, "carrier_socket": 0}),
+        );
+        check(
+            KernelDrops { tun_queue: None, carrier_socket: Some(0) },
+            &["ringlb_kernel_dropped_packets_total{node=\"n1\",where=\"carrier_socket\"} 0"],
+            "an unknown number of packets at the TUN's queue and 0 at the carrier socket before this daemon read them",
+            serde_json::json!({"tun_queue": null, "carrier_socket": 0}),
+        );
     }
 }

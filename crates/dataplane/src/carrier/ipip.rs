@@ -32,6 +32,10 @@ impl IpipCarrier {
         Ok(IpipCarrier { sock })
     }
 
+    pub(super) fn receive_socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self.sock.get_ref())
+    }
+
     pub(super) async fn recv(&self, buf: &mut [u8]) -> Result<Received, RecvError> {
         let n = self.sock.async_io(Interest::READABLE, |s| (&*s).read(buf)).await.map_err(RecvError::Io)?;
         let (from, inner) = ringlb_wire::ipip::decap(&buf[..n]).map_err(RecvError::Malformed)?;

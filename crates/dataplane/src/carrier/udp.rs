@@ -63,6 +63,10 @@ impl UdpCarrier {
         self.tx.first().map_or(1, |(_, s)| s.max_gso_segments())
     }
 
+    pub(super) fn receive_socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.rx.0)
+    }
+
     pub(super) async fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
         let (sock, state) = &self.rx;
         let mut meta = [RecvMeta::default()];
