@@ -695,7 +695,8 @@ impl Driver {
         while at < end {
             let mut inner = at..(at + rx.stride).min(end);
             at = inner.end;
-            if seal::is_sealed(&buf[inner.clone()]) {
+            let sealed = seal::is_sealed(&buf[inner.clone()]);
+            if sealed {
                 match self.keys.open(now, rx.from, &mut buf[inner.clone()]) {
                     Ok(len) => inner = inner.start + seal::HEADER..inner.start + seal::HEADER + len,
                     Err(e) => {
@@ -728,6 +729,12 @@ impl Driver {
                     continue;
                 }
                 Verdict::Drop(_) => continue,
+            }
+            // A peer's kernel fast path may send a packet whose checksum its sender left to
+            // offload (see `ringlb_wire::finish_partial_checksum`); sealed packets come from a
+            // daemon, which always finishes them.
+            if !sealed {
+                ringlb_wire::finish_partial_checksum(&mut buf[inner.clone()]);
             }
             let Some(b) = c.bufs.get_mut(accepted) else {
                 self.node.count_drop(DropReason::TunWriteError);

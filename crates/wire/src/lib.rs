@@ -16,6 +16,7 @@ pub mod build;
 mod classify;
 pub mod ipip;
 mod mss;
+mod partial;
 
 #[cfg(fuzzing)]
 pub use classify::classify_paths;
@@ -23,6 +24,7 @@ pub use classify::{
     classify, mix64, FlowKey, MalformedReason, PacketMeta, TcpFlags, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, L4,
 };
 pub use mss::clamp_tcp_mss;
+pub use partial::finish_partial_checksum;
 
 /// Bytes the UDP carrier adds in front of the inner packet (outer IPv4 + UDP header).
 pub const UDP_CARRIER_OVERHEAD: u16 = 28;
