@@ -15,8 +15,17 @@ build:
 # smoke bench, and the container image with its compose cluster (plain and BGP) under podman.
 test: lint
     cargo test --release --workspace
+    just test-fast-path
     just bench-smoke
     just container-test-bgp
+
+# The end-to-end tests whose flows the kernel fast path would carry, again with it on every node
+# (NETLAB_FAST_PATH): transfers over both carriers, keep-alive, drain, failures, health,
+# bursts, restarts. (tests/fastpath.rs, in the workspace run, tests the fast path itself.)
+test-fast-path:
+    NETLAB_FAST_PATH=1 cargo test --release -p ringlb --test e2e --test survival --test restart -- \
+        big_transfers keep_alive drained killed_node pinned_to_a_dead bursts health requests_through \
+        rolling kill_9 entries_joining
 
 # cargo fmt and clippy, warnings as errors; the fuzz targets still compile.
 lint:

@@ -7,7 +7,8 @@
 #   ./bootstrap.sh test   install what is missing, then lints, unit, property and end-to-end tests
 #
 # It installs Debian packages (iproute2, nftables, nginx, iperf3, wrk, haproxy, curl, python3,
-# bird2 and tcpdump for the BGP and layer-2 entry labs)
+# bird2 and tcpdump for the BGP and layer-2 entry labs, clang and libbpf-dev for the kernel
+# fast path's eBPF program)
 # and `just` when they are missing, and nothing else.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,10 +28,12 @@ deps() {
     local missing=()
     local -A pkg=([ip]=iproute2 [nft]=nftables [nginx]=nginx-light [iperf3]=iperf3 [wrk]=wrk
                   [haproxy]=haproxy [curl]=curl [python3]=python3 [sysctl]=procps [ss]=iproute2
-                  [bird]=bird2 [tcpdump]=tcpdump)
+                  [bird]=bird2 [tcpdump]=tcpdump [clang]=clang)
     for cmd in "${!pkg[@]}"; do
         command -v "$cmd" >/dev/null || [ -x "/usr/sbin/$cmd" ] || missing+=("${pkg[$cmd]}")
     done
+    # The eBPF program's headers (bpf_helpers.h); without them ringlb builds without its fast path.
+    [ -f /usr/include/bpf/bpf_helpers.h ] || missing+=(libbpf-dev)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "bootstrap.sh: installing ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
