@@ -72,6 +72,11 @@ fuzz runs="10000000":
 netlab-up nodes="3" entry="single" carrier="udp" sites="1": build
     {{netlab}} up --nodes {{nodes}} --entry {{entry}} --carrier {{carrier}} --sites {{sites}}
 
+# Bring up the lab with the kernel fast path (eBPF) on every node: settled flows bypass the
+# daemons (`just netlab-status` shows a `fast path:` line per node).
+netlab-up-fast nodes="3" carrier="udp": build
+    {{netlab}} up --nodes {{nodes}} --carrier {{carrier}} --fast-path
+
 # Bring up two sites of NODES/2 nodes joined by an emulated WAN: one-way DELAY ± JITTER, LOSS (0 to
 # 1), RATE (e.g. 10mbit, or none), SEED (the same seed, the same losses and delays). Entry single per
 # site, carrier udp (sealed between the sites).
