@@ -6,6 +6,8 @@
   carrier_spoof.py tamper  PCAP SRC DST PORT    captured sealed packets, counter moved on and
                                                 one ciphertext bit flipped
   carrier_spoof.py replay  PCAP SRC DST PORT    captured sealed packets, unchanged
+  carrier_spoof.py ack     SRC DST PORT CLIENT:CPORT VIP:VPORT N
+                                                N plaintext IP-in-UDP TCP ACKs of one connection
 
 Every packet leaves with the outer source address SRC (IP_HDRINCL). PCAP is a tcpdump capture
 (Ethernet) of carrier packets to DST:PORT. Prints the number of packets sent.
@@ -24,8 +26,9 @@ def carrier(src, dst, port, payload):
     return ipv4(src, dst, 17, udp)
 
 
-def syn(client, vip, sport):
-    tcp = struct.pack("!HHIIBBHHH", sport, 80, 1000 + sport, 0, 5 << 4, 0x02, 64240, 0, 0)
+def syn(client, vip, sport, dport=80, flags=0x02, seq=None):
+    seq = 1000 + sport if seq is None else seq
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, flags, 64240, 0, 0)
     pseudo = socket.inet_aton(client) + socket.inet_aton(vip) + struct.pack("!BBH", 0, 6, len(tcp))
     tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
     return ipv4(client, vip, 6, tcp)
@@ -62,7 +65,13 @@ def main():
     mode = sys.argv[1]
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
-    if mode in ("plain", "garbage"):
+    if mode == "ack":
+        src, dst, port = sys.argv[2], sys.argv[3], int(sys.argv[4])
+        (client, cport), (vip, vport) = (a.rsplit(":", 1) for a in sys.argv[5:7])
+        n = int(sys.argv[7])
+        # Sequence numbers far outside any window: the kernel ignores them if they get through.
+        payloads = [syn(client, vip, int(cport), int(vport), 0x10, 7 + i) for i in range(n)]
+    elif mode in ("plain", "garbage"):
         src, dst, port = sys.argv[2], sys.argv[3], int(sys.argv[4])
         if mode == "plain":
             vip, n = sys.argv[5], int(sys.argv[6])

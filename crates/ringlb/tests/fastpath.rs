@@ -235,3 +235,64 @@ fn short_connections_wait_for_no_retransmission() {
     let carried = fast_packets(&lab, 1, "forwarded");
     assert!(carried >= 100, "the connections' data did not take the fast path ({carried} packets)");
 }
+
+fn spoof() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../netlab/carrier_spoof.py").to_string_lossy().into_owned()
+}
+
+/// The program decapsulates a flow's carrier packets only from the entry the daemon recorded for
+/// it. ACKs of an offloaded connection, sent from the nodes' segment with another member's
+/// address or a non-member's as the outer source, are all left to the daemon, which checks them
+/// as it checks every carrier packet (and refuses the non-member's).
+#[test]
+fn an_offloaded_flow_takes_carrier_packets_only_from_its_own_entry() {
+    if !built() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab("fpspoof", |s| s.weights = vec![0.0, 1.0, 1.0]);
+    let blob = lab.make_blob("up32", 32).expect("blob");
+    let log = lab.dir.join("slow-upload.log");
+    let (url, file) = (format!("http://{VIP}:9000/up"), format!("@{}", blob.display()));
+    lab.spawn(
+        &lab.client(),
+        &log,
+        &["curl", "-sS", "--max-time", "15", "--limit-rate", "1M", "--data-binary", &file, &url],
+    )
+    .expect("slow upload");
+    std::thread::sleep(Duration::from_secs(2));
+    let ss =
+        lab.exec(&lab.client(), &["ss", "-Htn", "state", "established", "dst", &format!("{VIP}:9000")]).expect("ss");
+    let client = ss.split_whitespace().nth(2).expect("the upload's connection").to_owned();
+    let flows =
+        |i: usize| metric(&lab.metrics(i).expect("metrics"), &format!("ringlb_fast_path_flows{{node=\"n{i}\"}}"));
+    let server = [2, 3].into_iter().find(|&i| flows(i) > 0).expect("a peer carries the upload on its fast path");
+    let other = 5 - server;
+    let counters = |lab: &Lab| {
+        let m = lab.metrics(server).expect("metrics");
+        (
+            metric(&m, &format!("ringlb_fast_path_passed_packets_total{{node=\"n{server}\",reason=\"wrong_source\"}}")),
+            metric(&m, &format!("ringlb_dropped_packets_total{{node=\"n{server}\",reason=\"not_member\"}}")),
+        )
+    };
+    let before = counters(&lab);
+    let dst = ringlb_netlab::node_addr(server).to_string();
+    for src in [ringlb_netlab::node_addr(other).to_string(), "10.77.0.250".to_owned()] {
+        let sent = lab
+            .exec(
+                &lab.router(),
+                &["python3", &spoof(), "ack", &src, &dst, "6635", &client, &format!("{VIP}:9000"), "50"],
+            )
+            .expect("spoof");
+        assert_eq!(sent.trim(), "50");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = counters(&lab);
+    println!("n{server} serves {client}'s upload; 50 ACKs as n{other}, 50 as 10.77.0.250: {before:?} -> {after:?} (wrong source, not member)");
+    assert_eq!(
+        after.0 - before.0,
+        100,
+        "the program took carrier packets of the flow from another source than its entry"
+    );
+    assert_eq!(after.1 - before.1, 50, "the daemon did not refuse the non-member's packets");
+}
