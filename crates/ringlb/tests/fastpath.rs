@@ -296,3 +296,35 @@ fn an_offloaded_flow_takes_carrier_packets_only_from_its_own_entry() {
     );
     assert_eq!(after.1 - before.1, 50, "the daemon did not refuse the non-member's packets");
 }
+
+/// Flows over the sealed carrier stay on the daemon's path: the program would send them in
+/// plaintext.
+#[test]
+fn flows_over_the_sealed_carrier_are_never_offloaded() {
+    if !built() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = lab("fpseal", |s| {
+        s.weights = vec![0.0, 1.0, 1.0];
+        s.carrier_options = "require_authenticated = true\n".into();
+    });
+    let blob = lab.make_blob("up16", 16).expect("blob");
+    let want = sha256(&blob);
+    for _ in 0..3 {
+        let (sha, server) = upload(&lab, &blob);
+        assert_eq!(sha, want, "upload served by {server} corrupted");
+        assert!(server == "n2" || server == "n3", "n1 (weight 0) served an upload");
+    }
+    for i in 1..=3 {
+        let m = lab.metrics(i).expect("metrics");
+        let installed = metric(&m, "ringlb_fast_path_flows_installed_total{");
+        let sealed =
+            metric(&m, "ringlb_carrier_sealed_packets_total{") + metric(&m, "ringlb_carrier_opened_packets_total{");
+        println!("n{i}: {installed} flows offloaded, {sealed} packets sealed or opened");
+        assert_eq!(installed, 0, "n{i} offloaded a flow of the sealed carrier");
+        if i == 1 {
+            assert!(sealed >= 10_000, "the uploads did not cross the sealed carrier ({sealed})");
+        }
+    }
+}
