@@ -30,7 +30,17 @@ pub fn finish_partial_checksum(pkt: &mut [u8]) -> bool {
         17 => 6,
         _ => return false,
     };
-    let l4 = &pkt[ihl..total];
+    // TCP covers the IP payload; UDP what its own length field says (the pseudo-header uses it).
+    let mut end = total;
+    if pkt[9] == 17 {
+        let Some(len) = pkt.get(ihl + 4..ihl + 6) else { return false };
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        if len < 8 || ihl + len > total {
+            return false;
+        }
+        end = ihl + len;
+    }
+    let l4 = &pkt[ihl..end];
     if l4.len() < offset + 2 {
         return false;
     }
@@ -49,7 +59,7 @@ pub fn finish_partial_checksum(pkt: &mut [u8]) -> bool {
     if field != pseudo {
         return false;
     }
-    let l4 = &mut pkt[ihl..total];
+    let l4 = &mut pkt[ihl..end];
     l4[offset] = 0;
     l4[offset + 1] = 0;
     let mut sum = u32::from(pseudo);
