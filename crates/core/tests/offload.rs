@@ -534,3 +534,22 @@ fn a_member_in_a_reused_slot_starts_ineligible() {
     established_on(&mut n, at(1), 1000, n4);
     assert_eq!(ops(&mut n), [], "offered to a member never marked eligible");
 }
+
+/// A short flow can start and end between two reconciliations: what the fast path did for it,
+/// read as its entry is removed, still counts.
+#[test]
+fn a_flow_withdrawn_between_reconciliations_still_counts_what_it_did() {
+    let mut n = offloading(16);
+    let port = established_on(&mut n, at(0), 1000, N2);
+    assert_eq!(ops(&mut n).len(), 1);
+    n.on_tun_packet(at(10), &mut tcp(port, FIN_ACK));
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(port))]);
+    let before = n.forwarded_to(N2);
+    n.offload_removed(at(11), &usage(tcp_key(port), 30_000, 40_000_000, at(9)));
+    assert_eq!(n.forwarded_to(N2) - before, 30_000);
+    assert_eq!(counters(&n).forwarded_packets, 30_000);
+    // Reported once only; and nothing for a flow never withdrawn.
+    n.offload_removed(at(12), &usage(tcp_key(port), 30_000, 40_000_000, at(9)));
+    n.offload_removed(at(12), &usage(tcp_key(4242), 5, 500, at(9)));
+    assert_eq!(counters(&n).forwarded_packets, 30_000);
+}

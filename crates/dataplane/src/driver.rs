@@ -394,7 +394,8 @@ impl Driver {
             let now = Timestamp::from_duration(self.origin.elapsed());
             offload.reconcile(&mut self.node, now, &self.carrier);
         } else {
-            offload.apply(&mut self.node, &self.carrier);
+            let now = Timestamp::from_duration(self.origin.elapsed());
+            offload.apply(&mut self.node, now, &self.carrier);
         }
     }
 

@@ -54,8 +54,8 @@ impl Offload {
         Offload { path, local, ops: Vec::new(), usage: Vec::new(), install_errors: 0 }
     }
 
-    /// Carries out the core's pending decisions.
-    pub(crate) fn apply(&mut self, node: &mut Node, carrier: &Carrier) {
+    /// Carries out the core's pending decisions (`now`: for what a removed flow did last).
+    pub(crate) fn apply(&mut self, node: &mut Node, now: Timestamp, carrier: &Carrier) {
         node.drain_offload_ops(&mut self.ops);
         for op in self.ops.drain(..) {
             match op {
@@ -69,8 +69,10 @@ impl Offload {
                     }
                 }
                 OffloadOp::Remove(key) => {
-                    if let Some(k) = key_of(&key) {
-                        self.path.remove(&k);
+                    let Some(k) = key_of(&key) else { continue };
+                    if let Some(u) = self.path.remove(&k) {
+                        let last_seen = last_seen(now, ringlb_fastpath::monotonic_ns(), u.last_seen_ns);
+                        node.offload_removed(now, &OffloadUsage { key, packets: u.packets, bytes: u.bytes, last_seen });
                     }
                 }
             }
@@ -85,12 +87,11 @@ impl Offload {
         let usage = &mut self.usage;
         self.path.usage(|k, u| {
             let key = WireKey::new(IpAddr::V4(k.src()), IpAddr::V4(k.dst()), k.src_port(), k.dst_port(), k.proto());
-            let last_seen = (u.last_seen_ns != 0)
-                .then(|| now.saturating_sub(Duration::from_nanos(now_ns.saturating_sub(u.last_seen_ns))));
+            let last_seen = last_seen(now, now_ns, u.last_seen_ns);
             usage.push(OffloadUsage { key, packets: u.packets, bytes: u.bytes, last_seen });
         });
         node.reconcile_offload(now, &self.usage);
-        self.apply(node, carrier);
+        self.apply(node, now, carrier);
     }
 
     pub fn snapshot(&self, node: &Node) -> OffloadSnapshot {
@@ -100,6 +101,11 @@ impl Offload {
             install_errors: self.install_errors,
         }
     }
+}
+
+/// The program's CLOCK_MONOTONIC stamp as the core's time (`None`: no packet yet).
+fn last_seen(now: Timestamp, now_ns: u64, seen_ns: u64) -> Option<Timestamp> {
+    (seen_ns != 0).then(|| now.saturating_sub(Duration::from_nanos(now_ns.saturating_sub(seen_ns))))
 }
 
 /// What the program is to do for a decision, in the carrier's own format.

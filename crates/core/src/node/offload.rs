@@ -84,6 +84,9 @@ pub(super) struct Offload {
     /// By member index: may its flows be offloaded?
     eligible: Vec<bool>,
     installed: HashMap<FlowKey, Installed>,
+    /// Flows withdrawn whose last usage the IO layer has not reported yet
+    /// ([`Node::offload_removed`]); cleared at each reconciliation.
+    withdrawn: HashMap<FlowKey, Installed>,
     /// Flows refused since the last reconciliation (the table full), so that each counts once.
     refused: HashSet<FlowKey>,
     ops: Vec<OffloadOp>,
@@ -92,6 +95,16 @@ pub(super) struct Offload {
 
 /// Most refused flows remembered between two reconciliations (beyond, refusals are not counted).
 const MAX_REFUSED_TRACKED: usize = 65_536;
+
+impl Offload {
+    fn withdraw(&mut self, key: &FlowKey) {
+        if let Some(inst) = self.installed.remove(key) {
+            self.withdrawn.insert(*key, inst);
+            self.ops.push(OffloadOp::Remove(*key));
+            self.counters.withdrawn += 1;
+        }
+    }
+}
 
 fn settled(state: FlowState) -> bool {
     matches!(state, FlowState::TcpEstablished | FlowState::Udp)
@@ -105,6 +118,7 @@ impl Node {
             max_flows,
             eligible: Vec::new(),
             installed: HashMap::new(),
+            withdrawn: HashMap::new(),
             refused: HashSet::new(),
             ops: Vec::new(),
             counters: OffloadCounters::default(),
@@ -210,9 +224,53 @@ impl Node {
 
     fn withdraw(&mut self, key: &FlowKey) {
         let Some(o) = &mut self.offload else { return };
-        if o.installed.remove(key).is_some() {
-            o.ops.push(OffloadOp::Remove(*key));
-            o.counters.withdrawn += 1;
+        o.withdraw(key);
+    }
+
+    /// What a withdrawn flow did in the fast path until it was removed there (the IO layer
+    /// reads it as it removes the entry): a short flow may begin and end between two
+    /// reconciliations.
+    pub fn offload_removed(&mut self, now: Timestamp, usage: &OffloadUsage) {
+        let Some(mut o) = self.offload.take() else { return };
+        if let Some(mut inst) = o.withdrawn.remove(&usage.key) {
+            self.credit(&mut o, &mut inst, usage, now);
+        }
+        self.offload = Some(o);
+    }
+
+    /// Adds what the fast path did for one flow since last time to the counters, and touches
+    /// the flow.
+    fn credit(&mut self, o: &mut Offload, inst: &mut Installed, u: &OffloadUsage, now: Timestamp) {
+        let packets = u.packets.saturating_sub(inst.packets);
+        let bytes = u.bytes.saturating_sub(inst.bytes);
+        inst.packets = inst.packets.max(u.packets);
+        inst.bytes = inst.bytes.max(u.bytes);
+        if packets == 0 {
+            return;
+        }
+        o.counters.bytes += bytes;
+        let table = match inst.how {
+            Offloaded::Local => {
+                o.counters.local_packets += packets;
+                &mut self.flows
+            }
+            Offloaded::Forward { peer, .. } => {
+                o.counters.forwarded_packets += packets;
+                if let Some(n) = self.forwarded_to.get_mut(peer.index()) {
+                    *n += packets;
+                }
+                &mut self.flows
+            }
+            Offloaded::Served { .. } => {
+                o.counters.decapsulated_packets += packets;
+                &mut self.served
+            }
+        };
+        // Touched now, not at the kernel's last packet: the table's lists are ordered by last
+        // touch, and a flow lives at most one reconciliation longer for it.
+        if let Some(h) = table.find(&u.key) {
+            let state = table.state(h);
+            table.touch(h, now, state);
         }
     }
 
@@ -221,39 +279,11 @@ impl Node {
     pub fn reconcile_offload(&mut self, now: Timestamp, usage: &[OffloadUsage]) {
         let Some(mut o) = self.offload.take() else { return };
         o.refused.clear();
+        o.withdrawn.clear();
         for u in usage {
-            let Some(inst) = o.installed.get_mut(&u.key) else { continue };
-            let packets = u.packets.saturating_sub(inst.packets);
-            let bytes = u.bytes.saturating_sub(inst.bytes);
-            inst.packets = inst.packets.max(u.packets);
-            inst.bytes = inst.bytes.max(u.bytes);
-            if packets == 0 {
-                continue;
-            }
-            o.counters.bytes += bytes;
-            let table = match inst.how {
-                Offloaded::Local => {
-                    o.counters.local_packets += packets;
-                    &mut self.flows
-                }
-                Offloaded::Forward { peer, .. } => {
-                    o.counters.forwarded_packets += packets;
-                    if let Some(n) = self.forwarded_to.get_mut(peer.index()) {
-                        *n += packets;
-                    }
-                    &mut self.flows
-                }
-                Offloaded::Served { .. } => {
-                    o.counters.decapsulated_packets += packets;
-                    &mut self.served
-                }
-            };
-            // Touched now, not at the kernel's last packet: the table's lists are ordered by last
-            // touch, and a flow lives at most one reconciliation longer for it.
-            if let Some(h) = table.find(&u.key) {
-                let state = table.state(h);
-                table.touch(h, now, state);
-            }
+            let Some(mut inst) = o.installed.remove(&u.key) else { continue };
+            self.credit(&mut o, &mut inst, u, now);
+            o.installed.insert(u.key, inst);
         }
         let mut gone = Vec::new();
         for (key, inst) in &o.installed {
@@ -262,9 +292,7 @@ impl Node {
             }
         }
         for key in gone {
-            o.installed.remove(&key);
-            o.ops.push(OffloadOp::Remove(key));
-            o.counters.withdrawn += 1;
+            o.withdraw(&key);
         }
         self.offload = Some(o);
     }
