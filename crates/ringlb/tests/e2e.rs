@@ -351,7 +351,13 @@ fn sighup_reloads_weight_and_certificates_live_and_refuses_a_new_vip() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = lab("reload", |_| {});
     let conns = lab.start_paced_connloop(30.0, 1.0, Some(400), 0.012).unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Until n3 has served some of them (a fixed wait is too short when the loop starts late on
+    // a busy machine, and the test then proves nothing).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while lab.metric(1, "ringlb_peer_forwarded_packets_total{node=\"n1\",peer=\"n3\"}").unwrap() < 20 {
+        assert!(std::time::Instant::now() < deadline, "n3 got no connection within 20 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // n3's weight to 0: it takes no new flows, and no connection breaks.
     reload_with(&lab, 3, |t| t.replace("weight = 1.0", "weight = 0.0"));
