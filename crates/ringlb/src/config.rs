@@ -1153,3 +1153,34 @@ mod user_tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[cfg(test)]
+mod fast_path_tests {
+    use super::*;
+
+    fn problems(extra: &str) -> Vec<String> {
+        let toml = format!(
+            "[node]\nname = \"n1\"\nvip = \"10.200.0.10\"\nunderlay_interface = \"eth0\"\n{extra}\n\
+             [[members]]\nname = \"n1\"\naddr = \"10.77.0.1\"\n"
+        );
+        let config: Config = Figment::new().merge(Toml::string(&toml)).extract().expect("parses");
+        config.problems()
+    }
+
+    #[test]
+    fn bad_fast_path_settings_are_named_with_their_values() {
+        assert!(
+            problems("[fast_path]\nenabled = true\n").is_empty(),
+            "{:?}",
+            problems("[fast_path]\nenabled = true\n")
+        );
+        let p = problems("[fast_path]\nenabled = true\nmark = 0\nrule_pref = 150\nmax_flows = 0\n");
+        for needle in ["fast_path.mark = 0", "fast_path.rule_pref = 150", "fast_path.max_flows = 0"] {
+            assert!(p.iter().any(|m| m.contains(needle)), "{needle} not named in {p:?}");
+        }
+        let p = problems("[flows]\nudp_idle = \"5s\"\n[fast_path]\nenabled = true\n");
+        assert!(p.iter().any(|m| m.contains("flows.udp_idle") && m.contains("fast_path")), "{p:?}");
+        // Off, nothing about it is checked.
+        assert!(problems("[fast_path]\nmark = 0\n").is_empty());
+    }
+}
