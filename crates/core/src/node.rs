@@ -97,6 +97,8 @@ pub struct Node {
     placed_to: Vec<u64>,
     /// Flows a kernel fast path carries, when there is one (see the `offload` module).
     offload: Option<offload::Offload>,
+    /// The time of the packet being handled, for the offload rules.
+    offload_now: Timestamp,
 }
 
 impl Node {
@@ -123,6 +125,7 @@ impl Node {
             counters: Counters::default(),
             hash_udp_until: Timestamp::ZERO,
             offload: None,
+            offload_now: Timestamp::ZERO,
         }
     }
 
@@ -190,6 +193,7 @@ impl Node {
             },
         };
         if self.offload.is_some() && !matches!(meta.l4, L4::Icmp { .. }) {
+            self.offload_now = now;
             self.offer_entry_flow(&meta.key, meta.key.stable_hash());
         }
         if target == self.config.local {
@@ -242,6 +246,7 @@ impl Node {
         self.counters.decapsulated += 1;
         self.track_served(now, &meta, served);
         if self.offload.is_some() {
+            self.offload_now = now;
             self.offer_served_flow(&meta.key, from);
         }
         Verdict::Deliver

@@ -301,6 +301,8 @@ fn usage_keeps_a_busy_flow_alive_and_counts_only_what_is_new() {
     n.reconcile_offload(now, &[usage(tcp_key(busy), packets, bytes, now), usage(tcp_key(quiet), 99, 99, now)]);
     n.reconcile_offload(now, &[usage(tcp_key(busy), packets, bytes, now)]);
     assert_eq!(counters(&n), c);
+    // (The kernel's table must not hold a flow the core does not: removed.)
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(quiet))]);
 
     // Once its packets stop, it idles out from its last one (or the reconciliation that
     // reported it), and is withdrawn.
@@ -552,4 +554,63 @@ fn a_flow_withdrawn_between_reconciliations_still_counts_what_it_did() {
     n.offload_removed(at(12), &usage(tcp_key(port), 30_000, 40_000_000, at(9)));
     n.offload_removed(at(12), &usage(tcp_key(4242), 5, 500, at(9)));
     assert_eq!(counters(&n).forwarded_packets, 30_000);
+}
+
+/// A served flow whose entry changes (ECMP moved it, a new layer-2 owner) is withdrawn and
+/// offered again for the new entry, rather than left installed for the old one, whose packets
+/// no longer come. (Found in review.)
+#[test]
+fn a_served_flow_whose_entry_changes_is_offered_again_for_the_new_one() {
+    let mut n = offloading(16);
+    n.on_carrier_packet(at(0), underlay(2), &tcp(4000, SYN));
+    n.on_carrier_packet(at(1), underlay(2), &tcp(4000, ACK));
+    assert_eq!(ops(&mut n).len(), 1);
+    n.on_carrier_packet(at(2), underlay(3), &tcp(4000, ACK));
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(4000))]);
+    n.on_carrier_packet(at(3), underlay(3), &tcp(4000, ACK));
+    let [OffloadOp::Install(_, Offloaded::Served { entry, .. })] = ops(&mut n)[..] else { panic!("not offered again") };
+    assert_eq!(entry, N3);
+}
+
+/// Two spoofed packets settle a made-up flow (an entry never sees replies). While the fast
+/// path's table is nearly full, flows that carry nothing are withdrawn within seconds, so such
+/// flows cannot keep real ones out for long. (Found in review.)
+#[test]
+fn under_pressure_flows_that_carry_nothing_make_room() {
+    let mut n = offloading(100);
+    for p in 20000..20100u16 {
+        n.on_tun_packet(at(0), &mut tcp(p, ACK));
+        n.on_tun_packet(at(1), &mut tcp(p, ACK));
+    }
+    assert_eq!(counters(&n).flows, 100, "made-up flows fill the table");
+    ops(&mut n);
+    // One of them is real and busy.
+    let busy = tcp_key(20000);
+    n.reconcile_offload(secs(1), &[usage(busy, 10, 10_000, secs(1))]);
+    assert_eq!(ops(&mut n), [], "withdrawn before they could have carried anything");
+    n.reconcile_offload(secs(3), &[usage(busy, 500, 500_000, secs(3))]);
+    let removed = ops(&mut n).len();
+    assert_eq!(removed, 99, "the idle ones make room, the busy one stays");
+    assert_eq!(counters(&n).flows, 1);
+    // Below the pressure mark, idle flows stay (a quiet keep-alive connection is no attack).
+    let mut quiet = offloading(100);
+    established_on(&mut quiet, at(0), 1000, LOCAL);
+    ops(&mut quiet);
+    quiet.reconcile_offload(secs(60), &[]);
+    assert_eq!(ops(&mut quiet), []);
+}
+
+/// An entry in the kernel's table that the core does not know (a delete that failed) is
+/// removed at the next reconciliation; a flow the kernel refused is forgotten and offered again.
+#[test]
+fn the_kernel_table_and_the_core_agree_after_a_reconciliation() {
+    let mut n = offloading(16);
+    n.reconcile_offload(at(0), &[usage(tcp_key(4321), 3, 300, at(0))]);
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(4321))]);
+    let port = established_on(&mut n, at(1), 1000, LOCAL);
+    assert_eq!(ops(&mut n).len(), 1);
+    n.offload_failed(&tcp_key(port));
+    assert_eq!(counters(&n).flows, 0);
+    n.on_tun_packet(at(2), &mut tcp(port, ACK));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), Offloaded::Local)]);
 }

@@ -93,6 +93,15 @@ impl Carrier {
     }
 
     /// The socket carrier packets arrive on (for its drop counter, [`crate::kernel_drops`]).
+    /// For the kernel fast path: the UDP carrier's socket asks for no receive offload (see
+    /// `UdpCarrier::disable_receive_offload`); the raw IP-in-IP socket has none.
+    pub fn disable_receive_offload(&self) -> io::Result<()> {
+        match self {
+            Carrier::Udp(c) => c.disable_receive_offload(),
+            Carrier::Ipip(_) => Ok(()),
+        }
+    }
+
     pub fn receive_socket(&self) -> std::os::fd::BorrowedFd<'_> {
         match self {
             Carrier::Udp(c) => c.receive_socket(),

@@ -367,6 +367,9 @@ impl Driver {
     /// Runs the kernel fast path beside the TUN path: settled flows are offloaded to it (see
     /// [`crate::offload`]), at most `max_flows` at once.
     pub fn with_fast_path(mut self, offload: crate::Offload, max_flows: usize) -> Self {
+        if let Err(e) = self.carrier.disable_receive_offload() {
+            tracing::warn!(error = %e, "fast path: cannot turn off UDP GRO on the carrier socket; a NIC's GRO may reorder offloaded flows");
+        }
         self.node.enable_offload(max_flows);
         self.offload = Some(offload);
         self.refresh_offload_eligibility();

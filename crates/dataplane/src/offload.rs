@@ -65,6 +65,7 @@ impl Offload {
                     };
                     if let Err(e) = self.path.install(&k, action) {
                         self.install_errors += 1;
+                        node.offload_failed(&key);
                         tracing::debug!(error = %e, ?key, "fast path: flow not offloaded");
                     }
                 }

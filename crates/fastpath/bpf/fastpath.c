@@ -100,6 +100,8 @@ volatile const __u32 cfg_mark = 0;
 volatile const __u32 cfg_ifindex = 0;
 // The underlay interface's MTU.
 volatile const __u32 cfg_mtu = 0;
+// This node's underlay address: carrier packets are decapsulated only when addressed to it.
+volatile const __u32 cfg_local = 0;
 
 static __always_inline void count_n(__u32 index, __u64 n)
 {
@@ -116,13 +118,15 @@ static __always_inline void count(__u32 index)
 // `headers`: the bytes in front of the inner payload (Ethernet, outer and inner headers), so
 // that a GSO super-packet counts as the segments it stands for. (skb->gso_segs is not kept
 // up to date on forwarded super-packets.)
-static __always_inline __u64 account(struct flow_entry *entry, struct __sk_buff *skb, __u32 headers)
+// `inner_at`: where the inner IP header starts; bytes count from there (what the client sent).
+static __always_inline __u64 account(struct flow_entry *entry, struct __sk_buff *skb, __u32 headers, __u32 inner_at)
 {
 	__u64 segs = 1;
 	if (skb->gso_size && skb->len > headers)
 		segs = (skb->len - headers + skb->gso_size - 1) / skb->gso_size;
 	__sync_fetch_and_add(&entry->packets, segs);
-	__sync_fetch_and_add(&entry->bytes, skb->len);
+	if (skb->len > inner_at)
+		__sync_fetch_and_add(&entry->bytes, skb->len - inner_at);
 	entry->last_seen = bpf_ktime_get_ns();
 	return segs;
 }
@@ -206,13 +210,22 @@ static __always_inline int encap(struct __sk_buff *skb, struct flow_entry *entry
 		count(STAT_PASS_GSO);
 		return TC_ACT_OK;
 	}
+	// One packet (or one TCP super-packet) in the frame, as its IP header says.
+	struct iphdr inner_ip;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &inner_ip, sizeof(inner_ip)) < 0 ||
+	    bpf_ntohs(inner_ip.tot_len) != skb->len - ETH_HLEN) {
+		count(STAT_PASS_GSO);
+		return TC_ACT_OK;
+	}
 	// The inner packet's first byte holds its TOS for the outer header.
 	__u8 tos = 0;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN + 1, &tos, 1) < 0) {
 		count(STAT_ERROR);
 		return TC_ACT_OK;
 	}
-	__u64 flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4;
+	// FIXED_GSO: a super-packet's segments keep their size (the check above made sure they
+	// fit once wrapped), rather than being cut into more, smaller ones.
+	__u64 flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO;
 	if (udp)
 		flags |= BPF_F_ADJ_ROOM_ENCAP_L4_UDP;
 	if (bpf_skb_adjust_room(skb, (__s32)overhead, BPF_ADJ_ROOM_MAC, flags) < 0) {
@@ -243,12 +256,27 @@ static __always_inline int encap(struct __sk_buff *skb, struct flow_entry *entry
 		count(STAT_ERROR);
 		return TC_ACT_SHOT;
 	}
-	count_n(STAT_ENCAP, account(entry, skb, ETH_HLEN + overhead + sizeof(struct iphdr) + l4_header));
+	count_n(STAT_ENCAP, account(entry, skb, ETH_HLEN + overhead + sizeof(struct iphdr) + l4_header, ETH_HLEN + overhead));
 	return bpf_redirect_neigh(cfg_ifindex, NULL, 0, 0);
 }
 
 static __always_inline int decap(struct __sk_buff *skb, void *inner, void *data_end, __u32 outer_src, int udp)
 {
+	__u32 overhead = udp ? UDP_OVERHEAD : IPIP_OVERHEAD;
+	struct iphdr *inner_ip = inner;
+	if ((void *)(inner_ip + 1) > data_end)
+		return TC_ACT_OK;
+	// One inner packet (or one TCP super-packet) filling the datagram: not a train of carrier
+	// datagrams that receive offload (UDP GRO) merged, whose first header would not describe
+	// the rest. Those go to the daemon, which reads them one by one.
+	if (bpf_ntohs(inner_ip->tot_len) != skb->len - ETH_HLEN - overhead) {
+		__u8 f = 0;
+		__u32 l = 0;
+		struct flow_key k;
+		if (inner_key(inner, data_end, &k, &f, &l) == 0 && bpf_map_lookup_elem(&flows, &k))
+			count(STAT_PASS_GSO);
+		return TC_ACT_OK;
+	}
 	struct flow_key key;
 	__u8 flags = 0;
 	__u32 l4_header = 0;
@@ -265,13 +293,13 @@ static __always_inline int decap(struct __sk_buff *skb, void *inner, void *data_
 		count(STAT_PASS_CONTROL);
 		return TC_ACT_OK;
 	}
-	__u32 overhead = udp ? UDP_OVERHEAD : IPIP_OVERHEAD;
-	if (bpf_skb_adjust_room(skb, -(__s32)overhead, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4) < 0) {
+	if (bpf_skb_adjust_room(skb, -(__s32)overhead, BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_DECAP_L3_IPV4 | BPF_F_ADJ_ROOM_FIXED_GSO) < 0) {
 		count(STAT_ERROR);
 		return TC_ACT_OK;
 	}
 	skb->mark |= cfg_mark;
-	count_n(STAT_DECAP, account(entry, skb, ETH_HLEN + sizeof(struct iphdr) + l4_header));
+	count_n(STAT_DECAP, account(entry, skb, ETH_HLEN + sizeof(struct iphdr) + l4_header, ETH_HLEN));
 	return TC_ACT_OK;
 }
 
@@ -296,13 +324,14 @@ int ringlb_ingress(struct __sk_buff *skb)
 	if (ip->frag_off & bpf_htons(0x3fff))
 		return TC_ACT_OK;
 
-	if (ip->protocol == IPPROTO_UDP && ip->daddr != cfg_vip) {
+	// Carrier packets for this node (not ones it routes on to another).
+	if (ip->protocol == IPPROTO_UDP && ip->daddr == cfg_local) {
 		struct udphdr *udp = (void *)(ip + 1);
 		if ((void *)(udp + 1) > data_end || udp->dest != cfg_carrier_port)
 			return TC_ACT_OK;
 		return decap(skb, udp + 1, data_end, ip->saddr, 1);
 	}
-	if (ip->protocol == IPPROTO_IPIP)
+	if (ip->protocol == IPPROTO_IPIP && ip->daddr == cfg_local)
 		return decap(skb, ip + 1, data_end, ip->saddr, 0);
 
 	struct flow_key key;
@@ -324,7 +353,7 @@ int ringlb_ingress(struct __sk_buff *skb)
 	switch (entry->kind) {
 	case KIND_LOCAL:
 		skb->mark |= cfg_mark;
-		count_n(STAT_LOCAL, account(entry, skb, ETH_HLEN + sizeof(struct iphdr) + l4_header));
+		count_n(STAT_LOCAL, account(entry, skb, ETH_HLEN + sizeof(struct iphdr) + l4_header, ETH_HLEN));
 		return TC_ACT_OK;
 	case KIND_ENCAP_UDP:
 	case KIND_ENCAP_IPIP:

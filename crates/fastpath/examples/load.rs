@@ -5,6 +5,7 @@ fn main() {
     let config = ringlb_fastpath::FastPathConfig {
         interface: args[1].clone(),
         vip: args[2].parse().expect("VIP"),
+        local: std::net::Ipv4Addr::new(10, 77, 0, 1),
         carrier_port: 6081,
         mark: 0x100_0000,
         rule_pref: 99,

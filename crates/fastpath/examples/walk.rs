@@ -11,6 +11,7 @@ fn main() {
     let config = FastPathConfig {
         interface: args[1].clone(),
         vip: Ipv4Addr::new(10, 200, 0, 10),
+        local: std::net::Ipv4Addr::new(10, 77, 0, 1),
         carrier_port: 6635,
         mark: 0x100_0000,
         rule_pref: 99,

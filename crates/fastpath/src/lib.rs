@@ -24,7 +24,7 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 
-/// How long the rule for marked packets stays: it is removed when the [`FastPath`] is dropped.
+/// Where the rule sends marked packets; it is removed when the [`FastPath`] is dropped.
 const RULE_TABLE: &str = "local";
 
 /// Where to attach and what the program needs to know.
@@ -34,6 +34,8 @@ pub struct FastPathConfig {
     /// encapsulated packets leave by it.
     pub interface: String,
     pub vip: Ipv4Addr,
+    /// This node's underlay address (carrier packets are decapsulated only when sent to it).
+    pub local: Ipv4Addr,
     /// The UDP carrier's port (packets to it are decapsulated when their flow is installed).
     pub carrier_port: u16,
     /// The mark bit (or bits) set on packets for local delivery, and the preference of the
@@ -219,7 +221,8 @@ pub struct FastPath {
     // Kept for the link's lifetime: dropping the `Ebpf` detaches the program.
     _ebpf: Ebpf,
     _link: SchedClassifierLink,
-    rule: Option<String>,
+    /// The rule for marked packets, as `ip rule add|del` takes it.
+    rule: Option<Vec<String>>,
     /// Room for batched reads of `flows`, allocated on first use.
     batch: Option<Batch>,
 }
@@ -257,6 +260,7 @@ impl FastPath {
         let ifindex = read_number(&config.interface, "ifindex")?;
         let mtu = read_number(&config.interface, "mtu")?;
         let vip = u32::from_ne_bytes(config.vip.octets());
+        let local = u32::from_ne_bytes(config.local.octets());
         let port = u16::from_ne_bytes(config.carrier_port.to_be_bytes());
         let mut ebpf = EbpfLoader::new()
             .override_global("cfg_vip", &vip, true)
@@ -264,6 +268,7 @@ impl FastPath {
             .override_global("cfg_mark", &config.mark, true)
             .override_global("cfg_ifindex", &ifindex, true)
             .override_global("cfg_mtu", &mtu, true)
+            .override_global("cfg_local", &local, true)
             .map_max_entries("flows", config.max_flows.max(1))
             .load(object)?;
         let program: &mut SchedClassifier = ebpf
@@ -288,16 +293,28 @@ impl FastPath {
         Ok(fast)
     }
 
-    /// `ip rule add pref P fwmark M/M lookup local`, unless it is there already (a daemon that
-    /// died left it; it is harmless without the program, which alone sets the mark).
+    /// `ip rule add pref P fwmark M/M lookup local`, unless that very rule is there already (a
+    /// daemon that died left it: harmless without the program, which alone sets the mark).
+    /// Another rule at that preference is refused rather than taken over or replaced.
     fn add_rule(&mut self, config: &FastPathConfig) -> Result<(), LoadError> {
-        let mark = format!("0x{:x}/0x{:x}", config.mark, config.mark);
+        let spec = rule_spec(config);
         let pref = config.rule_pref.to_string();
         let shown = ip(&["-4", "rule", "show", "pref", &pref])?;
-        if !shown.contains("fwmark") {
-            ip(&["-4", "rule", "add", "pref", &pref, "fwmark", &mark, "lookup", RULE_TABLE])?;
+        let ours = format!("fwmark 0x{:x}/0x{:x} lookup {RULE_TABLE}", config.mark, config.mark);
+        match shown.trim() {
+            "" => {
+                let mut args = vec!["-4", "rule", "add"];
+                args.extend(spec.iter().map(String::as_str));
+                ip(&args)?;
+            }
+            line if line.lines().count() == 1 && line.contains(&ours) => {}
+            other => {
+                return Err(LoadError::Rule(format!(
+                    "preference {pref} already holds another rule ({other}); choose fast_path.rule_pref"
+                )))
+            }
         }
-        self.rule = Some(pref);
+        self.rule = Some(spec);
         Ok(())
     }
 
@@ -360,8 +377,10 @@ impl FastPath {
 
 impl Drop for FastPath {
     fn drop(&mut self) {
-        if let Some(pref) = self.rule.take() {
-            if let Err(e) = ip(&["-4", "rule", "del", "pref", &pref]) {
+        if let Some(spec) = self.rule.take() {
+            let mut args = vec!["-4", "rule", "del"];
+            args.extend(spec.iter().map(String::as_str));
+            if let Err(e) = ip(&args) {
                 tracing::warn!(error = %e, "fast path: could not remove the policy rule for marked packets");
             }
         }
@@ -374,6 +393,12 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes one timespec through a valid pointer to a local.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// `pref P fwmark M/M lookup local`: exactly this rule is added, and deleted.
+fn rule_spec(config: &FastPathConfig) -> Vec<String> {
+    let mark = format!("0x{:x}/0x{:x}", config.mark, config.mark);
+    ["pref", &config.rule_pref.to_string(), "fwmark", &mark, "lookup", RULE_TABLE].map(str::to_owned).to_vec()
 }
 
 fn read_number(name: &str, what: &str) -> Result<u32, LoadError> {

@@ -304,9 +304,16 @@ fn start_fast_path(config: &Config, local: IpAddr, driver: Driver) -> Driver {
         tracing::warn!("fast path off: only IPv4 is offloaded; the TUN path carries everything");
         return driver;
     };
+    if config.carrier.require_authenticated {
+        // Every carrier packet is sealed, and the program sends plaintext only: it would carry
+        // nothing but this node's own flows, and cost the carrier socket its receive offload.
+        tracing::warn!("fast path off: carrier.require_authenticated seals every carrier packet");
+        return driver;
+    }
     let path = ringlb_fastpath::FastPath::load(&ringlb_fastpath::FastPathConfig {
         interface: config.node.underlay_interface.clone(),
         vip,
+        local,
         carrier_port: config.carrier.port,
         mark: fp.mark,
         rule_pref: fp.rule_pref,

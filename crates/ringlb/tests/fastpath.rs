@@ -241,9 +241,10 @@ fn spoof() -> String {
 }
 
 /// The program decapsulates a flow's carrier packets only from the entry the daemon recorded for
-/// it. ACKs of an offloaded connection, sent from the nodes' segment with another member's
-/// address or a non-member's as the outer source, are all left to the daemon, which checks them
-/// as it checks every carrier packet (and refuses the non-member's).
+/// it. ACKs of an offloaded connection sent from the nodes' segment with a non-member's address
+/// as the outer source are all left to the daemon, which refuses them, and the flow stays
+/// offloaded; one sent as another member is left to the daemon too (which takes it, as it takes
+/// any member's carrier packet: that member becomes the flow's entry, as after an ECMP change).
 #[test]
 fn an_offloaded_flow_takes_carrier_packets_only_from_its_own_entry() {
     if !built() {
@@ -273,32 +274,34 @@ fn an_offloaded_flow_takes_carrier_packets_only_from_its_own_entry() {
         (
             metric(&m, &format!("ringlb_fast_path_passed_packets_total{{node=\"n{server}\",reason=\"wrong_source\"}}")),
             metric(&m, &format!("ringlb_dropped_packets_total{{node=\"n{server}\",reason=\"not_member\"}}")),
+            fast_packets(lab, server, "decapsulated"),
         )
     };
-    let before = counters(&lab);
     let dst = ringlb_netlab::node_addr(server).to_string();
-    for src in [ringlb_netlab::node_addr(other).to_string(), "10.77.0.250".to_owned()] {
-        let sent = lab
-            .exec(
-                &lab.router(),
-                &["python3", &spoof(), "ack", &src, &dst, "6635", &client, &format!("{VIP}:9000"), "50"],
-            )
-            .expect("spoof");
-        assert_eq!(sent.trim(), "50");
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    let spoof_from = |src: &str, n: &str| {
+        let args = ["python3", &spoof(), "ack", src, &dst, "6635", &client, &format!("{VIP}:9000"), n];
+        let sent = lab.exec(&lab.router(), &args).expect("spoof");
+        assert_eq!(sent.trim(), n);
+    };
+    let before = counters(&lab);
+    spoof_from("10.77.0.250", "100");
+    std::thread::sleep(Duration::from_millis(1000));
     let after = counters(&lab);
-    println!("n{server} serves {client}'s upload; 50 ACKs as n{other}, 50 as 10.77.0.250: {before:?} -> {after:?} (wrong source, not member)");
-    assert_eq!(
-        after.0 - before.0,
-        100,
-        "the program took carrier packets of the flow from another source than its entry"
-    );
-    assert_eq!(after.1 - before.1, 50, "the daemon did not refuse the non-member's packets");
+    println!("n{server} serves {client}'s upload; 100 ACKs as 10.77.0.250: {before:?} -> {after:?} (wrong source, not member, decapsulated)");
+    assert_eq!(after.0 - before.0, 100, "the program took carrier packets of the flow from a non-member");
+    assert_eq!(after.1 - before.1, 100, "the daemon did not refuse the non-member's packets");
+    assert!(after.2 > before.2 + 100, "the upload left the fast path ({} then {})", before.2, after.2);
+
+    spoof_from(&ringlb_netlab::node_addr(other).to_string(), "1");
+    std::thread::sleep(Duration::from_millis(300));
+    let last = counters(&lab);
+    println!("1 ACK as n{other}: {after:?} -> {last:?}");
+    assert_eq!(last.0 - after.0, 1, "the program took a carrier packet of the flow from another member");
 }
 
 /// Flows over the sealed carrier stay on the daemon's path: the program would send them in
-/// plaintext.
+/// plaintext. Two sites, sealed between them (the default); site a's nodes have weight 0, so
+/// every upload entering at n1 crosses to site b, sealed, and n1 offloads none of them.
 #[test]
 fn flows_over_the_sealed_carrier_are_never_offloaded() {
     if !built() {
@@ -306,17 +309,19 @@ fn flows_over_the_sealed_carrier_are_never_offloaded() {
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let lab = lab("fpseal", |s| {
-        s.weights = vec![0.0, 1.0, 1.0];
-        s.carrier_options = "require_authenticated = true\n".into();
+        s.nodes = 4;
+        s.sites = 2;
+        s.weights = vec![0.0, 0.0, 1.0, 1.0];
     });
+    lab.wait_converged(&[1, 2, 3, 4], 4, Duration::from_secs(20)).expect("both sites converge");
     let blob = lab.make_blob("up16", 16).expect("blob");
     let want = sha256(&blob);
     for _ in 0..3 {
         let (sha, server) = upload(&lab, &blob);
         assert_eq!(sha, want, "upload served by {server} corrupted");
-        assert!(server == "n2" || server == "n3", "n1 (weight 0) served an upload");
+        assert!(server == "n3" || server == "n4", "site a (weight 0) served an upload: {server}");
     }
-    for i in 1..=3 {
+    for i in 1..=4 {
         let m = lab.metrics(i).expect("metrics");
         let installed = metric(&m, "ringlb_fast_path_flows_installed_total{");
         let sealed =

@@ -21,6 +21,7 @@
 //! expired although busy.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use hashbrown::{HashMap, HashSet};
 use ringlb_wire::FlowKey;
@@ -76,7 +77,15 @@ struct Installed {
     how: Offloaded,
     packets: u64,
     bytes: u64,
+    /// When it was installed or last carried a packet in the fast path.
+    active: Timestamp,
 }
+
+/// While the fast path's table is this full (of `max_flows`), flows it has carried nothing for
+/// [`IDLE_UNDER_PRESSURE`] are withdrawn at each reconciliation: two spoofed packets settle a
+/// made-up flow, and such flows must not keep real ones out of a full table.
+const PRESSURE: f64 = 0.9;
+const IDLE_UNDER_PRESSURE: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub(super) struct Offload {
@@ -196,7 +205,11 @@ impl Node {
     pub(super) fn offer_served_flow(&mut self, key: &FlowKey, from: NodeId) {
         let Some(o) = &self.offload else { return };
         if let Some(inst) = o.installed.get(key) {
-            if !self.still_backed(key, inst.how, o) {
+            // Another entry sends the flow now (ECMP moved it, or a new layer-2 owner): the
+            // program would pass all its packets to the daemon; withdrawn, it is offered again
+            // for the new entry.
+            let moved = matches!(inst.how, Offloaded::Served { entry, .. } if entry != from);
+            if moved || !self.still_backed(key, inst.how, o) {
                 self.withdraw(key);
             }
             return;
@@ -210,6 +223,7 @@ impl Node {
     }
 
     fn install(&mut self, key: FlowKey, how: Offloaded) {
+        let now = self.offload_now;
         let Some(o) = &mut self.offload else { return };
         if o.installed.len() >= o.max_flows {
             if o.refused.len() < MAX_REFUSED_TRACKED && o.refused.insert(key) {
@@ -217,7 +231,7 @@ impl Node {
             }
             return;
         }
-        o.installed.insert(key, Installed { how, packets: 0, bytes: 0 });
+        o.installed.insert(key, Installed { how, packets: 0, bytes: 0, active: now });
         o.ops.push(OffloadOp::Install(key, how));
         o.counters.installed += 1;
     }
@@ -225,6 +239,14 @@ impl Node {
     fn withdraw(&mut self, key: &FlowKey) {
         let Some(o) = &mut self.offload else { return };
         o.withdraw(key);
+    }
+
+    /// The IO layer could not install `key` (the kernel's table refused it): the flow stays on
+    /// the daemon's path and is offered again by its next packet there.
+    pub fn offload_failed(&mut self, key: &FlowKey) {
+        if let Some(o) = &mut self.offload {
+            o.installed.remove(key);
+        }
     }
 
     /// What a withdrawn flow did in the fast path until it was removed there (the IO layer
@@ -248,6 +270,7 @@ impl Node {
         if packets == 0 {
             return;
         }
+        inst.active = now;
         o.counters.bytes += bytes;
         let table = match inst.how {
             Offloaded::Local => {
@@ -281,13 +304,21 @@ impl Node {
         o.refused.clear();
         o.withdrawn.clear();
         for u in usage {
-            let Some(mut inst) = o.installed.remove(&u.key) else { continue };
+            let Some(mut inst) = o.installed.remove(&u.key) else {
+                // In the kernel's table but not the core's (a delete that failed): it would
+                // steer packets nobody accounts for.
+                o.ops.push(OffloadOp::Remove(u.key));
+                continue;
+            };
             self.credit(&mut o, &mut inst, u, now);
             o.installed.insert(u.key, inst);
         }
+        #[allow(clippy::cast_precision_loss)]
+        let pressed = o.installed.len() as f64 >= o.max_flows as f64 * PRESSURE;
         let mut gone = Vec::new();
         for (key, inst) in &o.installed {
-            if !self.still_backed(key, inst.how, &o) {
+            let idle = pressed && now.saturating_since(inst.active) >= IDLE_UNDER_PRESSURE;
+            if idle || !self.still_backed(key, inst.how, &o) {
                 gone.push(*key);
             }
         }
