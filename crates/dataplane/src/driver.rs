@@ -377,13 +377,14 @@ impl Driver {
     }
 
     /// The fast path carries plaintext only: members the carrier seals to are not eligible.
+    /// The program sends by the underlay interface only: members routed elsewhere are not
+    /// eligible either.
     fn refresh_offload_eligibility(&mut self) {
-        if self.offload.is_none() {
-            return;
-        }
+        let Some(offload) = &self.offload else { return };
         let peers: Vec<_> = self.node.members().iter().map(|(id, m)| (id, m.addr)).collect();
-        for (id, addr) in peers {
-            let eligible = !self.seals_to(addr);
+        let reachable: Vec<bool> = peers.iter().map(|&(_, addr)| offload.reaches(addr)).collect();
+        for ((id, addr), reachable) in peers.into_iter().zip(reachable) {
+            let eligible = reachable && !self.seals_to(addr);
             self.node.set_offload_eligible(id, eligible);
         }
     }

@@ -21,6 +21,8 @@ pub struct Offload {
     path: FastPath,
     /// This node's underlay address: the outer source of what it encapsulates.
     local: Ipv4Addr,
+    /// The underlay interface: the program sends encapsulated packets out by it only.
+    interface: String,
     ops: Vec<OffloadOp>,
     usage: Vec<OffloadUsage>,
     /// Installs the program's table refused (full, or a syscall error): the flow stays on the
@@ -50,8 +52,17 @@ fn key_of(key: &WireKey) -> Option<FlowKey> {
 }
 
 impl Offload {
-    pub fn new(path: FastPath, local: Ipv4Addr) -> Self {
-        Offload { path, local, ops: Vec::new(), usage: Vec::new(), install_errors: 0 }
+    pub fn new(path: FastPath, local: Ipv4Addr, interface: String) -> Self {
+        Offload { path, local, interface, ops: Vec::new(), usage: Vec::new(), install_errors: 0 }
+    }
+
+    /// Whether the main routing table sends packets for `peer` out by the underlay interface,
+    /// the only one the program sends by (`/proc/net/route`, longest prefix; policy rules are
+    /// not consulted). A peer behind another interface stays on the daemon's path.
+    pub(crate) fn reaches(&self, peer: IpAddr) -> bool {
+        let IpAddr::V4(peer) = peer else { return false };
+        let Ok(table) = std::fs::read_to_string("/proc/net/route") else { return true };
+        route_interface(&table, peer).is_none_or(|dev| dev == self.interface)
     }
 
     /// Carries out the core's pending decisions (`now`: for what a removed flow did last).
@@ -104,6 +115,24 @@ impl Offload {
     }
 }
 
+/// The interface of the longest prefix in `/proc/net/route` that holds `addr`.
+fn route_interface(table: &str, addr: Ipv4Addr) -> Option<&str> {
+    let hex = |s: &str| u32::from_str_radix(s, 16).ok().map(u32::from_be);
+    let addr = u32::from(addr);
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // Iface Destination Gateway Flags RefCnt Use Metric Mask ...; addresses in host
+            // order as hex of the network-order bytes.
+            let (dest, mask) = (hex(f.get(1)?)?, hex(f.get(7)?)?);
+            (addr & mask == dest & mask).then_some((mask.count_ones(), f[0]))
+        })
+        .max_by_key(|&(len, _)| len)
+        .map(|(_, dev)| dev)
+}
+
 /// The program's CLOCK_MONOTONIC stamp as the core's time (`None`: no packet yet).
 fn last_seen(now: Timestamp, now_ns: u64, seen_ns: u64) -> Option<Timestamp> {
     (seen_ns != 0).then(|| now.saturating_sub(Duration::from_nanos(now_ns.saturating_sub(seen_ns))))
@@ -133,4 +162,21 @@ fn action(how: Offloaded, local: Ipv4Addr, carrier: &Carrier) -> Option<Action> 
         },
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_prefix_names_the_interface() {
+        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                     eth0\t00000000\t014D0A0A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                     eth0\t00004D0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                     wg0\t05004D0A\t00000000\t0001\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
+        assert_eq!(route_interface(table, Ipv4Addr::new(10, 77, 0, 2)), Some("eth0"));
+        assert_eq!(route_interface(table, Ipv4Addr::new(10, 77, 0, 5)), Some("wg0"));
+        assert_eq!(route_interface(table, Ipv4Addr::new(192, 0, 2, 1)), Some("eth0"), "default route");
+        assert_eq!(route_interface("Iface\tDestination\n", Ipv4Addr::new(10, 0, 0, 1)), None);
+    }
 }

@@ -326,7 +326,10 @@ fn start_fast_path(config: &Config, local: IpAddr, driver: Driver) -> Driver {
                 max_flows = fp.max_flows,
                 "fast path on: established flows are carried by the kernel (tc eBPF)"
             );
-            driver.with_fast_path(ringlb_dataplane::Offload::new(path, local), fp.max_flows as usize)
+            driver.with_fast_path(
+                ringlb_dataplane::Offload::new(path, local, config.node.underlay_interface.clone()),
+                fp.max_flows as usize,
+            )
         }
         Err(e) => {
             tracing::warn!(error = %e, "fast path off: the TUN path carries everything");
