@@ -1,8 +1,10 @@
 //! `netlab bench`: see `Cmd::Bench`. A benchmark, not a test: it measures and writes a report.
 //! Every case runs in a lab of the same topology (client → router → n1..n3); one lab per ringlb
 //! configuration, built one after the other and torn down when done. The cases across an
-//! emulated WAN (two sites) are in [`wan`].
+//! emulated WAN (two sites) are in [`wan`]; the kernel fast path's cases, their check and their
+//! goals in [`fast_path`].
 
+mod fast_path;
 mod pps;
 mod wan;
 
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use ringlb_netlab::{node_addr, Lab, Spec, CAPACITY, VIP};
 
-const CASES: [(char, &str); 7] = [
+const CASES: [(char, &str); 10] = [
     ('a', "direct, client → n2, no balancer"),
     ('b', "ringlb, entry n1 serves locally"),
     ('c', "ringlb, n1 forwards over udp"),
@@ -26,6 +28,9 @@ const CASES: [(char, &str); 7] = [
     ('e', "HAProxy TCP mode on n1"),
     ('f', "nftables DNAT + masquerade on n1"),
     ('g', "ringlb, n1 forwards over udp, sealed"),
+    ('k', "ringlb, entry n1 serves locally, fast path"),
+    ('l', "ringlb, n1 forwards over udp, fast path"),
+    ('m', "ringlb, n1 forwards over ipip, fast path"),
 ];
 /// `[carrier]` of the sealed cases: every carrier packet sealed (AES-256-GCM), plaintext refused.
 const SEALED: &str = "require_authenticated = true";
@@ -140,6 +145,8 @@ struct Bench {
     drops: BTreeMap<char, Vec<BTreeMap<String, u64>>>,
     /// The packets-per-second case's runs ([`pps::CASES`]).
     pps: BTreeMap<char, Vec<pps::Pps>>,
+    /// What carried each fast-path case, one per round ([`fast_path`]).
+    carried: BTreeMap<char, Vec<fast_path::Carried>>,
     /// The cases across the WAN: CPU shares while iperf3 ran, and the WAN bridge's counters.
     wan: wan::Observed,
     problems: Vec<String>,
@@ -158,17 +165,22 @@ pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool, rounds: usize) -> 
         sealed: BTreeMap::new(),
         drops: BTreeMap::new(),
         pps: BTreeMap::new(),
+        carried: BTreeMap::new(),
         wan: wan::Observed::default(),
         problems: Vec::new(),
     };
     type Stage = fn(&mut Bench, &str, &Path) -> Result<()>;
-    // (g) right after (c): the sealed-over-plain ratio is taken between neighbours in time.
-    let stages: [(&str, Stage); 6] = [
+    // (g) right after (c): the sealed-over-plain ratio is taken between neighbours in time; each
+    // fast-path case right after the case it mirrors, for the same reason.
+    let stages: [(&str, Stage); 9] = [
         ("a, e, f", baselines),
-        ("b", local),
-        ("c", |b, p, bin| forwarded(b, p, bin, 'c', "udp", "")),
-        ("g", |b, p, bin| forwarded(b, p, bin, 'g', "udp", SEALED)),
-        ("d", |b, p, bin| forwarded(b, p, bin, 'd', "ipip", "")),
+        ("b", |b, p, bin| local(b, p, bin, 'b', false)),
+        ("k", |b, p, bin| local(b, p, bin, 'k', true)),
+        ("c", |b, p, bin| forwarded(b, p, bin, 'c', "udp", "", false)),
+        ("g", |b, p, bin| forwarded(b, p, bin, 'g', "udp", SEALED, false)),
+        ("l", |b, p, bin| forwarded(b, p, bin, 'l', "udp", "", true)),
+        ("d", |b, p, bin| forwarded(b, p, bin, 'd', "ipip", "", false)),
+        ("m", |b, p, bin| forwarded(b, p, bin, 'm', "ipip", "", true)),
         (wan::KEYS, wan::stage),
     ];
     // Every round runs every case, so a slow spell of the machine hits all cases alike.
@@ -202,13 +214,18 @@ pub fn run(prefix: &str, bin: &Path, out: &Path, quick: bool, rounds: usize) -> 
 
 /// The CI smoke check: forwarded upload (UDP carrier) against the direct path in one lab, and
 /// forwarded 64-byte datagrams against the direct path (floor [`pps::SMOKE_FLOOR`]), then
-/// the sealed carrier's forwarded upload against that plain one in a second lab; each fails
-/// when it falls below `floor` in every one of three tries (the machine is shared and noisy; a
-/// real regression fails all three).
+/// the sealed carrier's forwarded upload against that plain one in a second lab, then forwarded
+/// upload with the kernel fast path against the direct path in a third (floor
+/// [`fast_path::SMOKE_FLOOR`], and the fast path must have carried it); each fails when it falls
+/// below its floor in every one of three tries (the machine is shared and noisy; a real
+/// regression fails all three).
 pub fn smoke(prefix: &str, bin: &Path, floor: f64) -> Result<()> {
     let started = Instant::now();
     let plain = {
-        let lab = lab(prefix, bin, |s| s.weights = vec![0.0, 1.0, 1.0])?;
+        let lab = lab(prefix, bin, |s| {
+            s.weights = vec![0.0, 1.0, 1.0];
+            s.fast_path = false;
+        })?;
         drain_n3(&lab)?; // iperf3's two connections must meet on one server: n2
         let try_once = |_| {
             let direct = iperf(&lab, &node_addr(2).to_string(), IPERF_PORT, false, 3)?;
@@ -220,17 +237,23 @@ pub fn smoke(prefix: &str, bin: &Path, floor: f64) -> Result<()> {
         pps::smoke(&lab)?;
         upload
     };
-    let lab = lab(&format!("{prefix}g"), bin, |s| {
-        s.weights = vec![0.0, 1.0, 1.0];
-        s.carrier_options = SEALED.into();
-    })?;
-    wait_sealing(&lab, 1, 2)?;
-    drain_n3(&lab)?;
-    smoke_tries("sealed forwarded upload / plain", floor, |_| {
-        let sealed = iperf(&lab, &VIP.to_string(), IPERF_PORT, false, 3)?;
-        eprintln!("bench smoke: upload forwarded over the sealed udp carrier {sealed:.2} Gbit/s (plain {plain:.2})");
-        Ok((sealed, sealed / plain))
-    })?;
+    {
+        let lab = lab(&format!("{prefix}g"), bin, |s| {
+            s.weights = vec![0.0, 1.0, 1.0];
+            s.carrier_options = SEALED.into();
+            s.fast_path = false;
+        })?;
+        wait_sealing(&lab, 1, 2)?;
+        drain_n3(&lab)?;
+        smoke_tries("sealed forwarded upload / plain", floor, |_| {
+            let sealed = iperf(&lab, &VIP.to_string(), IPERF_PORT, false, 3)?;
+            eprintln!(
+                "bench smoke: upload forwarded over the sealed udp carrier {sealed:.2} Gbit/s (plain {plain:.2})"
+            );
+            Ok((sealed, sealed / plain))
+        })?;
+    }
+    fast_path::smoke(&format!("{prefix}k"), bin)?;
     eprintln!("bench smoke: passed in {} s", started.elapsed().as_secs());
     Ok(())
 }
@@ -376,20 +399,37 @@ fn baselines(b: &mut Bench, prefix: &str, bin: &Path) -> Result<()> {
     Ok(())
 }
 
-/// (b): a margin no node ever exceeds, so the entry n1 serves every flow itself.
-fn local(b: &mut Bench, prefix: &str, bin: &Path) -> Result<()> {
-    let lab = lab(prefix, bin, |s| s.extra_config = "[placement]\nmargin = 1000000000.0\n".into())?;
-    b.measure('b', &lab, Ok(()), &VIP.to_string(), 80, IPERF_PORT);
+/// (b), and (k) with the kernel fast path: a margin no node ever exceeds, so the entry n1
+/// serves every flow itself.
+fn local(b: &mut Bench, prefix: &str, bin: &Path, key: char, fast_path: bool) -> Result<()> {
+    let lab = lab(prefix, bin, |s| {
+        s.extra_config = "[placement]\nmargin = 1000000000.0\n".into();
+        s.fast_path = fast_path;
+    })?;
+    b.measure(key, &lab, Ok(()), &VIP.to_string(), 80, IPERF_PORT);
+    if fast_path {
+        b.check_fast_path(key, &lab, true)?;
+    }
     Ok(())
 }
 
-/// (c), (d), (g): n1 has weight 0 (forward-only), so every flow is forwarded to n2 or n3, over
-/// `carrier` with `carrier_options` in every node's `[carrier]`.
-fn forwarded(b: &mut Bench, prefix: &str, bin: &Path, key: char, carrier: &str, carrier_options: &str) -> Result<()> {
+/// (c), (d), (g), and (l), (m) with the kernel fast path: n1 has weight 0 (forward-only), so
+/// every flow is forwarded to n2 or n3, over `carrier` with `carrier_options` in every node's
+/// `[carrier]`.
+fn forwarded(
+    b: &mut Bench,
+    prefix: &str,
+    bin: &Path,
+    key: char,
+    carrier: &str,
+    carrier_options: &str,
+    fast_path: bool,
+) -> Result<()> {
     let lab = lab(prefix, bin, |s| {
         s.carrier = carrier.into();
         s.carrier_options = carrier_options.into();
         s.weights = vec![0.0, 1.0, 1.0];
+        s.fast_path = fast_path;
     })?;
     if carrier_options.contains("require_authenticated = true") {
         wait_sealing(&lab, 1, 2)?;
@@ -402,6 +442,9 @@ fn forwarded(b: &mut Bench, prefix: &str, bin: &Path, key: char, carrier: &str, 
     b.iperf(key, &lab, &VIP.to_string(), IPERF_PORT);
     if pps::CASES.contains(&key) {
         b.pps(key, &lab, SocketAddrV4::new(VIP, pps::PORT), true);
+    }
+    if fast_path {
+        b.check_fast_path(key, &lab, false)?;
     }
     b.count_carrier(key, &lab)
 }
@@ -533,6 +576,10 @@ impl Bench {
         let row = |k: char| rows.get(&k).unwrap_or(&none);
         for (k, name) in CASES {
             let r = row(k);
+            let name = match self.fast_path_invalid(k) {
+                Some(_) => format!("{name} **(invalid: see the fast path's section)**"),
+                None => name.to_owned(),
+            };
             let lat = |w: Option<Wrk>| w.map_or("–".into(), |w| format!("{:.2} / {:.2}", w.p50, w.p99));
             let _ = writeln!(
                 s,
@@ -560,13 +607,15 @@ impl Bench {
             |r| r.close.map(|w| w.rps),
             |r| r.close.map(|w| w.p99),
         ];
-        let pairs = ['b', 'c', 'd', 'g'].into_iter().flat_map(|x| ['a', 'e', 'f'].map(|y| (x, y)));
-        for (x, y) in pairs.chain([('g', 'c')]) {
+        let pairs = ['b', 'c', 'd', 'g', 'k', 'l', 'm'].into_iter().flat_map(|x| ['a', 'e', 'f'].map(|y| (x, y)));
+        // The sealed carrier over the plain one, and each fast-path case over its TUN-path mirror.
+        for (x, y) in pairs.chain([('g', 'c')]).chain(fast_path::MIRRORS) {
             let ratios = metrics.map(|f| num(f(row(x)).zip(f(row(y))).map(|(a, b)| a / b), 2));
             let _ = writeln!(s, "| ({x}) / ({y}) | {} |", ratios.join(" | "));
         }
         s.push_str(&targets(row));
         s.push_str(&sealed_targets(row));
+        s.push_str(&fast_path::report(self, row));
         s.push_str(&pps::report(self, |k| CASES.iter().find(|c| c.0 == k).map_or("?", |c| c.1)));
         s.push_str(&wan::report(self, row));
         if self.rounds > 1 {
@@ -590,9 +639,10 @@ impl Bench {
              within one run count. Download (`iperf3 -R`) in the ringlb cases is direct server return: the replies \
              bypass the balancer and go from the serving node through the router straight to the client; only the \
              client's packets (upload data, requests, and the ACKs of a download) cross ringlb. ringlb runs on every \
-             node in (b)-(d) and (g), HAProxy and nftables on n1 only. In (c), (d) and (g) wrk's connections are spread over n2 \
-             and n3; iperf3 needs its control and data connections on the same server, so for it n3 is drained \
-             (`ringlb drain`) and the entry forwards everything to n2 (the same in (g)). HAProxy balances HTTP round-robin over n2 \
+             node in (b)-(d), (g) and (k)-(m), HAProxy and nftables on n1 only. In (c), (d), (g), (l) and (m) wrk's \
+             connections are spread over n2 and n3; iperf3 needs its control and data connections on the same server, \
+             so for it n3 is drained (`ringlb drain`) and the entry forwards everything to n2. (k), (l) and (m) are \
+             (b), (c) and (d) with the kernel fast path on every node (`[fast_path] enabled = true`). HAProxy balances HTTP round-robin over n2 \
              and n3 and iperf3 by source (one backend); nftables sends everything to n2. (g) is (c) with \
              `carrier.require_authenticated = true`: every carrier packet is sealed with AES-256-GCM \
              (32 bytes more per packet) and plaintext is refused; the entry n1 sealed {} carrier packets \
@@ -793,7 +843,8 @@ pub enum Load {
 /// `netlab profile`: the forwarded case (c) or (d) under one load, with `perf record -a -g`
 /// running for `secs` in the middle of it. Writes `<out>/<load>.perf.data` and
 /// `<out>/<load>.txt` (CPU by process and binary, ringlb's own hottest symbols, and the
-/// system calls of the entry's daemon per forwarded packet), and prints the text.
+/// system calls of the entry's daemon per forwarded packet), and prints the text. With
+/// `NETLAB_FAST_PATH` set, (l) or (m): the same with the kernel fast path on every node.
 pub fn profile(prefix: &str, bin: &Path, out: &Path, load: Load, carrier: &str, secs: u32) -> Result<()> {
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let lab = lab(prefix, bin, |s| {
@@ -830,6 +881,7 @@ pub fn profile(prefix: &str, bin: &Path, out: &Path, load: Load, carrier: &str, 
         .output()
         .context("running perf stat (apt-get install linux-perf)")?;
     let forwarded = lab.metric(1, "ringlb_forwarded_packets_total{")? - forwarded_before;
+    let fast_path = lab.metric(1, "ringlb_fast_path_packets_total{node=\"n1\",action=\"forwarded\"}")?;
     let secs_s = secs.to_string();
     let rec = Command::new("perf")
         .args(["record", "-a", "-g", "-q", "-o", &data.to_string_lossy(), "--", "sleep", &secs_s])
@@ -856,11 +908,16 @@ pub fn profile(prefix: &str, bin: &Path, out: &Path, load: Load, carrier: &str, 
         .find_map(|l| l.split(',').next()?.trim().parse().ok())
         .unwrap_or(0.0);
     let text = format!(
-        "# netlab profile: {name}, carrier {carrier}, entry n1 forwarding everything to n2, perf record -a -g for {secs} s\n\n\
+        "# netlab profile: {name}, carrier {carrier}{}, entry n1 forwarding everything to n2, perf record -a -g for {secs} s\n\n\
          ## CPU by process and binary (all of the machine's CPUs = 100 %)\n{}\n\n\
          ## ringlb processes, hottest symbols (kernel and user)\n{}\n\n\
          ## the entry's daemon over 2 s: {calls:.0} system calls for {forwarded} forwarded packets \
          ({:.2} per packet)\n\n## the load's own report\n{}\n",
+        if lab.spec.fast_path {
+            format!(" with the kernel fast path ({fast_path} packets forwarded by it when the recording ended)")
+        } else {
+            String::new()
+        },
         report(&["--no-children", "--sort", "comm,dso"])?,
         report(&["--no-children", "--comms", "ringlb", "--sort", "comm,dso,sym"])?,
         calls / (forwarded.max(1) as f64),

@@ -127,6 +127,7 @@ fn case(b: &mut Bench, prefix: &str, bin: &Path, key: char) -> Result<()> {
         s.sites = 2;
         s.wan = Impairment::delay_only(DELAY);
         s.weights = vec![0.0, 1.0];
+        s.fast_path = false; // the WAN cases measure the TUN path, whatever NETLAB_FAST_PATH says
         match key {
             'h' => s.start_ringlb = false,
             'i' => s.carrier_options = "seal_between_sites = false".into(),
