@@ -332,7 +332,7 @@ fn local_usage_counts_as_local_and_a_last_seen_in_the_future_is_now() {
 }
 
 #[test]
-fn flows_of_a_member_that_dies_moves_or_stops_being_alive_are_withdrawn() {
+fn flows_of_a_member_that_dies_leaves_or_moves_are_withdrawn_not_of_one_suspect_or_draining() {
     let mut n = offloading(16);
     let to_n2 = established_on(&mut n, at(0), 1000, N2);
     let to_n3 = established_on(&mut n, at(0), 1200, N3);
@@ -346,12 +346,18 @@ fn flows_of_a_member_that_dies_moves_or_stops_being_alive_are_withdrawn() {
     assert_eq!(n.on_tun_packet(at(21), &mut tcp(to_n2, ACK)), Verdict::Deliver);
     assert!(!ops(&mut n).iter().any(|op| matches!(op, OffloadOp::Install(_, Offloaded::Forward { peer: N2, .. }))));
 
-    // n3 is suspected: not alive, withdrawn; and not offered while suspect.
+    // n3 is suspected, then draining: its pinned flows still flow (the daemon's path would
+    // forward them too), so the fast path keeps carrying them.
     n.apply(at(30), &member_update("n3", underlay(3), MemberState::Suspect)).unwrap();
     n.reconcile_offload(at(31), &[]);
+    assert_eq!(ops(&mut n), [], "a suspect member's flow withdrawn");
+    n.apply(at(32), &member_update("n3", underlay(3), MemberState::Draining)).unwrap();
+    n.reconcile_offload(at(33), &[]);
+    assert_eq!(ops(&mut n), [], "a draining member's flow withdrawn");
+    // Left: withdrawn (its flows go to its kernel through the daemon's path).
+    n.apply(at(34), &member_update("n3", underlay(3), MemberState::Left)).unwrap();
+    n.reconcile_offload(at(35), &[]);
     assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(to_n3))]);
-    n.on_tun_packet(at(32), &mut tcp(to_n3, ACK));
-    assert_eq!(ops(&mut n), [], "offered to a suspect member");
 
     // Alive again, at a new underlay address: offered with the new address; then moving again
     // withdraws it.

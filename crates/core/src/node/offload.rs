@@ -5,7 +5,8 @@
 //! - A flow is offered to the fast path once it is *settled*: confirmed, and established TCP
 //!   or UDP. Its first packets (the handshake, a first datagram) always take the daemon's path,
 //!   where placement, MSS clamping, spoofing quotas and flow recovery happen.
-//! - Only to or from members that are alive and marked eligible (the IO layer marks a member
+//! - Only to or from members whose pinned flows still flow (alive, suspect, draining) and that are
+//!   marked eligible (the IO layer marks a member
 //!   ineligible while the carrier to it is sealed: the fast path sends plaintext only).
 //! - The fast path never creates a flow and never decides one: it reports, per flow, packets,
 //!   bytes and the time of the last packet. [`Node::reconcile_offload`] adds them to the
@@ -115,6 +116,12 @@ impl Offload {
     }
 }
 
+/// Whether a member's pinned flows still flow: alive, suspect (kept until confirmed dead) or
+/// draining (serves its flows to the end, and as an entry still forwards them). Not dead or left.
+fn carries(m: &crate::Member) -> bool {
+    matches!(m.state, MemberState::Alive | MemberState::Suspect | MemberState::Draining)
+}
+
 fn settled(state: FlowState) -> bool {
     matches!(state, FlowState::TcpEstablished | FlowState::Udp)
 }
@@ -158,14 +165,13 @@ impl Node {
         self.offload.as_ref().map(|o| OffloadCounters { flows: o.installed.len(), ..o.counters })
     }
 
-    /// Whether `member` is alive and may be offloaded to (or from).
+    /// Whether `member`'s flows may be offloaded (to it, or from it as their entry).
     fn offloadable(&self, member: NodeId) -> bool {
         let Some(o) = &self.offload else { return false };
         if member == self.config.local {
             return true;
         }
-        o.eligible.get(member.index()).copied().unwrap_or(false)
-            && self.members.get(member).is_some_and(|m| m.state == MemberState::Alive)
+        o.eligible.get(member.index()).copied().unwrap_or(false) && self.members.get(member).is_some_and(carries)
     }
 
     /// After a TUN packet of `key`'s flow: offers the flow if it has just settled, or withdraws
@@ -332,8 +338,7 @@ impl Node {
     fn still_backed(&self, key: &FlowKey, how: Offloaded, o: &Offload) -> bool {
         let eligible = |m: NodeId| {
             m == self.config.local
-                || (o.eligible.get(m.index()).copied().unwrap_or(false)
-                    && self.members.get(m).is_some_and(|x| x.state == MemberState::Alive))
+                || (o.eligible.get(m.index()).copied().unwrap_or(false) && self.members.get(m).is_some_and(carries))
         };
         let (table, pinned) = match how {
             Offloaded::Local => (&self.flows, Some(self.config.local)),
