@@ -178,6 +178,12 @@ pub struct Lab {
     wan: Option<wan::bridge::BridgeThread>,
 }
 
+/// The sha256 of a file, as `sha256sum` prints it.
+pub fn sha256(file: &Path) -> Result<String> {
+    let out = run(Command::new("sha256sum").arg(file))?;
+    Ok(String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned())
+}
+
 /// A unique prefix for a test's lab: short (namespace names show in `ip netns`), and unique
 /// across processes and within one.
 pub fn unique_prefix(tag: &str) -> String {
@@ -919,6 +925,15 @@ impl Lab {
         let mut all = vec!["curl", "-sS", "--max-time", "10"];
         all.extend_from_slice(args);
         self.exec(&self.client(), &all)
+    }
+
+    /// Uploads a file to the VIP's upload sink (port 9000) from the client: (the sha256 the
+    /// server computed, the node that served it).
+    pub fn upload(&self, file: &Path) -> Result<(String, String)> {
+        let data = format!("@{}", file.display());
+        let out = self.curl(&["--max-time", "120", "--data-binary", &data, &format!("http://{VIP}:9000/up")])?;
+        let mut words = out.split_whitespace();
+        Ok((words.next().unwrap_or_default().to_owned(), words.next().unwrap_or_default().to_owned()))
     }
 
     /// Writes a file of `mib` MiB of random bytes into the lab directory (served as /blob/NAME).

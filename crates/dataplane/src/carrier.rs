@@ -128,20 +128,22 @@ pub(crate) fn tune_socket(sock: &socket2::Socket) -> io::Result<()> {
 }
 
 fn set_pmtudisc_do(sock: &socket2::Socket) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    set_int_option(sock.as_fd(), libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)
+}
+
+/// `setsockopt` of an integer option (those socket2 lacks).
+pub(crate) fn set_int_option(
+    sock: std::os::fd::BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let value: libc::c_int = libc::IP_PMTUDISC_DO;
     let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
-    // SAFETY: the fd is a valid open socket owned by `sock` for the duration of the call; the
-    // option value points to a live c_int and `len` is its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&value as *const libc::c_int).cast(),
-            len,
-        )
-    };
+    // SAFETY: the fd is an open socket borrowed for the duration of the call; the option value
+    // points to a live c_int and `len` is its size.
+    let rc = unsafe { libc::setsockopt(sock.as_raw_fd(), level, name, (&value as *const libc::c_int).cast(), len) };
     if rc == 0 {
         Ok(())
     } else {

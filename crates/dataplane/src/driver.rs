@@ -398,8 +398,8 @@ impl Driver {
             let now = Timestamp::from_duration(self.origin.elapsed());
             offload.reconcile(&mut self.node, now, &self.carrier);
         } else {
-            let now = Timestamp::from_duration(self.origin.elapsed());
-            offload.apply(&mut self.node, now, &self.carrier);
+            let origin = self.origin;
+            offload.apply(&mut self.node, || Timestamp::from_duration(origin.elapsed()), &self.carrier);
         }
     }
 

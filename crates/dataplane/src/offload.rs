@@ -65,9 +65,14 @@ impl Offload {
         route_interface(&table, peer).is_none_or(|dev| dev == self.interface)
     }
 
-    /// Carries out the core's pending decisions (`now`: for what a removed flow did last).
-    pub(crate) fn apply(&mut self, node: &mut Node, now: Timestamp, carrier: &Carrier) {
+    /// Carries out the core's pending decisions (`now`, read only when there are some: for what
+    /// a removed flow did last). Called after every batch of packets; usually there is nothing.
+    pub(crate) fn apply(&mut self, node: &mut Node, now: impl FnOnce() -> Timestamp, carrier: &Carrier) {
         node.drain_offload_ops(&mut self.ops);
+        if self.ops.is_empty() {
+            return;
+        }
+        let now = now();
         for op in self.ops.drain(..) {
             match op {
                 OffloadOp::Install(key, how) => {
@@ -103,7 +108,7 @@ impl Offload {
             usage.push(OffloadUsage { key, packets: u.packets, bytes: u.bytes, last_seen });
         });
         node.reconcile_offload(now, &self.usage);
-        self.apply(node, now, carrier);
+        self.apply(node, || now, carrier);
     }
 
     pub fn snapshot(&self, node: &Node) -> OffloadSnapshot {

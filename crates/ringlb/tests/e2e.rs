@@ -55,19 +55,8 @@ fn download(lab: &Lab, name: &str) -> (String, String) {
     (sha, node)
 }
 
-/// Uploads a file, returning (sha256 the server computed, node that served it).
 fn upload(lab: &Lab, file: &Path) -> (String, String) {
-    let out = lab
-        .curl(&[
-            "--max-time",
-            "120",
-            "--data-binary",
-            &format!("@{}", file.display()),
-            &format!("http://{VIP}:9000/up"),
-        ])
-        .expect("upload");
-    let mut words = out.split_whitespace();
-    (words.next().unwrap_or_default().to_owned(), words.next().unwrap_or_default().to_owned())
+    lab.upload(file).expect("upload")
 }
 
 /// Packets a node forwarded (`forwarded`) or received from peers (`decapsulated`), by the
@@ -82,8 +71,7 @@ fn carried(lab: &Lab, i: usize, what: &str) -> u64 {
 }
 
 fn sha256(file: &Path) -> String {
-    let out = Command::new("sha256sum").arg(file).output().expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned()
+    ringlb_netlab::sha256(file).expect("sha256sum")
 }
 
 #[test]

@@ -48,23 +48,11 @@ fn lab(tag: &str, tweak: impl FnOnce(&mut Spec)) -> Lab {
 }
 
 fn sha256(file: &Path) -> String {
-    let out = Command::new("sha256sum").arg(file).output().expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned()
+    ringlb_netlab::sha256(file).expect("sha256sum")
 }
 
-/// Uploads a file through the VIP: (sha256 the server computed, the node that served it).
 fn upload(lab: &Lab, file: &Path) -> (String, String) {
-    let out = lab
-        .curl(&[
-            "--max-time",
-            "120",
-            "--data-binary",
-            &format!("@{}", file.display()),
-            &format!("http://{VIP}:9000/up"),
-        ])
-        .expect("upload");
-    let mut words = out.split_whitespace();
-    (words.next().unwrap_or_default().to_owned(), words.next().unwrap_or_default().to_owned())
+    lab.upload(file).expect("upload")
 }
 
 /// The packets a node's daemon handled itself (read from the TUN, or from the carrier).

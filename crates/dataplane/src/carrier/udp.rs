@@ -68,25 +68,7 @@ impl UdpCarrier {
     /// program can only leave such a train to the daemon: the flow's packets would take two paths
     /// and arrive out of order. The cost: the daemon reads its carrier packets one at a time.
     pub(super) fn disable_receive_offload(&self) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        let off: libc::c_int = 0;
-        let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
-        // SAFETY: the fd is the open socket `self.rx` owns for the duration of the call; the
-        // option value points to a live c_int and `len` is its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                self.rx.0.as_raw_fd(),
-                libc::SOL_UDP,
-                libc::UDP_GRO,
-                (&off as *const libc::c_int).cast(),
-                len,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        super::set_int_option(self.receive_socket(), libc::SOL_UDP, libc::UDP_GRO, 0)
     }
 
     pub(super) fn receive_socket(&self) -> std::os::fd::BorrowedFd<'_> {
