@@ -72,7 +72,7 @@ fuzz runs="10000000":
 netlab-up nodes="3" entry="single" carrier="udp" sites="1": build
     {{netlab}} up --nodes {{nodes}} --entry {{entry}} --carrier {{carrier}} --sites {{sites}}
 
-# Bring up the lab with the kernel fast path (eBPF) on every node: settled flows bypass the
+# Bring up the lab with the kernel fast path (eBPF) on every node: flows after their first packet bypass the
 # daemons (`just netlab-status` shows a `fast path:` line per node).
 netlab-up-fast nodes="3" carrier="udp": build
     {{netlab}} up --nodes {{nodes}} --carrier {{carrier}} --fast-path

@@ -840,26 +840,53 @@ pub enum Load {
     KeepAlive,
 }
 
-/// `netlab profile`: the forwarded case (c) or (d) under one load, with `perf record -a -g`
-/// running for `secs` in the middle of it. Writes `<out>/<load>.perf.data` and
+/// What `netlab profile` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProfileCase {
+    /// The entry n1 forwards every flow to n2 (cases (c), (d), and (l), (m) with the fast path).
+    Forwarded,
+    /// The entry n1 serves every flow itself (cases (b), and (k) with the fast path).
+    Local,
+    /// The client talks to n2's own address: no balancer in the path (case (a)), in the same
+    /// lab, for the comparison.
+    Direct,
+}
+
+/// `netlab profile`: one case under one load, with `perf record -a -g`
+/// running for `secs` in the middle of it. Writes `<out>/<case>-<load>.perf.data` and
 /// `<out>/<load>.txt` (CPU by process and binary, ringlb's own hottest symbols, and the
 /// system calls of the entry's daemon per forwarded packet), and prints the text. With
 /// `NETLAB_FAST_PATH` set, (l) or (m): the same with the kernel fast path on every node.
-pub fn profile(prefix: &str, bin: &Path, out: &Path, load: Load, carrier: &str, secs: u32) -> Result<()> {
+pub fn profile(
+    prefix: &str,
+    bin: &Path,
+    out: &Path,
+    load: Load,
+    carrier: &str,
+    secs: u32,
+    case: ProfileCase,
+) -> Result<()> {
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let lab = lab(prefix, bin, |s| {
         s.carrier = carrier.into();
-        s.weights = vec![0.0, 1.0, 1.0];
+        if case == ProfileCase::Local {
+            s.extra_config = "[placement]\nmargin = 1000000000.0\n".into();
+        } else {
+            s.weights = vec![0.0, 1.0, 1.0];
+        }
     })?;
-    drain_n3(&lab)?; // everything to n2, as iperf3 needs
-    let name = format!("{load:?}").to_lowercase();
+    if case == ProfileCase::Forwarded {
+        drain_n3(&lab)?; // everything to n2, as iperf3 needs
+    }
+    let target = if case == ProfileCase::Direct { node_addr(2).to_string() } else { VIP.to_string() };
+    let name = format!("{}-{}", format!("{case:?}").to_lowercase(), format!("{load:?}").to_lowercase());
     let data = out.join(format!("{name}.perf.data"));
     // The load outlasts the recording: 2 s of warm-up, 2 s of syscall counting, then `secs`.
     let run_for = (secs + 8).to_string();
-    let url = format!("http://{VIP}/1k");
+    let url = format!("http://{target}/1k");
     let mut args: Vec<&str> = match load {
-        Load::Upload => vec!["iperf3", "-c", "10.200.0.10", "-t", &run_for],
-        Load::Download => vec!["iperf3", "-c", "10.200.0.10", "-R", "-t", &run_for],
+        Load::Upload => vec!["iperf3", "-c", &target, "-t", &run_for],
+        Load::Download => vec!["iperf3", "-c", &target, "-R", "-t", &run_for],
         Load::Close => vec!["wrk", "-t1", "-c16", "-H", "Connection: close"],
         Load::KeepAlive => vec!["wrk", "-t1", "-c16"],
     };
@@ -875,13 +902,18 @@ pub fn profile(prefix: &str, bin: &Path, out: &Path, load: Load, carrier: &str, 
         .context("starting the load")?;
     sleep(Duration::from_secs(2));
     let entry_pid = lab.ringlb_pids(1)?.into_iter().next().context("no ringlb daemon on n1")?;
-    let forwarded_before = lab.metric(1, "ringlb_forwarded_packets_total{")?;
+    // The packets the entry's daemon handled itself (forwarded, or delivered locally).
+    let daemon_packets = || -> Result<u64> {
+        Ok(lab.metric(1, "ringlb_forwarded_packets_total{")?
+            + lab.metric(1, "ringlb_delivered_local_packets_total{")?)
+    };
+    let handled_before = daemon_packets()?;
     let syscalls = Command::new("perf")
         .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p", &entry_pid, "--", "sleep", "2"])
         .output()
         .context("running perf stat (apt-get install linux-perf)")?;
-    let forwarded = lab.metric(1, "ringlb_forwarded_packets_total{")? - forwarded_before;
-    let fast_path = lab.metric(1, "ringlb_fast_path_packets_total{node=\"n1\",action=\"forwarded\"}")?;
+    let handled = daemon_packets()? - handled_before;
+    let fast_path = lab.metric(1, "ringlb_fast_path_packets_total{node=\"n1\"")?;
     let secs_s = secs.to_string();
     let rec = Command::new("perf")
         .args(["record", "-a", "-g", "-q", "-o", &data.to_string_lossy(), "--", "sleep", &secs_s])
@@ -908,19 +940,26 @@ pub fn profile(prefix: &str, bin: &Path, out: &Path, load: Load, carrier: &str, 
         .find_map(|l| l.split(',').next()?.trim().parse().ok())
         .unwrap_or(0.0);
     let text = format!(
-        "# netlab profile: {name}, carrier {carrier}{}, entry n1 forwarding everything to n2, perf record -a -g for {secs} s\n\n\
+        "# netlab profile: {name}, carrier {carrier}{}, {}, perf record -a -g for {secs} s\n\n\
          ## CPU by process and binary (all of the machine's CPUs = 100 %)\n{}\n\n\
+         ## hottest symbols of the whole machine (kernel and user)\n{}\n\n\
          ## ringlb processes, hottest symbols (kernel and user)\n{}\n\n\
-         ## the entry's daemon over 2 s: {calls:.0} system calls for {forwarded} forwarded packets \
-         ({:.2} per packet)\n\n## the load's own report\n{}\n",
+         ## the entry's daemon over 2 s: {calls:.0} system calls for {handled} packets it forwarded or \
+         delivered ({:.2} per packet)\n\n## the load's own report\n{}\n",
         if lab.spec.fast_path {
-            format!(" with the kernel fast path ({fast_path} packets forwarded by it when the recording ended)")
+            format!(" with the kernel fast path ({fast_path} packets carried by it on n1 when the recording ended)")
         } else {
             String::new()
         },
+        match case {
+            ProfileCase::Forwarded => "entry n1 forwarding everything to n2",
+            ProfileCase::Local => "entry n1 serving everything itself",
+            ProfileCase::Direct => "client to n2's own address, no balancer in the path",
+        },
         report(&["--no-children", "--sort", "comm,dso"])?,
+        report(&["--no-children", "--sort", "sym"])?,
         report(&["--no-children", "--comms", "ringlb", "--sort", "comm,dso,sym"])?,
-        calls / (forwarded.max(1) as f64),
+        calls / (handled.max(1) as f64),
         String::from_utf8_lossy(&load_out.stdout).lines().rev().take(8).collect::<Vec<_>>().join("\n"),
     );
     let txt = out.join(format!("{name}.txt"));

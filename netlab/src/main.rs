@@ -148,6 +148,9 @@ enum Cmd {
         /// Seconds of recording.
         #[arg(long, default_value_t = 6)]
         secs: u32,
+        /// Which path: the entry forwarding, the entry serving itself, or no balancer.
+        #[arg(long, value_enum, default_value = "forwarded")]
+        case: bench::ProfileCase,
     },
     /// Kill a node, cut the path between two nodes with nftables, heal; print what the
     /// cluster saw at each step.
@@ -389,9 +392,9 @@ fn run(cli: Cli) -> Result<()> {
             let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
             soak::run(&format!("{}soak", cli.prefix), &bin, minutes, &out)
         }
-        Cmd::Profile { load, bin, out, carrier, secs } => {
+        Cmd::Profile { load, bin, out, carrier, secs, case } => {
             let bin = std::fs::canonicalize(&bin).map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
-            bench::profile(&format!("{}p", cli.prefix), &bin, &out, load, &carrier, secs)
+            bench::profile(&format!("{}p", cli.prefix), &bin, &out, load, &carrier, secs, case)
         }
         Cmd::Kill { node } | Cmd::Stop { node } | Cmd::Start { node } if node_index(&node).is_none() => {
             bail!("unknown node {node:?}: use n1, n2, ...")

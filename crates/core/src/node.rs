@@ -194,7 +194,7 @@ impl Node {
         };
         if self.offload.is_some() && !matches!(meta.l4, L4::Icmp { .. }) {
             self.offload_now = now;
-            self.offer_entry_flow(&meta.key, meta.key.stable_hash());
+            self.offer_entry_flow(&meta.key, meta.key.stable_hash(), meta.is_tcp_syn());
         }
         if target == self.config.local {
             self.counters.delivered_local += 1;
@@ -247,7 +247,7 @@ impl Node {
         self.track_served(now, &meta, served);
         if self.offload.is_some() {
             self.offload_now = now;
-            self.offer_served_flow(&meta.key, from);
+            self.offer_served_flow(&meta.key, from, meta.is_tcp_syn());
         }
         Verdict::Deliver
     }

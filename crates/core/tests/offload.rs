@@ -3,14 +3,22 @@
 //! the fast path reports flows back into the counters and the flow tables.
 //!
 //! The node under test is n1 (10.77.0.1, local) in a cluster of three; n2 and n3 are peers.
+//!
+//! A flow is offered at its first packet (a SYN, a first datagram) while the fast path's table
+//! is less than half full (and the flow table has room), otherwise once it has settled; so every
+//! SYN a test sends may install a flow. The node places new flows by consistent hash, a function
+//! of the tuple and the members only, so that a test finds a port that lands where it wants on a
+//! throwaway copy of the node ([`port_for`]) and the node under test sees only the flows the
+//! test means.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use ringlb_core::cluster::message::DEFAULT_SITE;
 use ringlb_core::{
-    DropReason, FailurePolicy, FlowConfig, Member, MemberState, Members, Node, NodeConfig, NodeId, OffloadCounters,
-    OffloadOp, OffloadUsage, Offloaded, Policy, RecoveryConfig, Timestamp, Update, Verdict,
+    ClientFlow, DropReason, FailurePolicy, FlowConfig, FlowMessage, FlowState, Member, MemberState, Members, Node,
+    NodeConfig, NodeId, OffloadCounters, OffloadOp, OffloadUsage, Offloaded, Policy, RecoveryConfig, Timestamp, Update,
+    Verdict,
 };
 use ringlb_wire::build::{tcp_v4, udp_v4};
 use ringlb_wire::FlowKey;
@@ -42,16 +50,18 @@ fn secs(s: u64) -> Timestamp {
     at(s * 1000)
 }
 
-/// n1 (local), n2, n3; flow recovery settled from the start so that it stays out of the way.
-fn node() -> Node {
+/// n1 (local), n2, n3, with the flow table `flows`; flow recovery settled from the start so
+/// that it stays out of the way. New flows are placed by consistent hash (see the module
+/// documentation).
+fn node_with(flows: FlowConfig) -> Node {
     let members = Members::new((1..=3).map(|i| Member::new(format!("n{i}"), underlay(i), 1.0))).unwrap();
     Node::new(
         NodeConfig {
             local: LOCAL,
             vip: ip(VIP),
             tun_mtu: 1472,
-            flows: FlowConfig::default(),
-            policy: Policy::PowerOfTwo { margin: 0.1 },
+            flows,
+            policy: Policy::ConsistentHash,
             seed: 42,
             on_failure: FailurePolicy::Reset,
             load_stale_after: Duration::from_secs(1),
@@ -66,13 +76,21 @@ fn node() -> Node {
     )
 }
 
-/// A node offloading at most `max` flows, with both peers eligible.
-fn offloading(max: usize) -> Node {
-    let mut n = node();
+fn node() -> Node {
+    node_with(FlowConfig::default())
+}
+
+/// `n` offloading at most `max` flows, with both peers eligible.
+fn offloading_with(mut n: Node, max: usize) -> Node {
     n.enable_offload(max);
     n.set_offload_eligible(N2, true);
     n.set_offload_eligible(N3, true);
     n
+}
+
+/// A node offloading at most `max` flows, with both peers eligible.
+fn offloading(max: usize) -> Node {
+    offloading_with(node(), max)
 }
 
 fn tcp(port: u16, flags: u8) -> Vec<u8> {
@@ -89,6 +107,10 @@ fn key(pkt: &[u8]) -> FlowKey {
 
 fn tcp_key(port: u16) -> FlowKey {
     key(&tcp(port, ACK))
+}
+
+fn udp_key(port: u16) -> FlowKey {
+    key(&udp(port))
 }
 
 fn target(v: Verdict) -> NodeId {
@@ -109,16 +131,31 @@ fn counters(n: &Node) -> OffloadCounters {
     n.offload_counters().expect("offload enabled")
 }
 
-/// Opens TCP connections (a SYN each, at `now`) from port `from` on until one is placed on
-/// `want`; returns its port. The SYNs placed elsewhere stay unconfirmed, never offered.
-fn port_placed_on(n: &mut Node, now: Timestamp, from: u16, want: NodeId) -> u16 {
+/// The state of `key`'s flow in the entry's flow table, and whether it is confirmed.
+fn flow(n: &Node, key: &FlowKey) -> Option<(FlowState, bool)> {
+    n.flows().find(key).map(|h| (n.flows().state(h), n.flows().is_confirmed(h)))
+}
+
+/// The first port from `from` on, not tracked by `n` yet, whose flow `n` places on `want` when
+/// `first(port)` starts it. Asked of a fresh node with `n`'s configuration and members, which
+/// places alike (consistent hash), so `n` itself sees nothing.
+fn port_for(n: &Node, now: Timestamp, from: u16, want: NodeId, first: impl Fn(u16) -> Vec<u8>) -> u16 {
+    let mut probe = Node::new(n.config().clone(), n.members().clone());
     (from..from + 200)
-        .find(|&p| target(n.on_tun_packet(now, &mut tcp(p, SYN))) == want)
+        .find(|&p| n.flows().find(&key(&first(p))).is_none() && target(probe.on_tun_packet(now, &mut first(p))) == want)
         .unwrap_or_else(|| panic!("no flow placed on {want:?}"))
 }
 
-/// A TCP connection placed on `want` and established (SYN at `now`, ACK 1 ms later), with the
-/// ops that produced drained. Returns its port.
+/// Opens a TCP connection placed on `want` (its SYN, at `now`); returns its port. What the SYN
+/// made the offload rules do is left in the ops.
+fn port_placed_on(n: &mut Node, now: Timestamp, from: u16, want: NodeId) -> u16 {
+    let port = port_for(n, now, from, want, |p| tcp(p, SYN));
+    assert_eq!(target(n.on_tun_packet(now, &mut tcp(port, SYN))), want);
+    port
+}
+
+/// A TCP connection placed on `want` and established (SYN at `now`, ACK 1 ms later). Returns
+/// its port; the ops stay for the caller.
 fn established_on(n: &mut Node, now: Timestamp, from: u16, want: NodeId) -> u16 {
     let port = port_placed_on(n, now, from, want);
     let later = now.saturating_add(Duration::from_millis(1));
@@ -127,25 +164,52 @@ fn established_on(n: &mut Node, now: Timestamp, from: u16, want: NodeId) -> u16 
 }
 
 fn usage(key: FlowKey, packets: u64, bytes: u64, last_seen: Timestamp) -> OffloadUsage {
-    OffloadUsage { key, packets, bytes, last_seen: Some(last_seen) }
+    OffloadUsage { key, packets, bytes, last_seen: Some(last_seen), closed: false }
+}
+
+/// Usage of a flow whose packets in the fast path included a FIN or RST.
+fn closing_usage(key: FlowKey, packets: u64, bytes: u64, last_seen: Timestamp) -> OffloadUsage {
+    OffloadUsage { closed: true, ..usage(key, packets, bytes, last_seen) }
+}
+
+/// An entry the kernel holds that carried nothing yet.
+fn idle_usage(key: FlowKey) -> OffloadUsage {
+    OffloadUsage { key, packets: 0, bytes: 0, last_seen: None, closed: false }
 }
 
 fn member_update(name: &str, addr: IpAddr, state: MemberState) -> Update {
     Update::Member { name: name.to_owned(), underlay: addr, weight: 1.0, state, site: DEFAULT_SITE.to_owned() }
 }
 
+/// The flows `n` tells `home` it serves, in the messages it has to send now.
+fn claims_to(n: &mut Node, home: &str) -> Vec<ClientFlow> {
+    let mut out = Vec::new();
+    while let Some((to, msg)) = n.poll_flow_message() {
+        if let (true, FlowMessage::Serves(flows)) = (to == home, msg) {
+            out.extend(flows);
+        }
+    }
+    out
+}
+
+fn client_flow(key: &FlowKey) -> ClientFlow {
+    ClientFlow { proto: key.proto, client: key.src(), client_port: key.src_port, vip_port: key.dst_port }
+}
+
 #[test]
-fn a_forwarded_tcp_flow_is_installed_once_it_is_established() {
+fn a_forwarded_tcp_flow_is_installed_at_its_syn() {
     let mut n = offloading(16);
-    let port = port_placed_on(&mut n, at(0), 1000, N2);
-    assert_eq!(ops(&mut n), [], "a SYN (unconfirmed handshake) is never offered");
-    let v = n.on_tun_packet(at(1), &mut tcp(port, ACK));
+    let port = port_for(&n, at(0), 1000, N2, |p| tcp(p, SYN));
+    let v = n.on_tun_packet(at(0), &mut tcp(port, SYN));
     let Verdict::Forward { peer, addr, flow_hash } = v else { panic!("not forwarded: {v:?}") };
     assert_eq!((peer, addr), (N2, underlay(2)));
     assert_eq!(flow_hash, tcp_key(port).stable_hash());
+    // Offered at its SYN, while still an unconfirmed handshake: the SYN itself took the
+    // daemon's path (placement, MSS clamping), the handshake's ACK and the rest need not.
+    assert_eq!(flow(&n, &tcp_key(port)), Some((FlowState::TcpHandshake, false)));
     assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), Offloaded::Forward { peer, addr, flow_hash })]);
-    for ms in 2..6 {
-        n.on_tun_packet(at(ms), &mut tcp(port, ACK));
+    for ms in 1..6 {
+        assert_eq!(target(n.on_tun_packet(at(ms), &mut tcp(port, ACK))), N2);
     }
     assert_eq!(ops(&mut n), [], "offered twice");
     let c = counters(&n);
@@ -158,23 +222,26 @@ fn a_forwarded_tcp_flow_is_installed_once_it_is_established() {
 #[test]
 fn local_tcp_and_udp_flows_are_installed_icmp_never() {
     let mut n = offloading(16);
-    let port = established_on(&mut n, at(0), 1000, LOCAL);
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), Offloaded::Local)]);
+    let port = port_placed_on(&mut n, at(0), 1000, LOCAL);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), Offloaded::Local)], "a local SYN");
+    assert_eq!(n.on_tun_packet(at(1), &mut tcp(port, ACK)), Verdict::Deliver);
+    assert_eq!(ops(&mut n), [], "offered twice");
 
-    // UDP: the first datagram is unconfirmed, the second settles the flow.
-    let (mut first, udp_port) = (1..200)
-        .map(|p| (udp(p), p))
-        .find(|(pkt, _)| n.on_tun_packet(at(10), &mut pkt.clone()) == Verdict::Deliver)
-        .unwrap();
-    assert_eq!(ops(&mut n), [], "a first datagram is never offered");
-    assert_eq!(n.on_tun_packet(at(11), &mut first), Verdict::Deliver);
-    assert_eq!(ops(&mut n), [OffloadOp::Install(key(&udp(udp_port)), Offloaded::Local)]);
+    // UDP: offered at the first datagram (unconfirmed), once.
+    let udp_port = port_for(&n, at(10), 1, LOCAL, udp);
+    assert_eq!(n.on_tun_packet(at(10), &mut udp(udp_port)), Verdict::Deliver);
+    assert_eq!(flow(&n, &udp_key(udp_port)), Some((FlowState::Udp, false)));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(udp_key(udp_port), Offloaded::Local)], "a first datagram");
+    assert_eq!(n.on_tun_packet(at(11), &mut udp(udp_port)), Verdict::Deliver);
+    assert_eq!(ops(&mut n), [], "offered twice");
 
     // A UDP flow to a peer is offered with its carrier details.
-    let fwd_port = (200..400).find(|&p| target(n.on_tun_packet(at(20), &mut udp(p))) == N3).unwrap();
-    let v = n.on_tun_packet(at(21), &mut udp(fwd_port));
-    let Verdict::Forward { peer, addr, flow_hash } = v else { panic!("not forwarded: {v:?}") };
-    assert_eq!(ops(&mut n), [OffloadOp::Install(key(&udp(fwd_port)), Offloaded::Forward { peer, addr, flow_hash })]);
+    let fwd_port = port_for(&n, at(20), 200, N3, udp);
+    let v = n.on_tun_packet(at(20), &mut udp(fwd_port));
+    let Verdict::Forward { peer: N3, addr, flow_hash } = v else { panic!("not forwarded to n3: {v:?}") };
+    assert_eq!(ops(&mut n), [OffloadOp::Install(udp_key(fwd_port), Offloaded::Forward { peer: N3, addr, flow_hash })]);
+    n.on_tun_packet(at(21), &mut udp(fwd_port));
+    assert_eq!(ops(&mut n), [], "offered twice");
 
     // ICMP (an echo request), however often: never.
     let mut echo = udp_v4(CLIENT, VIP, 0, 0, &[]);
@@ -198,21 +265,28 @@ fn without_enable_offload_nothing_is_ever_offered() {
     let fwd = established_on(&mut n, at(0), 1200, N2);
     n.on_carrier_packet(at(2), underlay(3), &tcp(3000, SYN));
     n.on_carrier_packet(at(3), underlay(3), &tcp(3000, ACK));
+    n.on_tun_packet(at(3), &mut udp(3001));
     let forwarded = n.forwarded_to(N2);
-    n.reconcile_offload(at(4), &[usage(tcp_key(local), 5, 500, at(3)), usage(tcp_key(fwd), 5, 500, at(3))]);
+    let closed = [closing_usage(tcp_key(local), 5, 500, at(3)), closing_usage(tcp_key(fwd), 5, 500, at(3))];
+    n.reconcile_offload(at(4), &closed);
+    n.offload_removed(at(4), &closed[0]);
     assert_eq!(ops(&mut n), []);
     assert_eq!(n.offload_counters(), None);
     assert_eq!(n.forwarded_to(N2), forwarded, "usage credited with offload off");
+    assert_eq!(flow(&n, &tcp_key(local)), Some((FlowState::TcpEstablished, true)), "closed with offload off");
 }
 
 #[test]
 fn ineligible_peers_are_not_offered_and_losing_eligibility_withdraws() {
     let mut n = node();
     n.enable_offload(16);
-    // Never marked: ineligible. The local node is always eligible.
-    let fwd = established_on(&mut n, at(0), 1000, N2);
+    // Never marked: ineligible, neither at the SYN nor once established. The local node is
+    // always eligible.
+    let fwd = port_placed_on(&mut n, at(0), 1000, N2);
+    assert_eq!(ops(&mut n), [], "a SYN offered to a member never marked eligible");
+    n.on_tun_packet(at(1), &mut tcp(fwd, ACK));
     assert_eq!(ops(&mut n), [], "offered to a member never marked eligible");
-    let local = established_on(&mut n, at(10), 1200, LOCAL);
+    let local = port_placed_on(&mut n, at(10), 1200, LOCAL);
     assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(local), Offloaded::Local)]);
     n.set_offload_eligible(LOCAL, false);
     n.reconcile_offload(at(15), &[]);
@@ -239,27 +313,35 @@ fn ineligible_peers_are_not_offered_and_losing_eligibility_withdraws() {
 #[test]
 fn a_fin_rst_or_new_syn_seen_by_the_daemon_withdraws_at_once() {
     let mut n = offloading(16);
-    let mut ports = Vec::new();
+    let mut flows = Vec::new();
     for (i, flags) in [FIN_ACK, RST, SYN].into_iter().enumerate() {
         let from = 1000 + 200 * u16::try_from(i).unwrap();
         let port = established_on(&mut n, at(0), from, N2);
-        ports.push((port, flags));
+        let [OffloadOp::Install(k, how)] = ops(&mut n)[..] else { panic!("not offered") };
+        assert_eq!(k, tcp_key(port));
+        flows.push((port, flags, how));
     }
-    assert_eq!(ops(&mut n).len(), 3);
     // At once, not at the next reconciliation: a SYN on a reused tuple may pin the flow
     // elsewhere, and the handshake's next packet must not follow the old entry.
-    for &(port, flags) in &ports {
+    for &(port, flags, how) in &flows {
         n.on_tun_packet(at(10), &mut tcp(port, flags));
+        let k = tcp_key(port);
+        if flags == SYN {
+            // A new connection: n2 still takes new flows, so it goes there again, and is
+            // offered again at once with a fresh kernel entry (withdrawn first).
+            assert_eq!(flow(&n, &k).map(|f| f.0), Some(FlowState::TcpHandshake));
+            assert_eq!(ops(&mut n), [OffloadOp::Remove(k), OffloadOp::Install(k, how)], "after a SYN");
+        } else {
+            assert_eq!(flow(&n, &k).map(|f| f.0), Some(FlowState::TcpClosing));
+            assert_eq!(ops(&mut n), [OffloadOp::Remove(k)], "after flags {flags:#x}");
+        }
     }
-    let mut removed = ops(&mut n);
-    removed.sort_by_key(|op| format!("{op:?}"));
-    let mut want: Vec<_> = ports.iter().map(|&(p, _)| OffloadOp::Remove(tcp_key(p))).collect();
-    want.sort_by_key(|op| format!("{op:?}"));
-    assert_eq!(removed, want);
     // A closing flow's stragglers are not offered again.
-    n.on_tun_packet(at(21), &mut tcp(ports[0].0, ACK));
+    n.on_tun_packet(at(21), &mut tcp(flows[0].0, ACK));
+    n.on_tun_packet(at(21), &mut tcp(flows[1].0, ACK));
     assert_eq!(ops(&mut n), []);
-    assert_eq!(counters(&n).flows, 0);
+    let c = counters(&n);
+    assert_eq!((c.flows, c.installed, c.withdrawn), (1, 4, 3));
 }
 
 /// The established idle timeout of the default flow config.
@@ -395,6 +477,8 @@ fn a_flow_pinned_elsewhere_is_withdrawn_even_if_its_member_comes_back() {
     // Offered again as the daemon now handles it.
     assert_eq!(n.on_tun_packet(at(21), &mut tcp(port, ACK)), Verdict::Deliver);
     assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), Offloaded::Local)]);
+    let c = counters(&n);
+    assert_eq!((c.flows, c.installed, c.withdrawn), (1, 2, 1));
 }
 
 #[test]
@@ -420,19 +504,20 @@ fn usage_keeps_a_busy_served_flow_alive() {
 fn served_flows_from_a_member_entry_are_installed_from_non_members_never() {
     let mut n = offloading(16);
     let from_n2 = tcp(4000, ACK);
-    // The handshake through the carrier: a SYN is not offered, the ACK settles the flow.
+    let served_n2 = Offloaded::Served { entry: N2, from: underlay(2) };
+    // The handshake through the carrier: offered at the SYN, once.
     assert_eq!(n.on_carrier_packet(at(0), underlay(2), &tcp(4000, SYN)), Verdict::Deliver);
-    assert_eq!(ops(&mut n), []);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(key(&from_n2), served_n2)], "a served SYN");
     assert_eq!(n.on_carrier_packet(at(1), underlay(2), &from_n2), Verdict::Deliver);
-    assert_eq!(ops(&mut n), [OffloadOp::Install(key(&from_n2), Offloaded::Served { entry: N2, from: underlay(2) })]);
     n.on_carrier_packet(at(2), underlay(2), &from_n2);
     assert_eq!(ops(&mut n), [], "offered twice");
 
-    // UDP served for n3.
+    // UDP served for n3: offered at the first datagram, once.
     n.on_carrier_packet(at(3), underlay(3), &udp(4001));
-    assert_eq!(ops(&mut n), []);
+    let served_n3 = Offloaded::Served { entry: N3, from: underlay(3) };
+    assert_eq!(ops(&mut n), [OffloadOp::Install(udp_key(4001), served_n3)], "a first served datagram");
     n.on_carrier_packet(at(4), underlay(3), &udp(4001));
-    assert_eq!(ops(&mut n), [OffloadOp::Install(key(&udp(4001)), Offloaded::Served { entry: N3, from: underlay(3) })]);
+    assert_eq!(ops(&mut n), [], "offered twice");
 
     // From an address that is no member's, or this node's own: dropped, never offered.
     for src in [ip([10, 77, 0, 9]), underlay(1)] {
@@ -440,6 +525,7 @@ fn served_flows_from_a_member_entry_are_installed_from_non_members_never() {
             let v = n.on_carrier_packet(at(5), src, &tcp(4002, flags));
             assert_eq!(v, Verdict::Drop(DropReason::NotMember));
         }
+        assert_eq!(n.on_carrier_packet(at(5), src, &udp(4003)), Verdict::Drop(DropReason::NotMember));
     }
     assert_eq!(ops(&mut n), []);
 
@@ -455,11 +541,14 @@ fn served_flows_from_a_member_entry_are_installed_from_non_members_never() {
     assert_eq!(ops(&mut n), [OffloadOp::Remove(key(&from_n2))]);
     n.on_carrier_packet(at(21), underlay(2), &from_n2);
     assert_eq!(ops(&mut n), [], "offered from an ineligible entry");
+    // Nor at a new SYN from it (a reused tuple).
+    n.on_carrier_packet(at(22), underlay(2), &tcp(4000, SYN));
+    assert_eq!(ops(&mut n), [], "a SYN offered from an ineligible entry");
 
     // The entry of the UDP flow dies: withdrawn.
     n.apply(at(30), &member_update("n3", underlay(3), MemberState::Dead)).unwrap();
     n.reconcile_offload(at(31), &[]);
-    assert_eq!(ops(&mut n), [OffloadOp::Remove(key(&udp(4001)))]);
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(udp_key(4001))]);
     assert_eq!(counters(&n).flows, 0);
 }
 
@@ -570,12 +659,16 @@ fn a_served_flow_whose_entry_changes_is_offered_again_for_the_new_one() {
     let mut n = offloading(16);
     n.on_carrier_packet(at(0), underlay(2), &tcp(4000, SYN));
     n.on_carrier_packet(at(1), underlay(2), &tcp(4000, ACK));
-    assert_eq!(ops(&mut n).len(), 1);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(4000), Offloaded::Served { entry: N2, from: underlay(2) })]);
     n.on_carrier_packet(at(2), underlay(3), &tcp(4000, ACK));
     assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(4000))]);
     n.on_carrier_packet(at(3), underlay(3), &tcp(4000, ACK));
     let [OffloadOp::Install(_, Offloaded::Served { entry, .. })] = ops(&mut n)[..] else { panic!("not offered again") };
     assert_eq!(entry, N3);
+    n.on_carrier_packet(at(4), underlay(3), &tcp(4000, ACK));
+    assert_eq!(ops(&mut n), [], "offered twice");
+    let c = counters(&n);
+    assert_eq!((c.flows, c.installed, c.withdrawn), (1, 2, 1));
 }
 
 /// Two spoofed packets settle a made-up flow (an entry never sees replies). While the fast
@@ -619,4 +712,337 @@ fn the_kernel_table_and_the_core_agree_after_a_reconciliation() {
     assert_eq!(counters(&n).flows, 0);
     n.on_tun_packet(at(2), &mut tcp(port, ACK));
     assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), Offloaded::Local)]);
+}
+
+/// Rule: a flow is offered at its first packet (a SYN, a first datagram; at an entry or served
+/// for one) while the fast path's table holds fewer than half its flows; from half full on,
+/// only once it settles (the old rule), so that a flood of first packets fills half at most.
+#[test]
+fn a_first_packet_is_offered_only_while_the_fast_path_is_less_than_half_full() {
+    // Room for 4: early offers while fewer than 2 are installed.
+    let mut n = offloading(4);
+    let a = port_placed_on(&mut n, at(0), 1000, LOCAL);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(a), Offloaded::Local)], "0 of 4: at the SYN");
+    let b = port_placed_on(&mut n, at(0), 1200, N2);
+    let [OffloadOp::Install(k, Offloaded::Forward { peer: N2, .. })] = ops(&mut n)[..] else {
+        panic!("1 of 4: not offered at the SYN")
+    };
+    assert_eq!(k, tcp_key(b));
+
+    // Half full: a SYN is not offered; its flow is once established (confirmed).
+    let c = port_placed_on(&mut n, at(10), 1400, LOCAL);
+    assert_eq!(flow(&n, &tcp_key(c)), Some((FlowState::TcpHandshake, false)));
+    assert_eq!(ops(&mut n), [], "2 of 4: offered at the SYN");
+    n.on_tun_packet(at(11), &mut tcp(c, ACK));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(c), Offloaded::Local)], "not offered once settled");
+
+    // Above half: a first datagram is not offered, the second (confirmed) is.
+    let d = port_for(&n, at(20), 1, LOCAL, udp);
+    n.on_tun_packet(at(20), &mut udp(d));
+    assert_eq!(ops(&mut n), [], "3 of 4: offered at the first datagram");
+    n.on_tun_packet(at(21), &mut udp(d));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(udp_key(d), Offloaded::Local)]);
+    assert_eq!(counters(&n).flows, 4);
+
+    // Flows closing make room again; below half, SYNs are offered again.
+    for (port, flags) in [(a, FIN_ACK), (c, RST)] {
+        n.on_tun_packet(at(30), &mut tcp(port, flags));
+        assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(port))]);
+    }
+    let e = port_placed_on(&mut n, at(40), 1600, LOCAL);
+    assert_eq!(ops(&mut n), [], "2 of 4: offered at the SYN");
+    n.on_tun_packet(at(41), &mut tcp(b, FIN_ACK));
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(b))]);
+    let f = port_placed_on(&mut n, at(42), 1800, LOCAL);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(f), Offloaded::Local)], "1 of 4: at the SYN");
+    // (`e`'s handshake completes: offered as settled.)
+    n.on_tun_packet(at(43), &mut tcp(e, ACK));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(e), Offloaded::Local)]);
+
+    // Served flows, the same: room for 2, the first SYN is offered, the second once settled.
+    let mut n = offloading(2);
+    let served = |entry| Offloaded::Served { entry, from: underlay(if entry == N2 { 2 } else { 3 }) };
+    n.on_carrier_packet(at(0), underlay(2), &tcp(4000, SYN));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(4000), served(N2))], "0 of 2: at the served SYN");
+    n.on_carrier_packet(at(1), underlay(3), &tcp(4001, SYN));
+    assert_eq!(ops(&mut n), [], "1 of 2: offered at the served SYN");
+    n.on_carrier_packet(at(2), underlay(3), &tcp(4001, ACK));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(4001), served(N3))]);
+    // A served datagram, with the table half full again.
+    n.on_carrier_packet(at(3), underlay(2), &tcp(4000, RST));
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(4000))]);
+    n.on_carrier_packet(at(4), underlay(2), &udp(4002));
+    assert_eq!(ops(&mut n), [], "1 of 2: offered at the first served datagram");
+    n.on_carrier_packet(at(5), underlay(2), &udp(4002));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(udp_key(4002), served(N2))]);
+}
+
+/// Rule: a first packet is offered only while the flow table has room too (its unconfirmed
+/// quota not used up: beyond, new flows are placed by hash and may be evicted).
+#[test]
+fn a_first_packet_is_not_offered_while_the_flow_table_has_no_room() {
+    // 8 flows, of which 2 unconfirmed.
+    let config = FlowConfig { max_flows: 8, unconfirmed_share: 0.25, ..FlowConfig::default() };
+    let mut n = offloading_with(node_with(config), 16);
+    let a = port_placed_on(&mut n, at(0), 1000, LOCAL);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(a), Offloaded::Local)], "the flow table had room");
+    // This SYN takes the last unconfirmed slot: the table has no room left.
+    let b = port_placed_on(&mut n, at(1), 1200, LOCAL);
+    assert!(!n.flows().has_room());
+    assert_eq!(ops(&mut n), [], "offered at the SYN with the flow table out of room");
+    // Once settled (confirmed), it is offered as before.
+    n.on_tun_packet(at(2), &mut tcp(b, ACK));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(b), Offloaded::Local)]);
+    assert_eq!(counters(&n).flows, 2);
+}
+
+/// Rule: the program carries FIN and RST and says so (`closed`); reconciliation moves such a
+/// flow to closing, as the daemon would have for the packet, and withdraws it at once.
+#[test]
+fn kernel_usage_with_a_fin_or_rst_closes_the_flow_and_withdraws_it() {
+    let mut n = offloading(16);
+    let fin = established_on(&mut n, at(0), 1000, N2);
+    let open = established_on(&mut n, at(0), 1200, N2);
+    // A connection refused: its SYN installed it, the kernel carried the client's RST.
+    let refused = port_placed_on(&mut n, at(0), 1400, LOCAL);
+    assert_eq!(ops(&mut n).len(), 3);
+    let forwarded = n.forwarded_to(N2);
+
+    n.reconcile_offload(
+        secs(1),
+        &[
+            closing_usage(tcp_key(fin), 6, 600, at(900)),
+            usage(tcp_key(open), 6, 600, at(900)),
+            closing_usage(tcp_key(refused), 1, 40, at(900)),
+        ],
+    );
+    let mut removed = ops(&mut n);
+    removed.sort_by_key(|op| format!("{op:?}"));
+    let mut want = [OffloadOp::Remove(tcp_key(fin)), OffloadOp::Remove(tcp_key(refused))];
+    want.sort_by_key(|op| format!("{op:?}"));
+    assert_eq!(removed, want, "closed flows withdrawn in the same reconciliation, the open one kept");
+    assert_eq!(flow(&n, &tcp_key(fin)).map(|f| f.0), Some(FlowState::TcpClosing));
+    assert_eq!(flow(&n, &tcp_key(refused)).map(|f| f.0), Some(FlowState::TcpClosing));
+    assert_eq!(flow(&n, &tcp_key(open)), Some((FlowState::TcpEstablished, true)));
+    // Counted as any usage.
+    let c = counters(&n);
+    assert_eq!((c.forwarded_packets, c.local_packets, c.bytes, c.flows, c.withdrawn), (12, 1, 1240, 1, 2));
+    assert_eq!(n.forwarded_to(N2), forwarded + 12);
+    // A closing flow's last packets take the daemon's path and are not offered again; it
+    // lingers as closing (not the established idle timeout).
+    assert_eq!(target(n.on_tun_packet(secs(2), &mut tcp(fin, ACK))), N2);
+    assert_eq!(ops(&mut n), []);
+    let linger = FlowConfig::default().tcp_closing_linger;
+    n.handle_timeout(secs(2).saturating_add(linger));
+    assert_eq!(flow(&n, &tcp_key(fin)), None, "lingered longer than a closing flow");
+    assert!(flow(&n, &tcp_key(open)).is_some());
+
+    // A served flow: withdrawn too, and it lingers as closing only.
+    n.on_carrier_packet(secs(20), underlay(3), &tcp(4000, SYN));
+    n.on_carrier_packet(secs(20), underlay(3), &tcp(4000, ACK));
+    assert_eq!(ops(&mut n).len(), 1);
+    let served = n.served_flows();
+    n.reconcile_offload(secs(21), &[closing_usage(tcp_key(4000), 2, 80, secs(21))]);
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(4000))]);
+    n.handle_timeout(secs(21).saturating_add(linger));
+    assert_eq!(n.served_flows(), served - 1, "a served flow closed in the kernel did not close");
+    assert_eq!(counters(&n).decapsulated_packets, 2);
+
+    // The last usage of a flow withdrawn for another reason (here its member turned
+    // ineligible) closes it as well.
+    n.set_offload_eligible(N2, false);
+    n.reconcile_offload(secs(30), &[]);
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(open))]);
+    n.offload_removed(secs(30), &closing_usage(tcp_key(open), 9, 900, secs(30)));
+    assert_eq!(flow(&n, &tcp_key(open)).map(|f| f.0), Some(FlowState::TcpClosing));
+    assert_eq!(counters(&n).forwarded_packets, 15);
+}
+
+/// Rule: the program carries no SYN, so packets it carried for a flow still in its handshake
+/// completed it: reconciliation moves it to established and confirms it, as the daemon would
+/// have at the handshake's ACK, and it stays in the fast path.
+#[test]
+fn kernel_usage_on_a_handshake_establishes_and_confirms_the_flow() {
+    let handshake_idle = FlowConfig::default().tcp_handshake_idle;
+    let mut n = offloading(16);
+    let local = port_placed_on(&mut n, at(0), 1000, LOCAL);
+    let fwd = port_placed_on(&mut n, at(0), 1200, N3);
+    assert_eq!(ops(&mut n).len(), 2);
+    for port in [local, fwd] {
+        assert_eq!(flow(&n, &tcp_key(port)), Some((FlowState::TcpHandshake, false)));
+    }
+    n.reconcile_offload(secs(1), &[usage(tcp_key(local), 3, 300, at(900)), usage(tcp_key(fwd), 4, 400, at(900))]);
+    for port in [local, fwd] {
+        assert_eq!(flow(&n, &tcp_key(port)), Some((FlowState::TcpEstablished, true)), "port {port}");
+    }
+    assert_eq!(ops(&mut n), [], "an established flow withdrawn");
+    let c = counters(&n);
+    assert_eq!((c.local_packets, c.forwarded_packets, c.bytes, c.flows), (3, 4, 700, 2));
+    // Established, it outlives the handshake's idle timeout, and stays installed.
+    let later = secs(1).saturating_add(handshake_idle).saturating_add(Duration::from_secs(1));
+    n.handle_timeout(later);
+    n.reconcile_offload(later, &[]);
+    assert!(flow(&n, &tcp_key(local)).is_some() && flow(&n, &tcp_key(fwd)).is_some());
+    assert_eq!(ops(&mut n), []);
+
+    // Served here: established by the kernel's packets, it is claimed to its home (flow
+    // recovery), as the daemon's path does at the handshake's ACK.
+    let mut n = offloading(16);
+    n.handle_timeout(at(0));
+    claims_to(&mut n, "n3");
+    // A port whose home is n3 (homes are placed by the same consistent hash).
+    let port = port_for(&n, at(0), 5000, N3, |p| tcp(p, SYN));
+    n.on_carrier_packet(at(10), underlay(2), &tcp(port, SYN));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), Offloaded::Served { entry: N2, from: underlay(2) })]);
+    n.handle_timeout(at(20));
+    assert_eq!(claims_to(&mut n, "n3"), [], "a handshake claimed");
+    n.reconcile_offload(secs(1), &[usage(tcp_key(port), 2, 120, at(900))]);
+    assert_eq!(ops(&mut n), []);
+    n.handle_timeout(secs(1));
+    assert_eq!(claims_to(&mut n, "n3"), [client_flow(&tcp_key(port))], "not claimed once established");
+    let later = secs(1).saturating_add(handshake_idle).saturating_add(Duration::from_secs(1));
+    n.handle_timeout(later);
+    assert_eq!(n.served_flows(), 1, "expired as a handshake");
+    n.reconcile_offload(later, &[]);
+    assert_eq!(ops(&mut n), []);
+}
+
+/// Rule: a SYN on an offloaded tuple (the client reused its port) withdraws the flow at once,
+/// then offers it again as it now stands; the final usage of the withdrawn entry is the old
+/// connection's, so a FIN or RST in it does not close the new one (its packets still count).
+#[test]
+fn a_syn_on_an_installed_tuple_is_withdrawn_offered_again_and_the_old_close_is_ignored() {
+    let mut n = offloading(16);
+    let port = established_on(&mut n, at(0), 1000, N2);
+    let k = tcp_key(port);
+    let [OffloadOp::Install(_, how)] = ops(&mut n)[..] else { panic!("not offered") };
+    n.reconcile_offload(secs(1), &[usage(k, 10, 1000, at(900))]);
+
+    // The same node takes the new connection: the same entry again, fresh.
+    assert_eq!(target(n.on_tun_packet(secs(2), &mut tcp(port, SYN))), N2);
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(k), OffloadOp::Install(k, how)]);
+    let forwarded = n.forwarded_to(N2);
+    assert_eq!(flow(&n, &k).map(|f| f.0), Some(FlowState::TcpHandshake));
+    // The old entry's last figures: the old connection's FIN among them.
+    n.offload_removed(secs(2), &closing_usage(k, 14, 1400, secs(2)));
+    assert_ne!(flow(&n, &k).map(|f| f.0), Some(FlowState::TcpClosing), "the old connection's FIN closed the new one");
+    assert!(flow(&n, &k).is_some());
+    let c = counters(&n);
+    assert_eq!((c.forwarded_packets, c.bytes, c.flows, c.installed, c.withdrawn), (14, 1400, 1, 2, 1));
+    assert_eq!(n.forwarded_to(N2), forwarded + 4);
+    // Still offloaded: the new kernel entry's usage counts from zero.
+    n.reconcile_offload(secs(3), &[usage(k, 5, 500, secs(3))]);
+    assert_eq!(ops(&mut n), []);
+    assert_eq!(counters(&n).forwarded_packets, 19);
+    // And the new connection's own FIN, carried by the kernel, closes it.
+    n.reconcile_offload(secs(4), &[closing_usage(k, 6, 600, secs(4))]);
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(k)]);
+    assert_eq!(flow(&n, &k).map(|f| f.0), Some(FlowState::TcpClosing));
+
+    // Its node takes no new flows now (draining): the new connection goes elsewhere, and the
+    // flow is installed for its new node in the same step.
+    let port = established_on(&mut n, secs(10), 1200, N3);
+    let k = tcp_key(port);
+    assert_eq!(ops(&mut n).len(), 1);
+    n.apply(secs(11), &member_update("n3", underlay(3), MemberState::Draining)).unwrap();
+    n.reconcile_offload(secs(11), &[]);
+    assert_eq!(ops(&mut n), [], "a draining member's flow withdrawn");
+    let v = n.on_tun_packet(secs(12), &mut tcp(port, SYN));
+    let how = match v {
+        Verdict::Deliver => Offloaded::Local,
+        Verdict::Forward { peer, addr, flow_hash } => {
+            assert_ne!(peer, N3, "a new connection placed on a draining member");
+            Offloaded::Forward { peer, addr, flow_hash }
+        }
+        Verdict::Drop(r) => panic!("dropped: {r:?}"),
+    };
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(k), OffloadOp::Install(k, how)]);
+
+    // A served flow: the same, for the same entry.
+    let served = Offloaded::Served { entry: N2, from: underlay(2) };
+    n.on_carrier_packet(secs(20), underlay(2), &tcp(4000, SYN));
+    n.on_carrier_packet(secs(20), underlay(2), &tcp(4000, ACK));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(4000), served)]);
+    n.on_carrier_packet(secs(21), underlay(2), &tcp(4000, SYN));
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(4000)), OffloadOp::Install(tcp_key(4000), served)]);
+    n.offload_removed(secs(21), &closing_usage(tcp_key(4000), 3, 300, secs(21)));
+    n.reconcile_offload(secs(22), &[usage(tcp_key(4000), 1, 100, secs(22))]);
+    assert_eq!(ops(&mut n), [], "the old connection's FIN closed the new one");
+    assert_eq!(counters(&n).decapsulated_packets, 4);
+}
+
+/// With the fast path half full a SYN on an offloaded tuple still withdraws the flow, but its
+/// new connection waits to settle before it is offered again.
+#[test]
+fn a_syn_on_an_installed_tuple_above_half_full_is_offered_again_once_settled() {
+    let mut n = offloading(2);
+    let port = established_on(&mut n, at(0), 1000, LOCAL);
+    assert_eq!(ops(&mut n).len(), 1);
+    n.on_tun_packet(at(10), &mut tcp(port, SYN));
+    // One of two installed before the SYN: withdrawn, then offered at once (0 of 2).
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(port)), OffloadOp::Install(tcp_key(port), Offloaded::Local)]);
+    // Another flow takes the second place; now a SYN on the first leaves it out until its ACK.
+    let other = established_on(&mut n, at(20), 1200, LOCAL);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(other), Offloaded::Local)]);
+    n.on_tun_packet(at(30), &mut tcp(port, SYN));
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(port))], "1 of 2 after the withdrawal: offered at the SYN");
+    n.on_tun_packet(at(31), &mut tcp(port, ACK));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), Offloaded::Local)]);
+}
+
+/// A spoofed SYN (or a half-open connection) is offered at once and never carries anything in
+/// the kernel: it is withdrawn once the flow table expires its handshake.
+#[test]
+fn a_half_open_syn_is_withdrawn_when_its_handshake_expires() {
+    let handshake_idle = FlowConfig::default().tcp_handshake_idle.as_secs();
+    let mut n = offloading(16);
+    let port = port_placed_on(&mut n, at(0), 1000, N2);
+    n.on_carrier_packet(at(0), underlay(3), &tcp(4000, SYN));
+    assert_eq!(ops(&mut n).len(), 2);
+    assert_eq!(n.served_flows(), 1);
+    // What the kernel holds: both entries, which carry nothing.
+    let mut kernel = vec![idle_usage(tcp_key(port)), idle_usage(tcp_key(4000))];
+    let mut withdrawn_at = Vec::new();
+    for s in 1..=handshake_idle + 5 {
+        n.reconcile_offload(secs(s), &kernel);
+        let removed = ops(&mut n);
+        if !removed.is_empty() {
+            withdrawn_at.push((s, removed.len()));
+        }
+        kernel.retain(|u| !removed.contains(&OffloadOp::Remove(u.key)));
+        n.handle_timeout(secs(s));
+    }
+    // Withdrawn at the reconciliation after the expiry, both in one go.
+    assert_eq!(withdrawn_at, [(handshake_idle + 1, 2)], "withdrawn before its handshake expired, or never");
+    assert_eq!(flow(&n, &tcp_key(port)), None);
+    assert_eq!(n.served_flows(), 0);
+    let c = counters(&n);
+    assert_eq!((c.flows, c.installed, c.withdrawn, c.forwarded_packets, c.decapsulated_packets), (0, 2, 2, 0, 0));
+    assert!(kernel.is_empty());
+}
+
+/// Two SYNs on an offloaded tuple before the IO layer carries out the first removal (a
+/// retransmitted SYN, or a spoofer's): each removal's report is credited against its own record,
+/// in order, so nothing is counted twice; and the old connection's packets in those reports
+/// neither close nor establish the new connection.
+#[test]
+fn two_withdrawals_of_one_tuple_are_credited_each_against_its_own_record() {
+    let mut n = offloading(16);
+    let port = established_on(&mut n, at(0), 1000, N2);
+    let k = tcp_key(port);
+    let [OffloadOp::Install(_, how)] = ops(&mut n)[..] else { panic!("not offered") };
+    n.reconcile_offload(secs(1), &[usage(k, 100, 10_000, at(900))]);
+    assert_eq!(counters(&n).forwarded_packets, 100);
+
+    n.on_tun_packet(secs(2), &mut tcp(port, SYN));
+    n.on_tun_packet(secs(2), &mut tcp(port, SYN));
+    let expected = [OffloadOp::Remove(k), OffloadOp::Install(k, how), OffloadOp::Remove(k), OffloadOp::Install(k, how)];
+    assert_eq!(ops(&mut n), expected);
+    // The first kernel entry ended at 110 packets (with the old connection's FIN); the second,
+    // installed and removed at once, carried nothing.
+    n.offload_removed(secs(2), &closing_usage(k, 110, 11_000, secs(2)));
+    n.offload_removed(secs(2), &usage(k, 0, 0, secs(2)));
+    let c = counters(&n);
+    assert_eq!((c.forwarded_packets, c.bytes), (110, 11_000), "usage credited twice");
+    assert_eq!(flow(&n, &k), Some((FlowState::TcpHandshake, true)), "the old connection moved the new one on");
 }

@@ -389,6 +389,13 @@ impl Driver {
         }
     }
 
+    /// Carries out the core's pending offload decisions, if any.
+    fn apply_offload(&mut self) {
+        let Some(offload) = &mut self.offload else { return };
+        let origin = self.origin;
+        offload.apply(&mut self.node, || Timestamp::from_duration(origin.elapsed()), &self.carrier);
+    }
+
     /// Carries out the core's offload decisions; reconciles once a second (or at once with
     /// `now_too`, after a change of members).
     fn run_offload(&mut self, reconcile_now: bool) {
@@ -493,6 +500,7 @@ impl Driver {
                         result = self.carrier.try_recv(&mut carrier_buf);
                         reads += 1;
                     }
+                    self.apply_offload();
                     self.deliver_batch(&mut coalesce, accepted).await;
                     for (addr, hash, pkt) in std::mem::take(&mut self.second_hop) {
                         self.forward(addr, hash, &pkt, pkt.len()).await;
@@ -604,6 +612,9 @@ impl Driver {
         let verdict =
             if self.stopping { self.node.on_tun_packet_stopping(now, pkt) } else { self.node.on_tun_packet(now, pkt) };
         tracing::trace!(len = frame.len(), gso = hdr.gso_type, ?verdict, "tun packet");
+        // Offered or withdrawn by this packet: in the kernel's table before the packet goes on,
+        // so that the flow's next packet (a handshake's ACK, which comes back fast) finds it.
+        self.apply_offload();
         match verdict {
             // Back into the kernel as it came, super-packet and all.
             Verdict::Deliver => self.write_tun(frame).await,

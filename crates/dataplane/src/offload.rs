@@ -89,7 +89,10 @@ impl Offload {
                     let Some(k) = key_of(&key) else { continue };
                     if let Some(u) = self.path.remove(&k) {
                         let last_seen = last_seen(now, ringlb_fastpath::monotonic_ns(), u.last_seen_ns);
-                        node.offload_removed(now, &OffloadUsage { key, packets: u.packets, bytes: u.bytes, last_seen });
+                        node.offload_removed(
+                            now,
+                            &OffloadUsage { key, packets: u.packets, bytes: u.bytes, last_seen, closed: u.closed },
+                        );
                     }
                 }
             }
@@ -105,7 +108,7 @@ impl Offload {
         self.path.usage(|k, u| {
             let key = WireKey::new(IpAddr::V4(k.src()), IpAddr::V4(k.dst()), k.src_port(), k.dst_port(), k.proto());
             let last_seen = last_seen(now, now_ns, u.last_seen_ns);
-            usage.push(OffloadUsage { key, packets: u.packets, bytes: u.bytes, last_seen });
+            usage.push(OffloadUsage { key, packets: u.packets, bytes: u.bytes, last_seen, closed: u.closed });
         });
         node.reconcile_offload(now, &self.usage);
         self.apply(node, || now, carrier);

@@ -3,9 +3,9 @@
 // ringlb's kernel fast path: a tc program on the underlay interface's ingress.
 //
 // It acts only on packets of flows the daemon has put in `flows`, after the daemon placed
-// them; everything else (SYN, FIN, RST, unknown flows, fragments, IP options, ICMP, UDP GSO
-// trains, packets that would not fit the MTU once encapsulated) passes unchanged and takes the
-// TUN path, as without this program. For a flow in `flows` it does what the daemon would:
+// them; everything else (SYN, unknown flows, fragments, IP options, ICMP, UDP GSO trains,
+// packets that would not fit the MTU once encapsulated) passes unchanged and takes the TUN
+// path, as without this program. For a flow in `flows` it does what the daemon would:
 //
 //   LOCAL       the entry serves the flow itself: mark the packet so that routing delivers it
 //               locally instead of into the TUN;
@@ -16,8 +16,10 @@
 //   DECAP_UDP   a peer serves the flow: a carrier packet from the entry the daemon recorded
 //   DECAP_IPIP  for it, to this node: strip the outer headers and mark it for local delivery.
 //
-// Each entry counts packets and bytes and stamps the time of the last one, which the daemon
-// reads back into its flow table. The program never creates entries.
+// Each entry counts packets and bytes, stamps the time of the last one and notes a FIN or RST
+// it carried, which the daemon reads back into its flow table (a closed flow is withdrawn
+// there). A SYN always goes to the daemon, which places connections. The program never
+// creates entries.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -40,12 +42,16 @@
 #define STAT_LOCAL 0
 #define STAT_ENCAP 1
 #define STAT_DECAP 2
-#define STAT_PASS_CONTROL 3 // SYN, FIN or RST of an offloaded flow
+#define STAT_PASS_CONTROL 3 // a SYN of an offloaded flow
 #define STAT_PASS_MTU 4     // would not fit the MTU once encapsulated
 #define STAT_PASS_GSO 5     // a UDP GSO train, or a super-packet too long to encapsulate
 #define STAT_ERROR 6        // a helper failed; the packet went on unchanged
 #define STAT_PASS_SOURCE 7  // a carrier packet from another address than the flow's entry
 #define STAT_COUNT 8
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
 
 #define UDP_OVERHEAD (sizeof(struct iphdr) + sizeof(struct udphdr))
 #define IPIP_OVERHEAD (sizeof(struct iphdr))
@@ -66,7 +72,9 @@ struct flow_key {
 
 struct flow_entry {
 	__u8 kind;
-	__u8 pad[3];
+	// Set once the program carried a FIN or RST of the flow (the daemon withdraws it).
+	__u8 closed;
+	__u8 pad[2];
 	// ENCAP: this node's underlay address. DECAP: unused.
 	__u32 outer_saddr;
 	// ENCAP: the peer's underlay address. DECAP: the entry that sends the flow.
@@ -119,7 +127,9 @@ static __always_inline void count(__u32 index)
 // that a GSO super-packet counts as the segments it stands for. (skb->gso_segs is not kept
 // up to date on forwarded super-packets.)
 // `inner_at`: where the inner IP header starts; bytes count from there (what the client sent).
-static __always_inline __u64 account(struct flow_entry *entry, struct __sk_buff *skb, __u32 headers, __u32 inner_at)
+// `tcp_flags`: the packet's TCP flags (0 for UDP).
+static __always_inline __u64 account(struct flow_entry *entry, struct __sk_buff *skb, __u32 headers, __u32 inner_at,
+				     __u8 tcp_flags)
 {
 	__u64 segs = 1;
 	if (skb->gso_size && skb->len > headers)
@@ -128,6 +138,8 @@ static __always_inline __u64 account(struct flow_entry *entry, struct __sk_buff 
 	if (skb->len > inner_at)
 		__sync_fetch_and_add(&entry->bytes, skb->len - inner_at);
 	entry->last_seen = bpf_ktime_get_ns();
+	if ((tcp_flags & (TCP_FIN | TCP_RST)) && !entry->closed)
+		entry->closed = 1;
 	return segs;
 }
 
@@ -183,18 +195,16 @@ static __always_inline int inner_key(void *ip_start, void *data_end, struct flow
 	return -1;
 }
 
-#define TCP_FIN 0x01
-#define TCP_SYN 0x02
-#define TCP_RST 0x04
-
-// Packets the daemon must see: they open or close a connection.
+// Packets the daemon must see: a SYN opens a connection, which the daemon places (a client
+// may reuse its port for a new connection to another node). FIN and RST are carried, and
+// noted in the entry.
 static __always_inline int needs_daemon(const struct flow_key *key, __u8 flags)
 {
-	return key->proto == IPPROTO_TCP && (flags & (TCP_FIN | TCP_SYN | TCP_RST));
+	return key->proto == IPPROTO_TCP && (flags & TCP_SYN);
 }
 
 // `l4_header`: the length of the inner TCP or UDP header.
-static __always_inline int encap(struct __sk_buff *skb, struct flow_entry *entry, __u32 l4_header)
+static __always_inline int encap(struct __sk_buff *skb, struct flow_entry *entry, __u32 l4_header, __u8 tcp_flags)
 {
 	int udp = entry->kind == KIND_ENCAP_UDP;
 	__u32 overhead = udp ? UDP_OVERHEAD : IPIP_OVERHEAD;
@@ -256,7 +266,8 @@ static __always_inline int encap(struct __sk_buff *skb, struct flow_entry *entry
 		count(STAT_ERROR);
 		return TC_ACT_SHOT;
 	}
-	count_n(STAT_ENCAP, account(entry, skb, ETH_HLEN + overhead + sizeof(struct iphdr) + l4_header, ETH_HLEN + overhead));
+	count_n(STAT_ENCAP, account(entry, skb, ETH_HLEN + overhead + sizeof(struct iphdr) + l4_header, ETH_HLEN + overhead,
+				     tcp_flags));
 	return bpf_redirect_neigh(cfg_ifindex, NULL, 0, 0);
 }
 
@@ -299,7 +310,7 @@ static __always_inline int decap(struct __sk_buff *skb, void *inner, void *data_
 		return TC_ACT_OK;
 	}
 	skb->mark |= cfg_mark;
-	count_n(STAT_DECAP, account(entry, skb, ETH_HLEN + sizeof(struct iphdr) + l4_header, ETH_HLEN));
+	count_n(STAT_DECAP, account(entry, skb, ETH_HLEN + sizeof(struct iphdr) + l4_header, ETH_HLEN, flags));
 	return TC_ACT_OK;
 }
 
@@ -353,11 +364,11 @@ int ringlb_ingress(struct __sk_buff *skb)
 	switch (entry->kind) {
 	case KIND_LOCAL:
 		skb->mark |= cfg_mark;
-		count_n(STAT_LOCAL, account(entry, skb, ETH_HLEN + sizeof(struct iphdr) + l4_header, ETH_HLEN));
+		count_n(STAT_LOCAL, account(entry, skb, ETH_HLEN + sizeof(struct iphdr) + l4_header, ETH_HLEN, flags));
 		return TC_ACT_OK;
 	case KIND_ENCAP_UDP:
 	case KIND_ENCAP_IPIP:
-		return encap(skb, entry, l4_header);
+		return encap(skb, entry, l4_header, flags);
 	default:
 		return TC_ACT_OK;
 	}

@@ -114,7 +114,8 @@ impl FlowKey {
 #[derive(Debug, Clone, Copy, Default)]
 struct Entry {
     kind: u8,
-    pad: [u8; 3],
+    closed: u8,
+    pad: [u8; 2],
     outer_saddr: [u8; 4],
     outer_daddr: [u8; 4],
     outer_sport: [u8; 2],
@@ -171,6 +172,14 @@ pub struct Usage {
     pub bytes: u64,
     /// CLOCK_MONOTONIC nanoseconds of the last packet (0: none yet).
     pub last_seen_ns: u64,
+    /// The program carried a FIN or RST of the flow.
+    pub closed: bool,
+}
+
+impl Entry {
+    fn usage(&self) -> Usage {
+        Usage { packets: self.packets, bytes: self.bytes, last_seen_ns: self.last_seen, closed: self.closed != 0 }
+    }
 }
 
 /// The program's own counters (`stats` in `bpf/fastpath.c`), summed over CPUs.
@@ -182,7 +191,7 @@ pub struct FastPathStats {
     pub encapsulated: u64,
     /// Carrier packets decapsulated and delivered.
     pub decapsulated: u64,
-    /// Packets of offloaded flows left to the daemon: SYN, FIN or RST.
+    /// Packets of offloaded flows left to the daemon: a SYN.
     pub passed_control: u64,
     /// ... too big to encapsulate within the MTU.
     pub passed_mtu: u64,
@@ -328,26 +337,25 @@ impl FastPath {
     pub fn remove(&mut self, key: &FlowKey) -> Option<Usage> {
         let last = self.flows.get(key, 0).ok();
         let _ = self.flows.remove(key);
-        last.map(|e| Usage { packets: e.packets, bytes: e.bytes, last_seen_ns: e.last_seen })
+        last.map(|e| e.usage())
     }
 
     /// Calls `f` with every offloaded flow and what it did. Reads the table in batches of
     /// [`BATCH`] (one system call each: about 0.1 µs a flow); on a kernel that refuses batched
     /// lookups, one flow at a time (two system calls: about 1.4 µs a flow).
     pub fn usage(&mut self, mut f: impl FnMut(&FlowKey, Usage)) {
-        let usage = |e: &Entry| Usage { packets: e.packets, bytes: e.bytes, last_seen_ns: e.last_seen };
         if self.batch.is_none() {
             self.batch = Some(Batch::new());
         }
         if let Some(batch) = &mut self.batch {
             use aya::maps::IterableMap;
-            if batch.walk(self.flows.map().fd().as_fd(), |k, e| f(k, usage(e))).is_ok() {
+            if batch.walk(self.flows.map().fd().as_fd(), |k, e| f(k, e.usage())).is_ok() {
                 return;
             }
         }
         // Only the daemon adds or removes entries, so the walk sees each one once.
         for (key, e) in self.flows.iter().flatten() {
-            f(&key, usage(&e));
+            f(&key, e.usage());
         }
     }
 

@@ -408,7 +408,7 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
         s.seal.sessions,
     );
     if let Some(f) = &s.fast_path {
-        counter("fast_path_flows_installed_total", "Settled flows handed to the kernel fast path.", f.core.installed);
+        counter("fast_path_flows_installed_total", "Flows handed to the kernel fast path.", f.core.installed);
         counter(
             "fast_path_flows_withdrawn_total",
             "Flows taken back from the fast path (closing, expired, moved, or their member no longer eligible).",
@@ -416,7 +416,7 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
         );
         counter(
             "fast_path_flows_refused_total",
-            "Settled flows left on the TUN path because the fast path's table was full or refused them.",
+            "Flows left on the TUN path because the fast path's table was full or refused them.",
             f.core.refused_full + f.install_errors,
         );
         counter("fast_path_errors_total", "Packets on which a fast-path helper failed.", f.program.errors);
@@ -470,7 +470,7 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
              # TYPE ringlb_fast_path_passed_packets_total counter"
         );
         for (reason, v) in [
-            ("syn_fin_rst", f.program.passed_control),
+            ("syn", f.program.passed_control),
             ("mtu", f.program.passed_mtu),
             ("gso", f.program.passed_gso),
             ("wrong_source", f.program.passed_source),
@@ -730,7 +730,7 @@ pub fn status(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Stri
             let _ = writeln!(
                 out,
                 "fast path: on, {} flows offloaded ({} handed over, {} taken back); packets: {} delivered locally, {} \
-                 forwarded, {} received from peers; left to the daemon: {} SYN/FIN/RST, {} too big",
+                 forwarded, {} received from peers; left to the daemon: {} SYN, {} too big",
                 f.core.flows,
                 f.core.installed,
                 f.core.withdrawn,

@@ -2,20 +2,28 @@
 //! did flows back into the tables.
 //!
 //! The rules, all here so that the IO layer only carries them out:
-//! - A flow is offered to the fast path once it is *settled*: confirmed, and established TCP
-//!   or UDP. Its first packets (the handshake, a first datagram) always take the daemon's path,
-//!   where placement, MSS clamping, spoofing quotas and flow recovery happen.
+//! - A flow is offered to the fast path at its first packet (a SYN, a first datagram) while
+//!   the fast path's table is less than half full and the flow table has room; beyond, only
+//!   once it has *settled*: confirmed, and established TCP or UDP. The first packet always
+//!   takes the daemon's path, where placement, MSS clamping, spoofing quotas and flow recovery
+//!   happen; a short connection's other packets (its handshake's ACK, request and close) then
+//!   bypass the daemon. A spoofed first packet costs a table entry, so the early offer stops at
+//!   half, and idle flows are withdrawn when the table is nearly full (see [`PRESSURE`]).
 //! - Only to or from members whose pinned flows still flow (alive, suspect, draining) and that are
 //!   marked eligible (the IO layer marks a member
 //!   ineligible while the carrier to it is sealed: the fast path sends plaintext only).
 //! - The fast path never creates a flow and never decides one: it reports, per flow, packets,
-//!   bytes and the time of the last packet. [`Node::reconcile_offload`] adds them to the
-//!   counters and touches the flow, so idle timeouts, load (flows served) and flow recovery stay
-//!   true; then it withdraws every flow the tables no longer back as they were offloaded (gone,
-//!   expired, closing, pinned elsewhere, its member not alive or no longer eligible). A flow
-//!   withdrawn takes the daemon's path again, and is offered again if it still qualifies.
-//! - The fast path leaves SYN, FIN and RST to the daemon, so a closing connection is seen and
-//!   withdrawn at the next reconciliation.
+//!   bytes, the time of the last packet and whether it carried a FIN or RST.
+//!   [`Node::reconcile_offload`] moves the flow on as the daemon would have for those packets
+//!   (a connection in its handshake is established, one that carried a FIN or RST is closing),
+//!   adds them to the counters and touches the flow, so idle timeouts, load (flows served) and
+//!   flow recovery stay true; then it withdraws every flow the tables no longer back as they
+//!   were offloaded (gone, expired, closing, pinned elsewhere, its member not alive or no longer
+//!   eligible). A flow withdrawn takes the daemon's path again, and is offered again if it still
+//!   qualifies.
+//! - The fast path leaves every SYN to the daemon. A SYN on an offloaded tuple (the client
+//!   reused its port) withdraws the flow at once: the new connection may be placed elsewhere,
+//!   and a FIN the kernel carried belongs to the old one.
 //!
 //! The IO layer must reconcile well within the shortest idle timeout of a settled flow (the
 //! daemon does every second): a flow whose packets all go through the kernel is otherwise
@@ -56,6 +64,8 @@ pub struct OffloadUsage {
     pub bytes: u64,
     /// When its last packet went through (`None`: none yet).
     pub last_seen: Option<Timestamp>,
+    /// It carried a FIN or RST of the flow.
+    pub closed: bool,
 }
 
 /// Packets the fast path carried, by what it did (already in the totals below).
@@ -80,6 +90,9 @@ struct Installed {
     bytes: u64,
     /// When it was installed or last carried a packet in the fast path.
     active: Timestamp,
+    /// Withdrawn because a new connection reuses the tuple: a FIN or RST the kernel carried
+    /// was the old connection's.
+    reopened: bool,
 }
 
 /// While the fast path's table is this full (of `max_flows`), flows it has carried nothing for
@@ -87,6 +100,10 @@ struct Installed {
 /// made-up flow, and such flows must not keep real ones out of a full table.
 const PRESSURE: f64 = 0.9;
 const IDLE_UNDER_PRESSURE: Duration = Duration::from_secs(2);
+/// Flows are offered at their first packet only while the table is less full than this; a
+/// flood of made-up first packets then fills half of it at most, and real flows still get the
+/// rest once they settle.
+const EARLY_BELOW: f64 = 0.5;
 
 #[derive(Debug)]
 pub(super) struct Offload {
@@ -94,9 +111,11 @@ pub(super) struct Offload {
     /// By member index: may its flows be offloaded?
     eligible: Vec<bool>,
     installed: HashMap<FlowKey, Installed>,
-    /// Flows withdrawn whose last usage the IO layer has not reported yet
+    /// Flows withdrawn whose last usage the IO layer has not reported yet, by key in the order
+    /// of their removals (a tuple may be withdrawn, offered again and withdrawn again before
+    /// the IO layer carries out the first removal: each report belongs to its own record)
     /// ([`Node::offload_removed`]); cleared at each reconciliation.
-    withdrawn: HashMap<FlowKey, Installed>,
+    withdrawn: HashMap<FlowKey, Vec<Installed>>,
     /// Flows refused since the last reconciliation (the table full), so that each counts once.
     refused: HashSet<FlowKey>,
     ops: Vec<OffloadOp>,
@@ -109,7 +128,7 @@ const MAX_REFUSED_TRACKED: usize = 65_536;
 impl Offload {
     fn withdraw(&mut self, key: &FlowKey) {
         if let Some(inst) = self.installed.remove(key) {
-            self.withdrawn.insert(*key, inst);
+            self.withdrawn.entry(*key).or_default().push(inst);
             self.ops.push(OffloadOp::Remove(*key));
             self.counters.withdrawn += 1;
         }
@@ -124,6 +143,16 @@ fn carries(m: &crate::Member) -> bool {
 
 fn settled(state: FlowState) -> bool {
     matches!(state, FlowState::TcpEstablished | FlowState::Udp)
+}
+
+/// Whether an offloaded flow may stay in the fast path in this state: not once it closes.
+fn open(state: FlowState) -> bool {
+    state != FlowState::TcpClosing
+}
+
+/// Whether a flow in this state may be offered: settled, or (`early`) at its start.
+fn offerable(state: FlowState, confirmed: bool, early: bool) -> bool {
+    (confirmed && settled(state)) || (early && matches!(state, FlowState::TcpHandshake | FlowState::Udp))
 }
 
 impl Node {
@@ -174,21 +203,26 @@ impl Node {
         o.eligible.get(member.index()).copied().unwrap_or(false) && self.members.get(member).is_some_and(carries)
     }
 
-    /// After a TUN packet of `key`'s flow: offers the flow if it has just settled, or withdraws
-    /// it at once if the packet changed what backs it. Packets of an offloaded flow reach the
-    /// daemon only when the fast path leaves them to it (SYN, FIN, RST, too big), and a SYN on
-    /// a reused tuple may have pinned the flow elsewhere: its next packets must not follow the
-    /// old entry until the next reconciliation.
-    pub(super) fn offer_entry_flow(&mut self, key: &FlowKey, flow_hash: u64) {
+    /// Whether a flow may be offered at its first packet now (see [`EARLY_BELOW`]).
+    fn early(&self, o: &Offload, table: &crate::FlowTable) -> bool {
+        #[allow(clippy::cast_precision_loss)]
+        let below = (o.installed.len() as f64) < o.max_flows as f64 * EARLY_BELOW;
+        below && table.has_room()
+    }
+
+    /// After a TUN packet of `key`'s flow (`syn`: a SYN): offers the flow if it has just
+    /// started or settled, or withdraws it at once if the packet changed what backs it. Packets
+    /// of an offloaded flow reach the daemon only when the fast path leaves them to it (SYN,
+    /// too big), and a SYN on a reused tuple may have pinned the flow elsewhere: its next
+    /// packets must not follow the old entry until the next reconciliation.
+    pub(super) fn offer_entry_flow(&mut self, key: &FlowKey, flow_hash: u64, syn: bool) {
         let Some(o) = &self.offload else { return };
-        if let Some(inst) = o.installed.get(key) {
-            if !self.still_backed(key, inst.how, o) {
-                self.withdraw(key);
-            }
+        if o.installed.contains_key(key) && !self.withdraw_if_changed(key, None, syn) {
             return;
         }
+        let Some(o) = &self.offload else { return };
         let Some(h) = self.flows.find(key) else { return };
-        if !self.flows.is_confirmed(h) || !settled(self.flows.state(h)) {
+        if !offerable(self.flows.state(h), self.flows.is_confirmed(h), self.early(o, &self.flows)) {
             return;
         }
         let target = self.flows.target(h);
@@ -206,26 +240,47 @@ impl Node {
         self.install(*key, how);
     }
 
-    /// After a carrier packet of `key`'s flow from the entry `from`: offers the flow if it has
-    /// just settled here, or withdraws it at once if no longer backed (as for entries).
-    pub(super) fn offer_served_flow(&mut self, key: &FlowKey, from: NodeId) {
+    /// After a carrier packet of `key`'s flow from the entry `from` (`syn`: a SYN): offers the
+    /// flow if it has just started or settled here, or withdraws it at once if no longer backed
+    /// (as for entries).
+    pub(super) fn offer_served_flow(&mut self, key: &FlowKey, from: NodeId, syn: bool) {
         let Some(o) = &self.offload else { return };
-        if let Some(inst) = o.installed.get(key) {
-            // Another entry sends the flow now (ECMP moved it, or a new layer-2 owner): the
-            // program would pass all its packets to the daemon; withdrawn, it is offered again
-            // for the new entry.
-            let moved = matches!(inst.how, Offloaded::Served { entry, .. } if entry != from);
-            if moved || !self.still_backed(key, inst.how, o) {
-                self.withdraw(key);
-            }
+        if o.installed.contains_key(key) && !self.withdraw_if_changed(key, Some(from), syn) {
             return;
         }
+        let Some(o) = &self.offload else { return };
         let Some(h) = self.served.find(key) else { return };
-        if !self.served.is_confirmed(h) || !settled(self.served.state(h)) || !self.offloadable(from) {
+        let early = self.early(o, &self.served);
+        if !offerable(self.served.state(h), self.served.is_confirmed(h), early) || !self.offloadable(from) {
             return;
         }
         let Some(addr) = self.members.get(from).map(|m| m.addr) else { return };
         self.install(*key, Offloaded::Served { entry: from, from: addr });
+    }
+
+    /// A packet of an offloaded flow reached the daemon (`from`: the entry it came from, for a
+    /// flow served here): withdrawn at once if it starts a new connection on the tuple (`syn`),
+    /// if another entry sends the flow now (ECMP moved it, or a new layer-2 owner: the program
+    /// would pass all its packets to the daemon; withdrawn, it is offered again for the new
+    /// entry), or if the tables no longer back it as offloaded. Returns whether the caller is to
+    /// offer it again at once, as it now stands: after a SYN (a new connection, to the same node
+    /// or another, goes back into the fast path with a fresh kernel entry). A flow withdrawn for
+    /// another reason is offered again by its next packet.
+    fn withdraw_if_changed(&mut self, key: &FlowKey, from: Option<NodeId>, syn: bool) -> bool {
+        let Some(o) = &self.offload else { return false };
+        let Some(inst) = o.installed.get(key) else { return false };
+        let moved = matches!((inst.how, from), (Offloaded::Served { entry, .. }, Some(from)) if entry != from);
+        if !syn && !moved && self.still_backed(key, inst.how, o) {
+            return false;
+        }
+        let Some(o) = &mut self.offload else { return false };
+        o.withdraw(key);
+        if syn {
+            if let Some(w) = o.withdrawn.get_mut(key).and_then(|w| w.last_mut()) {
+                w.reopened = true;
+            }
+        }
+        syn
     }
 
     fn install(&mut self, key: FlowKey, how: Offloaded) {
@@ -237,14 +292,9 @@ impl Node {
             }
             return;
         }
-        o.installed.insert(key, Installed { how, packets: 0, bytes: 0, active: now });
+        o.installed.insert(key, Installed { how, packets: 0, bytes: 0, active: now, reopened: false });
         o.ops.push(OffloadOp::Install(key, how));
         o.counters.installed += 1;
-    }
-
-    fn withdraw(&mut self, key: &FlowKey) {
-        let Some(o) = &mut self.offload else { return };
-        o.withdraw(key);
     }
 
     /// The IO layer could not install `key` (the kernel's table refused it): the flow stays on
@@ -260,14 +310,18 @@ impl Node {
     /// reconciliations.
     pub fn offload_removed(&mut self, now: Timestamp, usage: &OffloadUsage) {
         let Some(mut o) = self.offload.take() else { return };
-        if let Some(mut inst) = o.withdrawn.remove(&usage.key) {
+        if let Some(records) = o.withdrawn.get_mut(&usage.key) {
+            let mut inst = records.remove(0);
+            if records.is_empty() {
+                o.withdrawn.remove(&usage.key);
+            }
             self.credit(&mut o, &mut inst, usage, now);
         }
         self.offload = Some(o);
     }
 
-    /// Adds what the fast path did for one flow since last time to the counters, and touches
-    /// the flow.
+    /// Adds what the fast path did for one flow since last time to the counters, and moves the
+    /// flow on and touches it as the daemon would have for those packets.
     fn credit(&mut self, o: &mut Offload, inst: &mut Installed, u: &OffloadUsage, now: Timestamp) {
         let packets = u.packets.saturating_sub(inst.packets);
         let bytes = u.bytes.saturating_sub(inst.bytes);
@@ -276,6 +330,9 @@ impl Node {
         if packets == 0 {
             return;
         }
+        // A record withdrawn by a new connection's SYN: what it carried was the old
+        // connection's, counted but not moving the new one on.
+        let closed = u.closed && !inst.reopened;
         inst.active = now;
         o.counters.bytes += bytes;
         let table = match inst.how {
@@ -296,10 +353,22 @@ impl Node {
             }
         };
         // Touched now, not at the kernel's last packet: the table's lists are ordered by last
-        // touch, and a flow lives at most one reconciliation longer for it.
-        if let Some(h) = table.find(&u.key) {
-            let state = table.state(h);
-            table.touch(h, now, state);
+        // touch, and a flow lives at most one reconciliation longer for it. The program
+        // carries no SYN, so what it carried of a connection in its handshake completed it.
+        let Some(h) = table.find(&u.key) else { return };
+        let state = match table.state(h) {
+            state if inst.reopened => state,
+            FlowState::TcpHandshake | FlowState::TcpEstablished if closed => FlowState::TcpClosing,
+            FlowState::TcpHandshake => FlowState::TcpEstablished,
+            state => state,
+        };
+        let confirmed = table.is_confirmed(h);
+        let local = table.target(h) == self.config.local;
+        table.touch(h, now, state);
+        // Confirmed established here: noted for flow recovery, as the daemon's path does.
+        let served = matches!(inst.how, Offloaded::Served { .. }) || local;
+        if served && !confirmed && state == FlowState::TcpEstablished && table.is_confirmed(h) {
+            self.note_served(&u.key);
         }
     }
 
@@ -356,7 +425,7 @@ impl Node {
             }
         };
         let Some(h) = table.find(key) else { return false };
-        if !table.is_confirmed(h) || !settled(table.state(h)) {
+        if !open(table.state(h)) {
             return false;
         }
         match pinned {
