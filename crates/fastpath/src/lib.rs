@@ -335,9 +335,17 @@ impl FastPath {
     /// Stops offloading a flow; its packets take the TUN path again. Returns what the flow did
     /// until then (`None`: it was not offloaded).
     pub fn remove(&mut self, key: &FlowKey) -> Option<Usage> {
-        let last = self.flows.get(key, 0).ok();
-        let _ = self.flows.remove(key);
-        last.map(|e| e.usage())
+        use aya::maps::IterableMap;
+        // One system call that reads and deletes: no packet counted in between is lost.
+        match lookup_and_delete(self.flows.map().fd().as_fd(), key) {
+            Ok(last) => last.map(|e| e.usage()),
+            // A kernel without it for hash maps (before 5.14): read, then delete.
+            Err(_) => {
+                let last = self.flows.get(key, 0).ok();
+                let _ = self.flows.remove(key);
+                last.map(|e| e.usage())
+            }
+        }
     }
 
     /// Calls `f` with every offloaded flow and what it did. Reads the table in batches of
@@ -423,6 +431,48 @@ fn ip(args: &[&str]) -> Result<String, LoadError> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(LoadError::Rule(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())))
+    }
+}
+
+/// `union bpf_attr`'s member for the `BPF_MAP_*_ELEM` commands (linux/bpf.h).
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+
+/// Reads and deletes `key`'s entry of the hash map `fd` in one step (`None`: it held none).
+fn lookup_and_delete(fd: BorrowedFd<'_>, key: &FlowKey) -> std::io::Result<Option<Entry>> {
+    let mut value = Entry::default();
+    let mut attr = ElemAttr {
+        map_fd: u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX),
+        key: key as *const FlowKey as u64,
+        value: &mut value as *mut Entry as u64,
+        flags: 0,
+    };
+    // SAFETY: BPF_MAP_LOOKUP_AND_DELETE_ELEM reads `attr` (a `union bpf_attr` prefix of the size
+    // given), reads one key of the map's key size from `key` (`FlowKey` mirrors it) and writes
+    // one value of the map's value size into `value` (`Entry` mirrors it), a live local.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &mut attr as *mut ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(value));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(None)
+    } else {
+        Err(e)
     }
 }
 

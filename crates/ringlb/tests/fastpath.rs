@@ -243,6 +243,14 @@ fn short_connections_wait_for_no_retransmission() {
         offloaded(2),
         offloaded(3)
     );
+    // And what the program carried for them reached the tables, to the packet: the entry's
+    // per-peer counts (the daemon's forwards plus the kernel usage the core was credited,
+    // read at each withdrawal) equal the daemon's forwards plus the program's own counter.
+    let m = lab.metrics(1).expect("metrics");
+    let per_peer = metric(&m, "ringlb_peer_forwarded_packets_total{");
+    let by_daemon = metric(&m, "ringlb_forwarded_packets_total{");
+    let by_program = metric(&m, "ringlb_fast_path_packets_total{node=\"n1\",action=\"forwarded\"}");
+    assert_eq!(per_peer, by_daemon + by_program, "the kernel's usage of closed flows was not all credited");
 }
 
 fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
