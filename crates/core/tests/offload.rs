@@ -5,8 +5,11 @@
 //! The node under test is n1 (10.77.0.1, local) in a cluster of three; n2 and n3 are peers.
 //!
 //! A flow is offered at its first packet (a SYN, a first datagram) while the fast path's table
-//! is less than half full (and the flow table has room), otherwise once it has settled; so every
-//! SYN a test sends may install a flow. The node places new flows by consistent hash, a function
+//! is less than half full (and the flow table has room), otherwise once it has settled; but a
+//! TCP connection this node delivers to its own kernel (placed here, or served here for an
+//! entry) only once settled, whatever the table holds: its handshake completes in the kernel by
+//! the daemon's path. So a SYN a test sends may install a forwarded flow, never a local or a
+//! served one; a UDP flow's first datagram may install it anywhere. The node places new flows by consistent hash, a function
 //! of the tuple and the members only, so that a test finds a port that lands where it wants on a
 //! throwaway copy of the node ([`port_for`]) and the node under test sees only the flows the
 //! test means.
@@ -192,6 +195,17 @@ fn claims_to(n: &mut Node, home: &str) -> Vec<ClientFlow> {
     out
 }
 
+/// How a TCP flow on `port` forwarded to the peer `peer` (n2 or n3) is offloaded.
+fn forward_to(peer: NodeId, port: u16) -> Offloaded {
+    let addr = underlay(if peer == N2 { 2 } else { 3 });
+    Offloaded::Forward { peer, addr, flow_hash: tcp_key(port).stable_hash() }
+}
+
+/// How a flow served here for the entry `entry` (n2 or n3) is offloaded.
+fn served_for(entry: NodeId) -> Offloaded {
+    Offloaded::Served { entry, from: underlay(if entry == N2 { 2 } else { 3 }) }
+}
+
 fn client_flow(key: &FlowKey) -> ClientFlow {
     ClientFlow { proto: key.proto, client: key.src(), client_port: key.src_port, vip_port: key.dst_port }
 }
@@ -219,12 +233,104 @@ fn a_forwarded_tcp_flow_is_installed_at_its_syn() {
     assert_eq!(ops(&mut n), []);
 }
 
+/// Rule: a TCP connection this node delivers to its own kernel (placed here at an entry, or
+/// served here for one) is not offered at its SYN, however empty the fast path's table: its
+/// handshake completes in the kernel by the daemon's path first (otherwise the handshake's ACK
+/// and the first data reach the kernel on two CPUs at once, and a lookup racing with the
+/// kernel's handshake answers RST). It is offered at the handshake's ACK, settled. A
+/// connection this node forwards is offered at its SYN; a UDP flow at its first datagram either
+/// way.
+#[test]
+fn tcp_flows_delivered_here_are_offered_once_settled_forwarded_ones_at_their_syn() {
+    let mut n = offloading(16);
+    // The fast path empty: neither a local SYN nor a served one.
+    let local = port_placed_on(&mut n, at(0), 1000, LOCAL);
+    assert_eq!(flow(&n, &tcp_key(local)), Some((FlowState::TcpHandshake, false)));
+    assert_eq!(ops(&mut n), [], "a local SYN offered");
+    assert_eq!(n.on_carrier_packet(at(0), underlay(3), &tcp(4000, SYN)), Verdict::Deliver);
+    assert_eq!(ops(&mut n), [], "a served SYN offered");
+    assert_eq!(counters(&n).flows, 0);
+    // Their handshakes' ACKs: offered, settled.
+    assert_eq!(n.on_tun_packet(at(1), &mut tcp(local, ACK)), Verdict::Deliver);
+    assert_eq!(flow(&n, &tcp_key(local)), Some((FlowState::TcpEstablished, true)));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(local), Offloaded::Local)], "a local ACK not offered");
+    assert_eq!(n.on_carrier_packet(at(1), underlay(3), &tcp(4000, ACK)), Verdict::Deliver);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(4000), served_for(N3))], "a served ACK not offered");
+
+    // Forwarded: at its SYN, an unconfirmed handshake.
+    let fwd = port_placed_on(&mut n, at(2), 1200, N2);
+    assert_eq!(flow(&n, &tcp_key(fwd)), Some((FlowState::TcpHandshake, false)));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(fwd), forward_to(N2, fwd))], "a forwarded SYN not offered");
+    n.on_tun_packet(at(3), &mut tcp(fwd, ACK));
+    assert_eq!(ops(&mut n), [], "offered twice");
+
+    // UDP, delivered here or served here: at the first datagram.
+    let udp_port = port_for(&n, at(4), 1, LOCAL, udp);
+    assert_eq!(n.on_tun_packet(at(4), &mut udp(udp_port)), Verdict::Deliver);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(udp_key(udp_port), Offloaded::Local)], "a local datagram");
+    assert_eq!(n.on_carrier_packet(at(4), underlay(2), &udp(4001)), Verdict::Deliver);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(udp_key(4001), served_for(N2))], "a served datagram");
+    let c = counters(&n);
+    assert_eq!((c.flows, c.installed, c.refused_full), (5, 5, 0));
+}
+
+/// Rule: a SYN on an offloaded tuple (the client reused its port) withdraws the flow and offers
+/// it again at once as it now stands: a new connection this node forwards is installed again in
+/// the same step; one it delivers to its own kernel (placed here, served here) is then in its
+/// handshake, and is installed again only at its ACK, settled.
+#[test]
+fn a_syn_on_an_installed_tuple_installs_again_at_once_only_a_forwarded_flow() {
+    let mut n = offloading(16);
+    let local = established_on(&mut n, at(0), 1000, LOCAL);
+    let fwd = established_on(&mut n, at(0), 1200, N2);
+    n.on_carrier_packet(at(0), underlay(3), &tcp(4000, SYN));
+    n.on_carrier_packet(at(1), underlay(3), &tcp(4000, ACK));
+    let (kl, kf, ks) = (tcp_key(local), tcp_key(fwd), tcp_key(4000));
+    let (how_l, how_f, how_s) = (Offloaded::Local, forward_to(N2, fwd), served_for(N3));
+    assert_eq!(
+        ops(&mut n),
+        [OffloadOp::Install(kl, how_l), OffloadOp::Install(kf, how_f), OffloadOp::Install(ks, how_s)]
+    );
+
+    // Placed here again: withdrawn, not installed again in its handshake.
+    assert_eq!(n.on_tun_packet(at(10), &mut tcp(local, SYN)), Verdict::Deliver);
+    assert_eq!(flow(&n, &kl).map(|f| f.0), Some(FlowState::TcpHandshake));
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(kl)], "a local SYN on an installed tuple");
+    // Served here again: the same.
+    assert_eq!(n.on_carrier_packet(at(10), underlay(3), &tcp(4000, SYN)), Verdict::Deliver);
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(ks)], "a served SYN on an installed tuple");
+    // Forwarded again: withdrawn and installed again at once.
+    assert_eq!(target(n.on_tun_packet(at(10), &mut tcp(fwd, SYN))), N2);
+    assert_eq!(flow(&n, &kf).map(|f| f.0), Some(FlowState::TcpHandshake));
+    assert_eq!(
+        ops(&mut n),
+        [OffloadOp::Remove(kf), OffloadOp::Install(kf, how_f)],
+        "a forwarded SYN on an installed tuple"
+    );
+    assert_eq!(counters(&n).flows, 1);
+
+    // The handshakes' ACKs: the delivered ones installed again, the forwarded one not twice.
+    assert_eq!(n.on_tun_packet(at(11), &mut tcp(local, ACK)), Verdict::Deliver);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(kl, how_l)]);
+    assert_eq!(n.on_carrier_packet(at(11), underlay(3), &tcp(4000, ACK)), Verdict::Deliver);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(ks, how_s)]);
+    assert_eq!(target(n.on_tun_packet(at(11), &mut tcp(fwd, ACK))), N2);
+    assert_eq!(ops(&mut n), []);
+    let c = counters(&n);
+    assert_eq!((c.flows, c.installed, c.withdrawn), (3, 6, 3));
+}
+
 #[test]
 fn local_tcp_and_udp_flows_are_installed_icmp_never() {
     let mut n = offloading(16);
+    // TCP delivered here: not at its SYN (the fast path empty), at its handshake's ACK
+    // (settled), once.
     let port = port_placed_on(&mut n, at(0), 1000, LOCAL);
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), Offloaded::Local)], "a local SYN");
+    assert_eq!(ops(&mut n), [], "a local SYN offered");
     assert_eq!(n.on_tun_packet(at(1), &mut tcp(port, ACK)), Verdict::Deliver);
+    assert_eq!(flow(&n, &tcp_key(port)), Some((FlowState::TcpEstablished, true)));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), Offloaded::Local)], "a local handshake's ACK");
+    assert_eq!(n.on_tun_packet(at(2), &mut tcp(port, ACK)), Verdict::Deliver);
     assert_eq!(ops(&mut n), [], "offered twice");
 
     // UDP: offered at the first datagram (unconfirmed), once.
@@ -287,6 +393,8 @@ fn ineligible_peers_are_not_offered_and_losing_eligibility_withdraws() {
     n.on_tun_packet(at(1), &mut tcp(fwd, ACK));
     assert_eq!(ops(&mut n), [], "offered to a member never marked eligible");
     let local = port_placed_on(&mut n, at(10), 1200, LOCAL);
+    assert_eq!(ops(&mut n), [], "a local SYN offered");
+    n.on_tun_packet(at(11), &mut tcp(local, ACK));
     assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(local), Offloaded::Local)]);
     n.set_offload_eligible(LOCAL, false);
     n.reconcile_offload(at(15), &[]);
@@ -505,10 +613,12 @@ fn served_flows_from_a_member_entry_are_installed_from_non_members_never() {
     let mut n = offloading(16);
     let from_n2 = tcp(4000, ACK);
     let served_n2 = Offloaded::Served { entry: N2, from: underlay(2) };
-    // The handshake through the carrier: offered at the SYN, once.
+    // The handshake through the carrier: delivered here, so not offered at the SYN (the fast
+    // path empty); at the handshake's ACK (settled), once.
     assert_eq!(n.on_carrier_packet(at(0), underlay(2), &tcp(4000, SYN)), Verdict::Deliver);
-    assert_eq!(ops(&mut n), [OffloadOp::Install(key(&from_n2), served_n2)], "a served SYN");
+    assert_eq!(ops(&mut n), [], "a served SYN offered");
     assert_eq!(n.on_carrier_packet(at(1), underlay(2), &from_n2), Verdict::Deliver);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(key(&from_n2), served_n2)], "a served handshake's ACK");
     n.on_carrier_packet(at(2), underlay(2), &from_n2);
     assert_eq!(ops(&mut n), [], "offered twice");
 
@@ -541,9 +651,11 @@ fn served_flows_from_a_member_entry_are_installed_from_non_members_never() {
     assert_eq!(ops(&mut n), [OffloadOp::Remove(key(&from_n2))]);
     n.on_carrier_packet(at(21), underlay(2), &from_n2);
     assert_eq!(ops(&mut n), [], "offered from an ineligible entry");
-    // Nor at a new SYN from it (a reused tuple).
+    // Nor once a new connection from it (a reused tuple) settles.
     n.on_carrier_packet(at(22), underlay(2), &tcp(4000, SYN));
     assert_eq!(ops(&mut n), [], "a SYN offered from an ineligible entry");
+    n.on_carrier_packet(at(23), underlay(2), &from_n2);
+    assert_eq!(ops(&mut n), [], "a new connection offered from an ineligible entry");
 
     // The entry of the UDP flow dies: withdrawn.
     n.apply(at(30), &member_update("n3", underlay(3), MemberState::Dead)).unwrap();
@@ -714,27 +826,25 @@ fn the_kernel_table_and_the_core_agree_after_a_reconciliation() {
     assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), Offloaded::Local)]);
 }
 
-/// Rule: a flow is offered at its first packet (a SYN, a first datagram; at an entry or served
-/// for one) while the fast path's table holds fewer than half its flows; from half full on,
-/// only once it settles (the old rule), so that a flood of first packets fills half at most.
+/// Rule: a flow is offered at its first packet (a forwarded SYN, a first datagram; at an entry
+/// or served for one) while the fast path's table holds fewer than half its flows; from half
+/// full on, only once it settles (the old rule), so that a flood of first packets fills half at
+/// most. (A TCP flow delivered here is offered only once settled anyway.)
 #[test]
 fn a_first_packet_is_offered_only_while_the_fast_path_is_less_than_half_full() {
     // Room for 4: early offers while fewer than 2 are installed.
     let mut n = offloading(4);
-    let a = port_placed_on(&mut n, at(0), 1000, LOCAL);
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(a), Offloaded::Local)], "0 of 4: at the SYN");
-    let b = port_placed_on(&mut n, at(0), 1200, N2);
-    let [OffloadOp::Install(k, Offloaded::Forward { peer: N2, .. })] = ops(&mut n)[..] else {
-        panic!("1 of 4: not offered at the SYN")
-    };
-    assert_eq!(k, tcp_key(b));
+    let a = port_placed_on(&mut n, at(0), 1000, N2);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(a), forward_to(N2, a))], "0 of 4: at the SYN");
+    let b = port_placed_on(&mut n, at(0), 1200, N3);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(b), forward_to(N3, b))], "1 of 4: at the SYN");
 
     // Half full: a SYN is not offered; its flow is once established (confirmed).
-    let c = port_placed_on(&mut n, at(10), 1400, LOCAL);
+    let c = port_placed_on(&mut n, at(10), 1400, N2);
     assert_eq!(flow(&n, &tcp_key(c)), Some((FlowState::TcpHandshake, false)));
     assert_eq!(ops(&mut n), [], "2 of 4: offered at the SYN");
     n.on_tun_packet(at(11), &mut tcp(c, ACK));
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(c), Offloaded::Local)], "not offered once settled");
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(c), forward_to(N2, c))], "not offered once settled");
 
     // Above half: a first datagram is not offered, the second (confirmed) is.
     let d = port_for(&n, at(20), 1, LOCAL, udp);
@@ -749,32 +859,36 @@ fn a_first_packet_is_offered_only_while_the_fast_path_is_less_than_half_full() {
         n.on_tun_packet(at(30), &mut tcp(port, flags));
         assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(port))]);
     }
-    let e = port_placed_on(&mut n, at(40), 1600, LOCAL);
+    let e = port_placed_on(&mut n, at(40), 1600, N2);
     assert_eq!(ops(&mut n), [], "2 of 4: offered at the SYN");
     n.on_tun_packet(at(41), &mut tcp(b, FIN_ACK));
     assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(b))]);
-    let f = port_placed_on(&mut n, at(42), 1800, LOCAL);
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(f), Offloaded::Local)], "1 of 4: at the SYN");
+    let f = port_placed_on(&mut n, at(42), 1800, N3);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(f), forward_to(N3, f))], "1 of 4: at the SYN");
     // (`e`'s handshake completes: offered as settled.)
     n.on_tun_packet(at(43), &mut tcp(e, ACK));
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(e), Offloaded::Local)]);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(e), forward_to(N2, e))]);
 
-    // Served flows, the same: room for 2, the first SYN is offered, the second once settled.
+    // Served flows, the same: room for 2, a first datagram is offered, the next once settled.
     let mut n = offloading(2);
-    let served = |entry| Offloaded::Served { entry, from: underlay(if entry == N2 { 2 } else { 3 }) };
-    n.on_carrier_packet(at(0), underlay(2), &tcp(4000, SYN));
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(4000), served(N2))], "0 of 2: at the served SYN");
-    n.on_carrier_packet(at(1), underlay(3), &tcp(4001, SYN));
-    assert_eq!(ops(&mut n), [], "1 of 2: offered at the served SYN");
-    n.on_carrier_packet(at(2), underlay(3), &tcp(4001, ACK));
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(4001), served(N3))]);
+    n.on_carrier_packet(at(0), underlay(2), &udp(4002));
+    assert_eq!(
+        ops(&mut n),
+        [OffloadOp::Install(udp_key(4002), served_for(N2))],
+        "0 of 2: at the first served datagram"
+    );
+    // (A served TCP connection, once established.)
+    n.on_carrier_packet(at(1), underlay(2), &tcp(4000, SYN));
+    assert_eq!(ops(&mut n), [], "a served SYN offered");
+    n.on_carrier_packet(at(2), underlay(2), &tcp(4000, ACK));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(4000), served_for(N2))]);
     // A served datagram, with the table half full again.
     n.on_carrier_packet(at(3), underlay(2), &tcp(4000, RST));
     assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(4000))]);
-    n.on_carrier_packet(at(4), underlay(2), &udp(4002));
+    n.on_carrier_packet(at(4), underlay(3), &udp(4001));
     assert_eq!(ops(&mut n), [], "1 of 2: offered at the first served datagram");
-    n.on_carrier_packet(at(5), underlay(2), &udp(4002));
-    assert_eq!(ops(&mut n), [OffloadOp::Install(udp_key(4002), served(N2))]);
+    n.on_carrier_packet(at(5), underlay(3), &udp(4001));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(udp_key(4001), served_for(N3))]);
 }
 
 /// Rule: a first packet is offered only while the flow table has room too (its unconfirmed
@@ -784,15 +898,15 @@ fn a_first_packet_is_not_offered_while_the_flow_table_has_no_room() {
     // 8 flows, of which 2 unconfirmed.
     let config = FlowConfig { max_flows: 8, unconfirmed_share: 0.25, ..FlowConfig::default() };
     let mut n = offloading_with(node_with(config), 16);
-    let a = port_placed_on(&mut n, at(0), 1000, LOCAL);
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(a), Offloaded::Local)], "the flow table had room");
+    let a = port_placed_on(&mut n, at(0), 1000, N2);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(a), forward_to(N2, a))], "the flow table had room");
     // This SYN takes the last unconfirmed slot: the table has no room left.
-    let b = port_placed_on(&mut n, at(1), 1200, LOCAL);
+    let b = port_placed_on(&mut n, at(1), 1200, N2);
     assert!(!n.flows().has_room());
     assert_eq!(ops(&mut n), [], "offered at the SYN with the flow table out of room");
     // Once settled (confirmed), it is offered as before.
     n.on_tun_packet(at(2), &mut tcp(b, ACK));
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(b), Offloaded::Local)]);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(b), forward_to(N2, b))]);
     assert_eq!(counters(&n).flows, 2);
 }
 
@@ -803,10 +917,14 @@ fn kernel_usage_with_a_fin_or_rst_closes_the_flow_and_withdraws_it() {
     let mut n = offloading(16);
     let fin = established_on(&mut n, at(0), 1000, N2);
     let open = established_on(&mut n, at(0), 1200, N2);
-    // A connection refused: its SYN installed it, the kernel carried the client's RST.
-    let refused = port_placed_on(&mut n, at(0), 1400, LOCAL);
-    assert_eq!(ops(&mut n).len(), 3);
-    let forwarded = n.forwarded_to(N2);
+    // A connection refused: forwarded, so its SYN installed it; the kernel carried the
+    // client's RST.
+    let refused = port_placed_on(&mut n, at(0), 1400, N3);
+    assert_eq!(flow(&n, &tcp_key(refused)), Some((FlowState::TcpHandshake, false)));
+    // A local connection the client resets (installed once established).
+    let reset = established_on(&mut n, at(0), 1600, LOCAL);
+    assert_eq!(ops(&mut n).len(), 4);
+    let (forwarded, forwarded_n3) = (n.forwarded_to(N2), n.forwarded_to(N3));
 
     n.reconcile_offload(
         secs(1),
@@ -814,20 +932,24 @@ fn kernel_usage_with_a_fin_or_rst_closes_the_flow_and_withdraws_it() {
             closing_usage(tcp_key(fin), 6, 600, at(900)),
             usage(tcp_key(open), 6, 600, at(900)),
             closing_usage(tcp_key(refused), 1, 40, at(900)),
+            closing_usage(tcp_key(reset), 1, 40, at(900)),
         ],
     );
     let mut removed = ops(&mut n);
     removed.sort_by_key(|op| format!("{op:?}"));
-    let mut want = [OffloadOp::Remove(tcp_key(fin)), OffloadOp::Remove(tcp_key(refused))];
+    let mut want =
+        [OffloadOp::Remove(tcp_key(fin)), OffloadOp::Remove(tcp_key(refused)), OffloadOp::Remove(tcp_key(reset))];
     want.sort_by_key(|op| format!("{op:?}"));
     assert_eq!(removed, want, "closed flows withdrawn in the same reconciliation, the open one kept");
-    assert_eq!(flow(&n, &tcp_key(fin)).map(|f| f.0), Some(FlowState::TcpClosing));
-    assert_eq!(flow(&n, &tcp_key(refused)).map(|f| f.0), Some(FlowState::TcpClosing));
+    for port in [fin, refused, reset] {
+        assert_eq!(flow(&n, &tcp_key(port)).map(|f| f.0), Some(FlowState::TcpClosing), "port {port}");
+    }
     assert_eq!(flow(&n, &tcp_key(open)), Some((FlowState::TcpEstablished, true)));
     // Counted as any usage.
     let c = counters(&n);
-    assert_eq!((c.forwarded_packets, c.local_packets, c.bytes, c.flows, c.withdrawn), (12, 1, 1240, 1, 2));
+    assert_eq!((c.forwarded_packets, c.local_packets, c.bytes, c.flows, c.withdrawn), (13, 1, 1280, 1, 3));
     assert_eq!(n.forwarded_to(N2), forwarded + 12);
+    assert_eq!(n.forwarded_to(N3), forwarded_n3 + 1);
     // A closing flow's last packets take the daemon's path and are not offered again; it
     // lingers as closing (not the established idle timeout).
     assert_eq!(target(n.on_tun_packet(secs(2), &mut tcp(fin, ACK))), N2);
@@ -837,10 +959,11 @@ fn kernel_usage_with_a_fin_or_rst_closes_the_flow_and_withdraws_it() {
     assert_eq!(flow(&n, &tcp_key(fin)), None, "lingered longer than a closing flow");
     assert!(flow(&n, &tcp_key(open)).is_some());
 
-    // A served flow: withdrawn too, and it lingers as closing only.
+    // A served flow (installed once established): withdrawn too, and it lingers as closing only.
     n.on_carrier_packet(secs(20), underlay(3), &tcp(4000, SYN));
+    assert_eq!(ops(&mut n), [], "a served SYN offered");
     n.on_carrier_packet(secs(20), underlay(3), &tcp(4000, ACK));
-    assert_eq!(ops(&mut n).len(), 1);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(4000), served_for(N3))]);
     let served = n.served_flows();
     n.reconcile_offload(secs(21), &[closing_usage(tcp_key(4000), 2, 80, secs(21))]);
     assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(4000))]);
@@ -855,51 +978,71 @@ fn kernel_usage_with_a_fin_or_rst_closes_the_flow_and_withdraws_it() {
     assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(open))]);
     n.offload_removed(secs(30), &closing_usage(tcp_key(open), 9, 900, secs(30)));
     assert_eq!(flow(&n, &tcp_key(open)).map(|f| f.0), Some(FlowState::TcpClosing));
-    assert_eq!(counters(&n).forwarded_packets, 15);
+    assert_eq!(counters(&n).forwarded_packets, 16);
 }
 
 /// Rule: the program carries no SYN, so packets it carried for a flow still in its handshake
 /// completed it: reconciliation moves it to established and confirms it, as the daemon would
-/// have at the handshake's ACK, and it stays in the fast path.
+/// have at the handshake's ACK, and it stays in the fast path. Only a forwarded flow is ever
+/// offloaded in its handshake: one this node delivers to its own kernel (placed here, served
+/// here) completes its handshake on the daemon's path, which establishes it (and claims it to
+/// its home, for flow recovery) before it is offered.
 #[test]
 fn kernel_usage_on_a_handshake_establishes_and_confirms_the_flow() {
     let handshake_idle = FlowConfig::default().tcp_handshake_idle;
     let mut n = offloading(16);
-    let local = port_placed_on(&mut n, at(0), 1000, LOCAL);
-    let fwd = port_placed_on(&mut n, at(0), 1200, N3);
-    assert_eq!(ops(&mut n).len(), 2);
-    for port in [local, fwd] {
+    let to_n2 = port_placed_on(&mut n, at(0), 1000, N2);
+    let to_n3 = port_placed_on(&mut n, at(0), 1200, N3);
+    let local = port_placed_on(&mut n, at(0), 1400, LOCAL);
+    assert_eq!(
+        ops(&mut n),
+        [
+            OffloadOp::Install(tcp_key(to_n2), forward_to(N2, to_n2)),
+            OffloadOp::Install(tcp_key(to_n3), forward_to(N3, to_n3)),
+        ],
+        "forwarded SYNs offered, and only they"
+    );
+    for port in [to_n2, to_n3, local] {
         assert_eq!(flow(&n, &tcp_key(port)), Some((FlowState::TcpHandshake, false)));
     }
-    n.reconcile_offload(secs(1), &[usage(tcp_key(local), 3, 300, at(900)), usage(tcp_key(fwd), 4, 400, at(900))]);
-    for port in [local, fwd] {
+    let (forwarded_n2, forwarded_n3) = (n.forwarded_to(N2), n.forwarded_to(N3));
+    n.reconcile_offload(secs(1), &[usage(tcp_key(to_n2), 3, 300, at(900)), usage(tcp_key(to_n3), 4, 400, at(900))]);
+    for port in [to_n2, to_n3] {
         assert_eq!(flow(&n, &tcp_key(port)), Some((FlowState::TcpEstablished, true)), "port {port}");
     }
+    assert_eq!(flow(&n, &tcp_key(local)), Some((FlowState::TcpHandshake, false)));
     assert_eq!(ops(&mut n), [], "an established flow withdrawn");
     let c = counters(&n);
-    assert_eq!((c.local_packets, c.forwarded_packets, c.bytes, c.flows), (3, 4, 700, 2));
-    // Established, it outlives the handshake's idle timeout, and stays installed.
+    assert_eq!((c.local_packets, c.forwarded_packets, c.bytes, c.flows), (0, 7, 700, 2));
+    assert_eq!((n.forwarded_to(N2), n.forwarded_to(N3)), (forwarded_n2 + 3, forwarded_n3 + 4));
+    // Established, they outlive the handshake's idle timeout, and stay installed; the local
+    // handshake that never completed does not.
     let later = secs(1).saturating_add(handshake_idle).saturating_add(Duration::from_secs(1));
     n.handle_timeout(later);
     n.reconcile_offload(later, &[]);
-    assert!(flow(&n, &tcp_key(local)).is_some() && flow(&n, &tcp_key(fwd)).is_some());
+    assert!(flow(&n, &tcp_key(to_n2)).is_some() && flow(&n, &tcp_key(to_n3)).is_some());
+    assert_eq!(flow(&n, &tcp_key(local)), None);
     assert_eq!(ops(&mut n), []);
 
-    // Served here: established by the kernel's packets, it is claimed to its home (flow
-    // recovery), as the daemon's path does at the handshake's ACK.
+    // Served here: not offered at its SYN, nor claimed to its home in its handshake; the
+    // daemon's path establishes it at the handshake's ACK, claims it (flow recovery) and offers
+    // it. The kernel's usage then keeps it alive.
     let mut n = offloading(16);
     n.handle_timeout(at(0));
     claims_to(&mut n, "n3");
     // A port whose home is n3 (homes are placed by the same consistent hash).
     let port = port_for(&n, at(0), 5000, N3, |p| tcp(p, SYN));
     n.on_carrier_packet(at(10), underlay(2), &tcp(port, SYN));
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), Offloaded::Served { entry: N2, from: underlay(2) })]);
+    assert_eq!(ops(&mut n), [], "a served SYN offered");
     n.handle_timeout(at(20));
     assert_eq!(claims_to(&mut n, "n3"), [], "a handshake claimed");
+    n.on_carrier_packet(at(30), underlay(2), &tcp(port, ACK));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), served_for(N2))], "not offered once established");
+    n.handle_timeout(at(40));
+    assert_eq!(claims_to(&mut n, "n3"), [client_flow(&tcp_key(port))], "not claimed once established");
     n.reconcile_offload(secs(1), &[usage(tcp_key(port), 2, 120, at(900))]);
     assert_eq!(ops(&mut n), []);
-    n.handle_timeout(secs(1));
-    assert_eq!(claims_to(&mut n, "n3"), [client_flow(&tcp_key(port))], "not claimed once established");
+    assert_eq!(counters(&n).decapsulated_packets, 2);
     let later = secs(1).saturating_add(handshake_idle).saturating_add(Duration::from_secs(1));
     n.handle_timeout(later);
     assert_eq!(n.served_flows(), 1, "expired as a handshake");
@@ -908,8 +1051,9 @@ fn kernel_usage_on_a_handshake_establishes_and_confirms_the_flow() {
 }
 
 /// Rule: a SYN on an offloaded tuple (the client reused its port) withdraws the flow at once,
-/// then offers it again as it now stands; the final usage of the withdrawn entry is the old
-/// connection's, so a FIN or RST in it does not close the new one (its packets still count).
+/// then offers it again as it now stands (a forwarded flow at once; one delivered here once its
+/// handshake completes); the final usage of the withdrawn entry is the old connection's, so a
+/// FIN or RST in it does not close the new one (its packets still count).
 #[test]
 fn a_syn_on_an_installed_tuple_is_withdrawn_offered_again_and_the_old_close_is_ignored() {
     let mut n = offloading(16);
@@ -940,68 +1084,89 @@ fn a_syn_on_an_installed_tuple_is_withdrawn_offered_again_and_the_old_close_is_i
     assert_eq!(flow(&n, &k).map(|f| f.0), Some(FlowState::TcpClosing));
 
     // Its node takes no new flows now (draining): the new connection goes elsewhere, and the
-    // flow is installed for its new node in the same step.
+    // flow is installed for its new node in the same step if forwarded, at its handshake's ACK
+    // if delivered here.
     let port = established_on(&mut n, secs(10), 1200, N3);
     let k = tcp_key(port);
     assert_eq!(ops(&mut n).len(), 1);
     n.apply(secs(11), &member_update("n3", underlay(3), MemberState::Draining)).unwrap();
     n.reconcile_offload(secs(11), &[]);
     assert_eq!(ops(&mut n), [], "a draining member's flow withdrawn");
-    let v = n.on_tun_packet(secs(12), &mut tcp(port, SYN));
-    let how = match v {
-        Verdict::Deliver => Offloaded::Local,
+    match n.on_tun_packet(secs(12), &mut tcp(port, SYN)) {
+        Verdict::Deliver => {
+            assert_eq!(ops(&mut n), [OffloadOp::Remove(k)], "installed again here in its handshake");
+            assert_eq!(n.on_tun_packet(secs(13), &mut tcp(port, ACK)), Verdict::Deliver);
+            assert_eq!(ops(&mut n), [OffloadOp::Install(k, Offloaded::Local)]);
+        }
         Verdict::Forward { peer, addr, flow_hash } => {
             assert_ne!(peer, N3, "a new connection placed on a draining member");
-            Offloaded::Forward { peer, addr, flow_hash }
+            let how = Offloaded::Forward { peer, addr, flow_hash };
+            assert_eq!(ops(&mut n), [OffloadOp::Remove(k), OffloadOp::Install(k, how)]);
         }
         Verdict::Drop(r) => panic!("dropped: {r:?}"),
-    };
-    assert_eq!(ops(&mut n), [OffloadOp::Remove(k), OffloadOp::Install(k, how)]);
+    }
 
-    // A served flow: the same, for the same entry.
-    let served = Offloaded::Served { entry: N2, from: underlay(2) };
+    // A served flow: the same, for the same entry, installed again once the new connection's
+    // handshake completes (delivered here).
+    let served = served_for(N2);
+    let k = tcp_key(4000);
     n.on_carrier_packet(secs(20), underlay(2), &tcp(4000, SYN));
     n.on_carrier_packet(secs(20), underlay(2), &tcp(4000, ACK));
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(4000), served)]);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(k, served)]);
     n.on_carrier_packet(secs(21), underlay(2), &tcp(4000, SYN));
-    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(4000)), OffloadOp::Install(tcp_key(4000), served)]);
-    n.offload_removed(secs(21), &closing_usage(tcp_key(4000), 3, 300, secs(21)));
-    n.reconcile_offload(secs(22), &[usage(tcp_key(4000), 1, 100, secs(22))]);
-    assert_eq!(ops(&mut n), [], "the old connection's FIN closed the new one");
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(k)], "a served flow installed again in its handshake");
+    n.offload_removed(secs(21), &closing_usage(k, 3, 300, secs(21)));
+    // (Closed, the flow would not be offered again.)
+    n.on_carrier_packet(secs(21), underlay(2), &tcp(4000, ACK));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(k, served)], "the old connection's FIN closed the new one");
+    n.reconcile_offload(secs(22), &[usage(k, 1, 100, secs(22))]);
+    assert_eq!(ops(&mut n), []);
     assert_eq!(counters(&n).decapsulated_packets, 4);
 }
 
 /// With the fast path half full a SYN on an offloaded tuple still withdraws the flow, but its
-/// new connection waits to settle before it is offered again.
+/// new connection waits to settle before it is offered again. (Forwarded flows: one delivered
+/// here waits to settle anyway.)
 #[test]
 fn a_syn_on_an_installed_tuple_above_half_full_is_offered_again_once_settled() {
     let mut n = offloading(2);
-    let port = established_on(&mut n, at(0), 1000, LOCAL);
-    assert_eq!(ops(&mut n).len(), 1);
-    n.on_tun_packet(at(10), &mut tcp(port, SYN));
+    let port = established_on(&mut n, at(0), 1000, N2);
+    let (k, how) = (tcp_key(port), forward_to(N2, port));
+    assert_eq!(ops(&mut n), [OffloadOp::Install(k, how)]);
+    assert_eq!(target(n.on_tun_packet(at(10), &mut tcp(port, SYN))), N2);
     // One of two installed before the SYN: withdrawn, then offered at once (0 of 2).
-    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(port)), OffloadOp::Install(tcp_key(port), Offloaded::Local)]);
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(k), OffloadOp::Install(k, how)]);
     // Another flow takes the second place; now a SYN on the first leaves it out until its ACK.
-    let other = established_on(&mut n, at(20), 1200, LOCAL);
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(other), Offloaded::Local)]);
-    n.on_tun_packet(at(30), &mut tcp(port, SYN));
-    assert_eq!(ops(&mut n), [OffloadOp::Remove(tcp_key(port))], "1 of 2 after the withdrawal: offered at the SYN");
+    let other = established_on(&mut n, at(20), 1200, N2);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(other), forward_to(N2, other))]);
+    assert_eq!(target(n.on_tun_packet(at(30), &mut tcp(port, SYN))), N2);
+    assert_eq!(ops(&mut n), [OffloadOp::Remove(k)], "1 of 2 after the withdrawal: offered at the SYN");
     n.on_tun_packet(at(31), &mut tcp(port, ACK));
-    assert_eq!(ops(&mut n), [OffloadOp::Install(tcp_key(port), Offloaded::Local)]);
+    assert_eq!(ops(&mut n), [OffloadOp::Install(k, how)]);
 }
 
-/// A spoofed SYN (or a half-open connection) is offered at once and never carries anything in
-/// the kernel: it is withdrawn once the flow table expires its handshake.
+/// A spoofed SYN (or a half-open connection) forwarded to a peer is offered at once and never
+/// carries anything in the kernel: it is withdrawn once the flow table expires its handshake.
+/// One delivered here (placed here, or served here) is never offered.
 #[test]
 fn a_half_open_syn_is_withdrawn_when_its_handshake_expires() {
     let handshake_idle = FlowConfig::default().tcp_handshake_idle.as_secs();
     let mut n = offloading(16);
-    let port = port_placed_on(&mut n, at(0), 1000, N2);
+    let to_n2 = port_placed_on(&mut n, at(0), 1000, N2);
+    let to_n3 = port_placed_on(&mut n, at(0), 1200, N3);
+    let local = port_placed_on(&mut n, at(0), 1400, LOCAL);
     n.on_carrier_packet(at(0), underlay(3), &tcp(4000, SYN));
-    assert_eq!(ops(&mut n).len(), 2);
-    assert_eq!(n.served_flows(), 1);
+    assert_eq!(
+        ops(&mut n),
+        [
+            OffloadOp::Install(tcp_key(to_n2), forward_to(N2, to_n2)),
+            OffloadOp::Install(tcp_key(to_n3), forward_to(N3, to_n3)),
+        ],
+        "a half-open SYN delivered here offered"
+    );
+    assert_eq!(n.served_flows(), 2, "the local and the served handshake");
     // What the kernel holds: both entries, which carry nothing.
-    let mut kernel = vec![idle_usage(tcp_key(port)), idle_usage(tcp_key(4000))];
+    let mut kernel = vec![idle_usage(tcp_key(to_n2)), idle_usage(tcp_key(to_n3))];
     let mut withdrawn_at = Vec::new();
     for s in 1..=handshake_idle + 5 {
         n.reconcile_offload(secs(s), &kernel);
@@ -1014,7 +1179,9 @@ fn a_half_open_syn_is_withdrawn_when_its_handshake_expires() {
     }
     // Withdrawn at the reconciliation after the expiry, both in one go.
     assert_eq!(withdrawn_at, [(handshake_idle + 1, 2)], "withdrawn before its handshake expired, or never");
-    assert_eq!(flow(&n, &tcp_key(port)), None);
+    for port in [to_n2, to_n3, local] {
+        assert_eq!(flow(&n, &tcp_key(port)), None);
+    }
     assert_eq!(n.served_flows(), 0);
     let c = counters(&n);
     assert_eq!((c.flows, c.installed, c.withdrawn, c.forwarded_packets, c.decapsulated_packets), (0, 2, 2, 0, 0));

@@ -461,11 +461,21 @@ impl Driver {
             };
             match event {
                 Event::Tun(Ok(n)) => {
+                    // What each packet offered or withdrew goes into the kernel's table right after
+                    // the packet went on: before the flow's next packet can come (a handshake's
+                    // ACK comes back within a round trip), and not before this one is through (a
+                    // handshake's last ACK that settles a flow served here must have made the
+                    // connection in the kernel before the program delivers its first data: see
+                    // the core's `offload` module).
                     self.on_tun_read(&mut tun_buf[..n], &mut segments).await;
+                    self.apply_offload();
                     // More may be queued: take them before going back to the select.
                     for _ in 1..MAX_READS_PER_WAKEUP {
                         match self.tun.try_recv(&mut tun_buf) {
-                            Ok(n) => self.on_tun_read(&mut tun_buf[..n], &mut segments).await,
+                            Ok(n) => {
+                                self.on_tun_read(&mut tun_buf[..n], &mut segments).await;
+                                self.apply_offload();
+                            }
                             Err(_) => break,
                         }
                     }
@@ -500,7 +510,6 @@ impl Driver {
                         result = self.carrier.try_recv(&mut carrier_buf);
                         reads += 1;
                     }
-                    self.apply_offload();
                     self.deliver_batch(&mut coalesce, accepted).await;
                     for (addr, hash, pkt) in std::mem::take(&mut self.second_hop) {
                         self.forward(addr, hash, &pkt, pkt.len()).await;
@@ -612,9 +621,6 @@ impl Driver {
         let verdict =
             if self.stopping { self.node.on_tun_packet_stopping(now, pkt) } else { self.node.on_tun_packet(now, pkt) };
         tracing::trace!(len = frame.len(), gso = hdr.gso_type, ?verdict, "tun packet");
-        // Offered or withdrawn by this packet: in the kernel's table before the packet goes on,
-        // so that the flow's next packet (a handshake's ACK, which comes back fast) finds it.
-        self.apply_offload();
         match verdict {
             // Back into the kernel as it came, super-packet and all.
             Verdict::Deliver => self.write_tun(frame).await,

@@ -55,10 +55,6 @@ pub struct SteeringConfig {
     pub persistent_tun: Option<PersistentTun>,
     /// The TUN device's name: packets that come through it pass the guard.
     pub tun: String,
-    /// The mark the kernel fast path sets on packets it delivers locally (`fast_path.mark`, when
-    /// enabled): they pass the guard at once, as packets through the TUN do (the daemon decided
-    /// them; only the daemon's program sets the mark), sparing two socket lookups per packet.
-    pub fast_path_mark: Option<u32>,
 }
 
 /// The nftables table of the guard (see the module documentation).
@@ -248,14 +244,10 @@ impl SteeringConfig {
     fn guard_rules(&self) -> String {
         let (vip, tun) = (self.vip, &self.tun);
         let stray = format!("ip daddr {vip} iifname != {{ \"{tun}\", \"lo\" }} tcp flags & (syn | rst) == 0");
-        let marked = match self.fast_path_mark {
-            Some(m) => format!("ip daddr {vip} meta mark & {m:#x} == {m:#x} accept\n    "),
-            None => String::new(),
-        };
         format!(
             "table ip {GUARD_TABLE}\ndelete table ip {GUARD_TABLE}\ntable ip {GUARD_TABLE} {{\n  chain input {{\n    \
              type filter hook input priority filter; policy accept;\n    \
-             {marked}{stray} socket wildcard 1 counter drop\n    \
+             {stray} socket wildcard 1 counter drop\n    \
              {stray} socket transparent {{ 0, 1 }} accept\n    \
              {stray} counter drop\n  }}\n}}\n"
         )

@@ -966,7 +966,6 @@ impl Config {
             state_dir: self.steering.state_dir.clone(),
             persistent_tun: None,
             tun: self.tun.name.clone(),
-            fast_path_mark: self.fast_path.enabled.then_some(self.fast_path.mark),
         }
     }
 

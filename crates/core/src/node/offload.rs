@@ -2,20 +2,25 @@
 //! did flows back into the tables.
 //!
 //! The rules, all here so that the IO layer only carries them out:
-//! - A flow is offered to the fast path at its first packet (a SYN, a first datagram) while
-//!   the fast path's table is less than half full and the flow table has room; beyond, only
-//!   once it has *settled*: confirmed, and established TCP or UDP. The first packet always
+//! - A flow is offered to the fast path once it has *settled* (confirmed, and established TCP
+//!   or UDP), or earlier, at its first packet, while the fast path's table is less than half
+//!   full and the flow table has room: a first datagram anywhere, and a SYN on an entry that
+//!   forwards the connection. A TCP connection served here (by an entry itself, or by a server
+//!   for an entry) waits until settled: its handshake completes in the kernel by the daemon's
+//!   path first (see `offerable` for the kernel race this avoids). The first packet always
 //!   takes the daemon's path, where placement, MSS clamping, spoofing quotas and flow recovery
-//!   happen; a short connection's other packets (its handshake's ACK, request and close) then
-//!   bypass the daemon. A spoofed first packet costs a table entry, so the early offer stops at
-//!   half, and idle flows are withdrawn when the table is nearly full (see [`PRESSURE`]).
+//!   happen; then a short connection's other packets (the handshake's ACK, the request and the
+//!   close) bypass the entry's daemon. A spoofed first packet costs a table entry, so the
+//!   early offer stops at half, and idle flows are withdrawn when the table is nearly full
+//!   (see [`PRESSURE`]).
 //! - Only to or from members whose pinned flows still flow (alive, suspect, draining) and that are
 //!   marked eligible (the IO layer marks a member
 //!   ineligible while the carrier to it is sealed: the fast path sends plaintext only).
 //! - The fast path never creates a flow and never decides one: it reports, per flow, packets,
 //!   bytes, the time of the last packet and whether it carried a FIN or RST.
 //!   [`Node::reconcile_offload`] moves the flow on as the daemon would have for those packets
-//!   (a connection in its handshake is established, one that carried a FIN or RST is closing),
+//!   (a forwarded connection in its handshake is established, one that carried a FIN or RST is
+//!   closing),
 //!   adds them to the counters and touches the flow, so idle timeouts, load (flows served) and
 //!   flow recovery stay true; then it withdraws every flow the tables no longer back as they
 //!   were offloaded (gone, expired, closing, pinned elsewhere, its member not alive or no longer
@@ -151,8 +156,21 @@ fn open(state: FlowState) -> bool {
 }
 
 /// Whether a flow in this state may be offered: settled, or (`early`) at its start.
-fn offerable(state: FlowState, confirmed: bool, early: bool) -> bool {
-    (confirmed && settled(state)) || (early && matches!(state, FlowState::TcpHandshake | FlowState::Udp))
+/// `delivers`: this node hands the flow's packets to its own kernel (served here, as an entry or
+/// for one). A TCP connection is then offered only once settled: its handshake must complete in
+/// the kernel by the daemon's path first. Otherwise the handshake's last ACK (sent from the
+/// CPU where the daemon delivered the SYN) and the client's first data (from the client's own
+/// CPU) reach the kernel on two CPUs at once, and a lookup that races with the kernel turning
+/// the half-open connection into a full one finds only the listener, which answers RST (seen in
+/// 1 of about 300,000 connections in the lab; a NIC's receive hashing keeps a flow on one CPU,
+/// veth pairs do not).
+fn offerable(state: FlowState, confirmed: bool, early: bool, delivers: bool) -> bool {
+    let start = match state {
+        FlowState::Udp => true,
+        FlowState::TcpHandshake => !delivers,
+        _ => false,
+    };
+    (confirmed && settled(state)) || (early && start)
 }
 
 impl Node {
@@ -210,8 +228,8 @@ impl Node {
         below && table.has_room()
     }
 
-    /// After a TUN packet of `key`'s flow (`syn`: a SYN): offers the flow if it has just
-    /// started or settled, or withdraws it at once if the packet changed what backs it. Packets
+    /// After a TUN packet of `key`'s flow (`syn`: a SYN): offers the flow if it qualifies now
+    /// (see `offerable`), or withdraws it at once if the packet changed what backs it. Packets
     /// of an offloaded flow reach the daemon only when the fast path leaves them to it (SYN,
     /// too big), and a SYN on a reused tuple may have pinned the flow elsewhere: its next
     /// packets must not follow the old entry until the next reconciliation.
@@ -222,14 +240,15 @@ impl Node {
         }
         let Some(o) = &self.offload else { return };
         let Some(h) = self.flows.find(key) else { return };
-        if !offerable(self.flows.state(h), self.flows.is_confirmed(h), self.early(o, &self.flows)) {
+        let target = self.flows.target(h);
+        let local = target == self.config.local;
+        if !offerable(self.flows.state(h), self.flows.is_confirmed(h), self.early(o, &self.flows), local) {
             return;
         }
-        let target = self.flows.target(h);
         if !self.offloadable(target) {
             return;
         }
-        let how = if target == self.config.local {
+        let how = if local {
             Offloaded::Local
         } else {
             match self.members.get(target) {
@@ -241,7 +260,7 @@ impl Node {
     }
 
     /// After a carrier packet of `key`'s flow from the entry `from` (`syn`: a SYN): offers the
-    /// flow if it has just started or settled here, or withdraws it at once if no longer backed
+    /// flow if it qualifies now (see `offerable`), or withdraws it at once if no longer backed
     /// (as for entries).
     pub(super) fn offer_served_flow(&mut self, key: &FlowKey, from: NodeId, syn: bool) {
         let Some(o) = &self.offload else { return };
@@ -251,7 +270,7 @@ impl Node {
         let Some(o) = &self.offload else { return };
         let Some(h) = self.served.find(key) else { return };
         let early = self.early(o, &self.served);
-        if !offerable(self.served.state(h), self.served.is_confirmed(h), early) || !self.offloadable(from) {
+        if !offerable(self.served.state(h), self.served.is_confirmed(h), early, true) || !self.offloadable(from) {
             return;
         }
         let Some(addr) = self.members.get(from).map(|m| m.addr) else { return };
@@ -263,9 +282,10 @@ impl Node {
     /// if another entry sends the flow now (ECMP moved it, or a new layer-2 owner: the program
     /// would pass all its packets to the daemon; withdrawn, it is offered again for the new
     /// entry), or if the tables no longer back it as offloaded. Returns whether the caller is to
-    /// offer it again at once, as it now stands: after a SYN (a new connection, to the same node
-    /// or another, goes back into the fast path with a fresh kernel entry). A flow withdrawn for
-    /// another reason is offered again by its next packet.
+    /// offer it again at once, as it now stands: after a SYN (a new connection forwarded, to the
+    /// same node or another, goes back into the fast path with a fresh kernel entry; one served
+    /// here once it settles). A flow withdrawn for another reason is offered again by its next
+    /// packet.
     fn withdraw_if_changed(&mut self, key: &FlowKey, from: Option<NodeId>, syn: bool) -> bool {
         let Some(o) = &self.offload else { return false };
         let Some(inst) = o.installed.get(key) else { return false };
@@ -354,7 +374,9 @@ impl Node {
         };
         // Touched now, not at the kernel's last packet: the table's lists are ordered by last
         // touch, and a flow lives at most one reconciliation longer for it. The program
-        // carries no SYN, so what it carried of a connection in its handshake completed it.
+        // carries no SYN, so what it carried of a connection in its handshake completed it
+        // (only a forwarded one is offered in its handshake, and the entry notes no flow it
+        // forwards for flow recovery: its server does, which offloads it once settled).
         let Some(h) = table.find(&u.key) else { return };
         let state = match table.state(h) {
             state if inst.reopened => state,
@@ -362,14 +384,7 @@ impl Node {
             FlowState::TcpHandshake => FlowState::TcpEstablished,
             state => state,
         };
-        let confirmed = table.is_confirmed(h);
-        let local = table.target(h) == self.config.local;
         table.touch(h, now, state);
-        // Confirmed established here: noted for flow recovery, as the daemon's path does.
-        let served = matches!(inst.how, Offloaded::Served { .. }) || local;
-        if served && !confirmed && state == FlowState::TcpEstablished && table.is_confirmed(h) {
-            self.note_served(&u.key);
-        }
     }
 
     /// Takes in what the fast path did (`usage`: its running totals per flow, read at `now`),
