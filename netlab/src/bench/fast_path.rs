@@ -131,8 +131,9 @@ pub(super) fn report<'a>(b: &Bench, row: impl Fn(char) -> &'a Row) -> String {
     let mut s = format!(
         "\n## Targets (issue 11): the kernel fast path\n\n\
          (k), (l) and (m) are (b), (c) and (d) with `[fast_path] enabled = true` on every node, in labs of \
-         their own, in the same rounds. Settled flows (after the handshake) are carried by the tc program; \
-         SYN, FIN, RST and whatever the program leaves to it still cross the daemon. First, what carried \
+         their own, in the same rounds. The tc program carries a forwarded connection from its SYN on at \
+         the entry, and a connection served here once its handshake is done; every SYN, those handshakes \
+         and whatever the program leaves to it still cross the daemons. First, what carried \
          each case, over every load of its lab (`ringlb_fast_path_packets_total` against the daemons' \
          `ringlb_delivered_local_packets_total`, `ringlb_forwarded_packets_total` and \
          `ringlb_decapsulated_packets_total`; a GSO super-packet counts once on either path): below {:.0} % \
