@@ -171,26 +171,33 @@ fn the_wan_carries_the_marker_only_when_sealing_between_sites_is_off() {
                 s.carrier_options = "seal_between_sites = false".into();
             }
         });
+        // n1 places on n2 only while n2's load is fresh; a late load vector over the WAN makes
+        // n1 serve the request itself (nothing then crosses), which a busy machine can cause.
+        lab.wait_loads(&[1, 2], Duration::from_secs(5)).expect("n1 and n2 hold each other's load");
         // On the WAN, site a's side (`bra` in the WAN namespace).
         let mut tcpdump = lab.capture(&lab.wan_ns(), "bra", &[], "wan").expect("tcpdump starts");
+        let mut crossed = 0;
         for _ in 0..20 {
             let who = lab.curl(&["-H", &format!("X-Marker: {MARKER}"), &format!("http://{VIP}/")]).unwrap();
-            assert_eq!(who.trim(), "n2");
+            assert!(["n1", "n2"].contains(&who.trim()), "answered by {who:?}");
+            crossed += usize::from(who.trim() == "n2");
         }
         sleep(Duration::from_millis(300));
         let pcap = tcpdump.stop();
         let markers = pcap.windows(MARKER.len()).filter(|w| *w == MARKER.as_bytes()).count();
         let sealed_packets = lab.metric(1, "ringlb_carrier_sealed_packets_total").unwrap();
         println!(
-            "{carrier}, seal_between_sites = {sealed}: the WAN capture ({} bytes) holds the marker {markers} times; n1 sealed {sealed_packets}",
+            "{carrier}, seal_between_sites = {sealed}: {crossed} of 20 requests crossed to n2; the WAN capture \
+             ({} bytes) holds the marker {markers} times; n1 sealed {sealed_packets}",
             pcap.len()
         );
-        assert!(pcap.len() > 20 * 300, "the capture saw the traffic");
+        assert!(crossed >= 15, "only {crossed} of 20 requests crossed the WAN");
+        assert!(pcap.len() > crossed * 300, "the capture saw the traffic");
         if sealed {
             assert_eq!(markers, 0);
-            assert!(sealed_packets >= 60);
+            assert!(sealed_packets >= 3 * crossed as u64);
         } else {
-            assert!(markers >= 20, "the plain carrier shows the marker ({markers} times)");
+            assert!(markers >= crossed, "the plain carrier shows the marker ({markers} times for {crossed} requests)");
             assert_eq!(sealed_packets, 0);
         }
     }
