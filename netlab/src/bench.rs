@@ -345,6 +345,7 @@ fn drain_n3(lab: &Lab) -> Result<()> {
 /// A lab with an iperf3 server on every node.
 fn lab(prefix: &str, bin: &Path, edit: impl FnOnce(&mut Spec)) -> Result<Lab> {
     let mut spec = Spec::new(prefix, bin);
+    spec.client_reuses_ports = true;
     edit(&mut spec);
     let lab = Lab::up(spec)?;
     for i in 1..=lab.spec.nodes {

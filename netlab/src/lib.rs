@@ -135,6 +135,9 @@ pub struct Spec {
     /// Run the kernel fast path (`[fast_path] enabled = true`) on every node; the default comes
     /// from [`FAST_PATH_ENV`].
     pub fast_path: bool,
+    /// The client reuses TIME-WAIT ports (`net.ipv4.tcp_tw_reuse = 1`): the benches' runs of
+    /// tens of thousands of short connections set it (see `Lab::build`).
+    pub client_reuses_ports: bool,
 }
 
 /// Set (to anything) to run every lab with the kernel fast path: `just test` runs the
@@ -164,6 +167,7 @@ impl Spec {
             wan: wan::Impairment::default(),
             wan_bridge_bin: None,
             fast_path: std::env::var_os(FAST_PATH_ENV).is_some(),
+            client_reuses_ports: false,
         }
     }
 }
@@ -392,7 +396,9 @@ impl Lab {
         // nginx's FIN: 40 % of connections against 1 % direct, measured with wrk), and without
         // reuse its 28,000 ports ran out within seconds: connect() took 4 ms and the rate fell
         // to 470 requests/s. Load generators set this; every case gets it alike.
-        self.exec(&c, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+        if s.client_reuses_ports {
+            self.exec(&c, &["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+        }
         sh(None, &["ip", "-n", &r, "link", "add", "vc", "type", "veth", "peer", "name", "eth0", "netns", &c])?;
         let vip = format!("{VIP}/32");
         if s.entry == Entry::L2 {

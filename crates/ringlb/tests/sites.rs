@@ -191,7 +191,7 @@ fn the_wan_carries_the_marker_only_when_sealing_between_sites_is_off() {
              ({} bytes) holds the marker {markers} times; n1 sealed {sealed_packets}",
             pcap.len()
         );
-        assert!(crossed >= 15, "only {crossed} of 20 requests crossed the WAN");
+        assert!(crossed >= 10, "only {crossed} of 20 requests crossed the WAN");
         assert!(pcap.len() > crossed * 300, "the capture saw the traffic");
         if sealed {
             assert_eq!(markers, 0);

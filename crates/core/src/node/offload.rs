@@ -161,9 +161,9 @@ fn open(state: FlowState) -> bool {
 /// the kernel by the daemon's path first. Otherwise the handshake's last ACK (sent from the
 /// CPU where the daemon delivered the SYN) and the client's first data (from the client's own
 /// CPU) reach the kernel on two CPUs at once, and a lookup that races with the kernel turning
-/// the half-open connection into a full one finds only the listener, which answers RST (seen in
-/// 1 of about 300,000 connections in the lab; a NIC's receive hashing keeps a flow on one CPU,
-/// veth pairs do not).
+/// the half-open connection into a full one finds only the listener, which answers RST (52
+/// resets in 690,000 connections served locally in the lab, none in 1,060,000 once settled; a
+/// NIC's receive hashing keeps a flow on one CPU, veth pairs do not).
 fn offerable(state: FlowState, confirmed: bool, early: bool, delivers: bool) -> bool {
     let start = match state {
         FlowState::Udp => true,
@@ -174,8 +174,8 @@ fn offerable(state: FlowState, confirmed: bool, early: bool, delivers: bool) -> 
 }
 
 impl Node {
-    /// Turns offloading on: from now on settled flows are offered to a fast path that holds at
-    /// most `max_flows`. Every member starts ineligible; see [`Node::set_offload_eligible`].
+    /// Turns offloading on: from now on flows are offered (see `offerable`) to a fast path that
+    /// holds at most `max_flows`. Every member starts ineligible; see [`Node::set_offload_eligible`].
     pub fn enable_offload(&mut self, max_flows: usize) {
         self.offload = Some(Offload {
             max_flows,
