@@ -21,7 +21,8 @@
 //!
 //! **Failure detection** is SWIM with Lifeguard's refinements: probes in a shuffled
 //! round-robin, indirect probes through `indirect_probes` helpers who answer with a nack when
-//! the target is silent for them too, a suspicion whose timeout shrinks from
+//! the target is silent for them too (with nobody to ask, in a cluster of two, the direct ping
+//! is sent once more instead, so one lost datagram makes no suspicion), a suspicion whose timeout shrinks from
 //! `suspicion_max_mult × min` towards `min` with independent confirmations, and *local health*:
 //! a node that sees signs of its own starvation (its timers firing late, probes failing while
 //! helpers' nacks do not arrive) widens its own probe and suspicion timeouts (unlike Lifeguard,
@@ -634,6 +635,12 @@ impl Cluster {
                 for h in &helpers {
                     self.send(h, &Message::PingReq { seq, target: target.clone() });
                 }
+                if helpers.is_empty() {
+                    // Nobody to ask (a cluster of two): ask the target once more, so that one
+                    // lost ping or ack does not make it suspect. The round still ends at the
+                    // same time; the ack, to either ping, no longer times the path.
+                    self.ping(&target, seq);
+                }
                 if let Some(p) = &mut self.probe {
                     p.helpers = helpers;
                 }
@@ -1145,7 +1152,7 @@ impl Cluster {
                 // Only a direct answer times the path to the target (an indirect one also
                 // times the helper's), and only while this node is not starved itself (its
                 // own lateness would count against the target).
-                if p.target == from && self.health == 0 {
+                if p.target == from && !(p.indirect_sent && p.helpers.is_empty()) && self.health == 0 {
                     let sample = now.saturating_since(p.started);
                     if let Some(m) = self.members.get_mut(from) {
                         match &mut m.rtt {
@@ -1371,16 +1378,7 @@ impl Cluster {
             return self.start_probe(now);
         }
         let seq = self.seq();
-        let mut reports = self.take_gossip();
-        if let Some(m) = self.members.get(&name).filter(|m| m.state == MemberState::Suspect) {
-            if !reports.iter().any(|r| r.name == name) {
-                let notice =
-                    Report { name: name.clone(), incarnation: m.record.incarnation, kind: ReportKind::Suspect };
-                reports.truncate(message::MAX_ITEMS - 1);
-                reports.push(notice);
-            }
-        }
-        self.send(&name, &Message::Ping { seq, sender: self.me.clone(), reports });
+        self.ping(&name, seq);
         let round = self.round_for(&name);
         self.probe = Some(Probe {
             timeout: self.scale(self.probe_timeout_for(&name)),
@@ -1392,6 +1390,20 @@ impl Cluster {
             indirect_sent: false,
         });
         round
+    }
+
+    /// Sends `name` a ping with the gossip due and, if it is suspect, the notice it must refute.
+    fn ping(&mut self, name: &str, seq: u64) {
+        let mut reports = self.take_gossip();
+        if let Some(m) = self.members.get(name).filter(|m| m.state == MemberState::Suspect) {
+            if !reports.iter().any(|r| r.name == name) {
+                let notice =
+                    Report { name: name.to_owned(), incarnation: m.record.incarnation, kind: ReportKind::Suspect };
+                reports.truncate(message::MAX_ITEMS - 1);
+                reports.push(notice);
+            }
+        }
+        self.send(name, &Message::Ping { seq, sender: self.me.clone(), reports });
     }
 
     /// Makes a member suspect; whether it was not already.

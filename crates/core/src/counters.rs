@@ -124,6 +124,9 @@ pub struct Counters {
     pub placed_cross_site: u64,
     /// Flows of unknown origin (non-SYN, e.g. after a restart) placed by consistent hash.
     pub placed_by_hash_fallback: u64,
+    /// New flows an entry that takes none itself (weight 0, draining) placed on a peer in doubt
+    /// (suspect, or its load late) because no peer took new flows.
+    pub placed_on_doubtful: u64,
     /// New flows (SYNs, first datagrams) placed by consistent hash instead of the policy because
     /// the flow table was under pressure (its unconfirmed quota or the table full), or for UDP
     /// had been within `udp_idle`.

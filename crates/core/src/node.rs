@@ -566,6 +566,36 @@ impl Node {
         })
     }
 
+    /// The second chance of an entry that takes no new flows itself (weight 0, or draining)
+    /// when its policy found no peer either: rather than serve what its operator said it must
+    /// not, it places the flow on a peer that is only in doubt: suspect, or alive with a late
+    /// load report. Across a WAN a lost probe or a late vector is far more often the network
+    /// than the peer, and a suspect that is dead is found so within seconds (its flows are then
+    /// rescued). By consistent hash, since no fresh load ranks them; in the entry's own site when
+    /// that has one, and only there under `sites.mode = "strict"`. With none in doubt either,
+    /// the entry serves (the last resort).
+    fn place_on_doubtful(&mut self, now: Timestamp, key: &FlowKey) -> Placement {
+        self.fill_candidates(now);
+        let strict = self.sites.policy.mode == crate::sites::SiteMode::Strict;
+        let own = self.members.get(self.config.local).map_or("", |m| m.site.as_str());
+        for c in &mut self.candidates {
+            // Not taking new flows (so not passed over by the site rules), but alive or suspect.
+            let in_doubt = !c.eligible
+                && self.members.get(c.id).is_some_and(|m| {
+                    !m.is_removed()
+                        && matches!(m.state, MemberState::Alive | MemberState::Suspect)
+                        && (!strict || m.site == own)
+                });
+            c.eligible = in_doubt;
+        }
+        self.restrict_to_own_site_if_it_takes_flows();
+        let placement = consistent_hash(key, &self.candidates);
+        if matches!(placement, Placement::Chosen(_)) {
+            self.counters.placed_on_doubtful += 1;
+        }
+        placement
+    }
+
     fn place(&mut self, now: Timestamp, key: &FlowKey, how: How) -> NodeId {
         self.fill_candidates(now);
         let local = self.config.local.index();
@@ -588,6 +618,12 @@ impl Node {
                 self.restrict_to_own_site_if_it_takes_flows();
                 consistent_hash(key, &self.candidates)
             }
+        };
+        let placement = match placement {
+            Placement::NoCandidate if !self.candidates.get(local).is_some_and(Candidate::takes_flows) => {
+                self.place_on_doubtful(now, key)
+            }
+            p => p,
         };
         let target = match placement {
             Placement::Chosen(id) => id,
@@ -909,10 +945,58 @@ mod tests {
             assert_eq!(t, Some(NodeId(1)), "port {port}: a new connection for a member of weight 0");
             assert_eq!(target(n.on_tun_packet(at(3), &mut tcp_v4(CLIENT, VIP, port, 80, ACK, &[]))), t);
         }
-        // n2's load vectors stop (stale after 1 s): it gets no new connection either, and with
-        // nobody left to take one, the entry serves it itself.
+        // n2's load vectors stop (stale after 1 s): the policy has nobody left, and the entry,
+        // of weight 0, sends it to n2 all the same (in doubt beats serving against its weight).
         n.set_load(NodeId(1), report(3), 1.0, false);
-        assert_eq!(target(n.on_tun_packet(at(5_000), &mut syn(pinned[1][1]))), Some(NodeId(0)));
+        assert_eq!(target(n.on_tun_packet(at(5_000), &mut syn(pinned[1][1]))), Some(NodeId(1)));
+        assert_eq!(n.counters().placed_on_doubtful, 1);
+        // n2 dead: nobody at all, and the entry serves it itself (the last resort).
+        n.upsert_member("n2", ip([10, 77, 0, 2]), 1.0, MemberState::Dead).unwrap();
+        assert_eq!(target(n.on_tun_packet(at(5_001), &mut syn(pinned[1][2]))), Some(NodeId(0)));
+        assert_eq!(n.counters().placed_on_doubtful, 1);
+    }
+
+    /// Rule: an entry that takes no new flows itself (weight 0, or draining) places a new flow
+    /// on a peer in doubt (suspect, or its load late) when no peer takes new flows, rather than
+    /// serve it; an entry that takes flows serves it, as before. Once a flake: across a lossy WAN
+    /// a forward-only entry served 8 of 20 requests itself while its only peer was suspect.
+    #[test]
+    fn an_entry_that_takes_no_flows_prefers_a_peer_in_doubt_to_serving() {
+        let mut n = node(Policy::PowerOfTwo { margin: 0.0 });
+        let suspect = |n: &mut Node, i: u8| {
+            n.upsert_member(&format!("n{}", i + 1), ip([10, 77, 0, i + 1]), 1.0, MemberState::Suspect).unwrap()
+        };
+        suspect(&mut n, 1);
+        suspect(&mut n, 2);
+        // Weight 1: with both peers suspect, it serves every new flow itself.
+        for port in 0..50 {
+            assert_eq!(target(n.on_tun_packet(at(0), &mut syn(port))), Some(NodeId(0)));
+        }
+        assert_eq!(n.counters().placed_on_doubtful, 0);
+        // Weight 0, or draining: the suspects take them, spread by hash, none served here.
+        for (weight, draining, ports) in [(0.0, false, 100..200), (1.0, true, 200..300)] {
+            n.set_local_weight(weight);
+            n.set_draining(draining);
+            let mut got = [0; 3];
+            for port in ports {
+                got[target(n.on_tun_packet(at(0), &mut syn(port))).unwrap().index()] += 1;
+            }
+            assert_eq!(got[0], 0, "weight {weight}, draining {draining}: {got:?}");
+            assert!(got[1] > 20 && got[2] > 20, "weight {weight}, draining {draining}: {got:?}");
+        }
+        assert_eq!(n.counters().placed_on_doubtful, 200);
+        // One peer alive again: it takes them all; the suspect gets none.
+        n.upsert_member("n2", ip([10, 77, 0, 2]), 1.0, MemberState::Alive).unwrap();
+        for port in 300..340 {
+            assert_eq!(target(n.on_tun_packet(at(0), &mut syn(port))), Some(NodeId(1)));
+        }
+        assert_eq!(n.counters().placed_on_doubtful, 200);
+        // A peer of weight 0, or draining, is not in doubt: it said it takes nothing.
+        n.upsert_member("n2", ip([10, 77, 0, 2]), 0.0, MemberState::Alive).unwrap();
+        n.upsert_member("n3", ip([10, 77, 0, 3]), 1.0, MemberState::Draining).unwrap();
+        for port in 400..420 {
+            assert_eq!(target(n.on_tun_packet(at(0), &mut syn(port))), Some(NodeId(0)));
+        }
     }
 
     #[test]

@@ -56,7 +56,8 @@ impl Candidate {
 pub enum Placement {
     /// Chosen by the policy.
     Chosen(NodeId),
-    /// No member takes new flows: the caller serves locally as a last resort.
+    /// No member takes new flows: the caller tries a peer in doubt if it takes no flows itself
+    /// (`Node::place_on_doubtful`), and otherwise serves locally as a last resort.
     NoCandidate,
 }
 

@@ -454,25 +454,30 @@ fn lookup_and_delete(fd: BorrowedFd<'_>, key: &FlowKey) -> std::io::Result<Optio
         value: &mut value as *mut Entry as u64,
         flags: 0,
     };
-    // SAFETY: BPF_MAP_LOOKUP_AND_DELETE_ELEM reads `attr` (a `union bpf_attr` prefix of the size
-    // given), reads one key of the map's key size from `key` (`FlowKey` mirrors it) and writes
-    // one value of the map's value size into `value` (`Entry` mirrors it), a live local.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &mut attr as *mut ElemAttr,
-            std::mem::size_of::<ElemAttr>(),
-        )
-    };
-    if rc == 0 {
-        return Ok(Some(value));
+    // SAFETY: `ElemAttr` is the member this command reads; it reads one key of the map's key
+    // size from `key` (`FlowKey` mirrors it) and writes one value of the map's value size into
+    // `value` (`Entry` mirrors it), a live local.
+    match unsafe { bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) } {
+        Ok(()) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
     }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOENT) {
-        Ok(None)
+}
+
+/// The `bpf(2)` system call `cmd` with `attr`, the `union bpf_attr` member it reads (passed with
+/// its own size, a prefix of the union, as the kernel allows).
+///
+/// # Safety
+/// `attr` must be the member `cmd` reads, and each pointer in it must point at live memory of
+/// the size the command reads or writes there (a key, a value, `count` of each, a token).
+unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<()> {
+    // SAFETY: the caller vouches for `attr` and the buffers it points at; the size passed is
+    // `attr`'s own, so the kernel reads no further.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>()) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
     } else {
-        Err(e)
+        Ok(())
     }
 }
 
@@ -524,19 +529,11 @@ impl Batch {
                 map_fd: u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX),
                 ..BatchAttr::default()
             };
-            // SAFETY: BPF_MAP_LOOKUP_BATCH reads `attr` (a `union bpf_attr` prefix of the size
-            // given) and writes at most `count` keys and values, of the map's key and value sizes
-            // (`FlowKey` and `Entry` mirror them), into the two buffers, which hold `BATCH` each;
-            // the tokens are live locals of the size a hash map's batch token has.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    &mut attr as *mut BatchAttr,
-                    std::mem::size_of::<BatchAttr>(),
-                )
-            };
-            let err = (rc < 0).then(std::io::Error::last_os_error);
+            // SAFETY: `BatchAttr` is the member this command reads; it writes at most `count`
+            // keys and values, of the map's key and value sizes (`FlowKey` and `Entry` mirror
+            // them), into the two buffers, which hold `BATCH` each; the tokens are live locals of
+            // the size a hash map's batch token has.
+            let err = unsafe { bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
             let done = match &err {
                 None => false,
                 Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,

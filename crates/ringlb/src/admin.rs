@@ -493,6 +493,7 @@ pub fn metrics(s: &Snapshot, control: Option<&ControlHandle>, node: &str) -> Str
         ("peer", c.placed_peer),
         ("hash_fallback", c.placed_by_hash_fallback),
         ("hash_pressure", c.placed_by_hash_under_pressure),
+        ("doubtful_peer", c.placed_on_doubtful),
     ] {
         let _ = writeln!(out, "ringlb_placements_total{{node=\"{node}\",outcome=\"{outcome}\"}} {v}");
     }

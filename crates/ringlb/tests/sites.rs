@@ -171,8 +171,9 @@ fn the_wan_carries_the_marker_only_when_sealing_between_sites_is_off() {
                 s.carrier_options = "seal_between_sites = false".into();
             }
         });
-        // n1 places on n2 only while n2's load is fresh; a late load vector over the WAN makes
-        // n1 serve the request itself (nothing then crosses), which a busy machine can cause.
+        // Every request crosses, even while the lossy WAN makes n2 suspect to n1 for a moment
+        // or its load vector late: n1 takes no flows itself and then sends them to n2 in doubt.
+        // (Once a flake: n1 served 8 of 20 itself.)
         lab.wait_loads(&[1, 2], Duration::from_secs(5)).expect("n1 and n2 hold each other's load");
         // On the WAN, site a's side (`bra` in the WAN namespace).
         let mut tcpdump = lab.capture(&lab.wan_ns(), "bra", &[], "wan").expect("tcpdump starts");
@@ -182,16 +183,21 @@ fn the_wan_carries_the_marker_only_when_sealing_between_sites_is_off() {
             assert!(["n1", "n2"].contains(&who.trim()), "answered by {who:?}");
             crossed += usize::from(who.trim() == "n2");
         }
+        let metrics = lab.metrics(1).unwrap_or_default();
+        let doubtful: Vec<&str> = metrics.lines().filter(|l| l.contains("outcome=\"doubtful_peer\"")).collect();
+        if crossed < 20 {
+            println!("n1 served {} itself:\n{}", 20 - crossed, lab.ringlb(1, "status").unwrap_or_default());
+        }
         sleep(Duration::from_millis(300));
         let pcap = tcpdump.stop();
         let markers = pcap.windows(MARKER.len()).filter(|w| *w == MARKER.as_bytes()).count();
         let sealed_packets = lab.metric(1, "ringlb_carrier_sealed_packets_total").unwrap();
         println!(
             "{carrier}, seal_between_sites = {sealed}: {crossed} of 20 requests crossed to n2; the WAN capture \
-             ({} bytes) holds the marker {markers} times; n1 sealed {sealed_packets}",
+             ({} bytes) holds the marker {markers} times; n1 sealed {sealed_packets}; {doubtful:?}",
             pcap.len()
         );
-        assert!(crossed >= 10, "only {crossed} of 20 requests crossed the WAN");
+        assert_eq!(crossed, 20, "n1 (weight 0) served some requests itself");
         assert!(pcap.len() > crossed * 300, "the capture saw the traffic");
         if sealed {
             assert_eq!(markers, 0);

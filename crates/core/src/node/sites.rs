@@ -250,6 +250,17 @@ mod tests {
         let got = place(&mut n, 1000, 100);
         assert_eq!(got[0], 100, "{got:?}");
         assert_eq!(n.counters().placed_cross_site, 0);
+        // A peer in doubt takes them from the drained entry, but only one in its own site.
+        set_state(&mut n, 2, MemberState::Suspect);
+        for i in 3..=5 {
+            set_state(&mut n, i, MemberState::Suspect);
+        }
+        let got = place(&mut n, 2000, 100);
+        assert_eq!(got[1], 100, "{got:?}");
+        set_state(&mut n, 2, MemberState::Dead);
+        let got = place(&mut n, 3000, 100);
+        assert_eq!(got[0], 100, "{got:?}");
+        assert_eq!(n.counters().placed_cross_site, 0);
     }
 
     #[test]
