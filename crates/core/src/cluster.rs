@@ -22,8 +22,9 @@
 //! **Failure detection** is SWIM with Lifeguard's refinements: probes in a shuffled
 //! round-robin, indirect probes through `indirect_probes` helpers who answer with a nack when
 //! the target is silent for them too (with nobody to ask, in a cluster of two, the direct ping
-//! is sent once more instead, so one lost datagram makes no suspicion), a suspicion whose timeout shrinks from
-//! `suspicion_max_mult × min` towards `min` with independent confirmations, and *local health*:
+//! is sent once more instead, so one lost datagram makes no suspicion), a suspicion whose
+//! timeout shrinks from `suspicion_max_mult × min` towards `min` with independent
+//! confirmations, and *local health*:
 //! a node that sees signs of its own starvation (its timers firing late, probes failing while
 //! helpers' nacks do not arrive) widens its own probe and suspicion timeouts (unlike Lifeguard,
 //! not for having to refute: reports are others' claims, and must not slow a node down),
